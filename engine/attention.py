@@ -1,0 +1,181 @@
+"""Paged attention over a packed (ragged) batch.
+
+Cache layout (per layer): k_cache, v_cache of shape
+[num_blocks, block_size, num_kv_heads, head_dim]; token slot s lives at
+block s // block_size, offset s % block_size. A slot of -1 means "do not
+write" (padding).
+
+A packed batch puts every scheduled token of every sequence in one row. For
+sequence i, `query_lens[i]` new tokens are appended to a context that ends at
+`seq_lens[i]` tokens (cached + new); new token j of it sits at absolute
+position seq_lens[i] - query_lens[i] + j and attends to keys [0, position]
+(and, with a sliding window W, only to keys > position - W).
+
+Sequences with one new token (decodes) go through one batched padded gather;
+sequences with several (prefill chunks) are handled one by one, because a
+step holds few of them and each is large enough to keep SDPA busy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ForwardContext:
+    """Everything attention needs for one packed forward pass.
+
+    Invariants: len(query_lens) == len(seq_lens) == len(block_tables) == number
+    of sequences; sum(query_lens) == number of packed tokens == len(slot_mapping);
+    decode sequences (query_len == 1) come first in the packed row, so their
+    tokens are rows [0, num_decodes).
+    """
+
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k_cache, v_cache)
+    slot_mapping: torch.Tensor  # [T] int64
+    query_lens: list[int]
+    seq_lens: list[int]
+    block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
+    num_decodes: int
+    decode_seq_lens: torch.Tensor  # [num_decodes] int64
+    backend: str = "torch"
+    workspace: dict = field(default_factory=dict)  # reused gather buffers, keyed by shape
+
+
+def store_kv_torch(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Write key/value [T, Hkv, D] into the cache at slot_mapping [T] (slots < 0 skipped)."""
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+
+
+def decode_attention_torch(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           sliding_window: int | None = None,
+                           workspace: dict | None = None) -> torch.Tensor:
+    """One new token per sequence attending to its whole paged context.
+
+    query [B, H, D]; block_tables [B, max_blocks] int64; seq_lens [B] (tokens,
+    the new one included, already written to the cache). Returns [B, H, D].
+    One padded gather through the block table into a reused buffer, then SDPA
+    with a padding mask: the fastest CPU shape measured (PLATFORM.md).
+    """
+    batch, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    max_len = int(seq_lens.max())
+    num_blocks = (max_len + block_size - 1) // block_size
+    table = block_tables[:, :num_blocks].reshape(-1)
+    k = _gather(k_cache, table, workspace, "k").view(batch, num_blocks * block_size, num_kv_heads, head_dim)
+    v = _gather(v_cache, table, workspace, "v").view(batch, num_blocks * block_size, num_kv_heads, head_dim)
+    positions = torch.arange(num_blocks * block_size)
+    mask = positions[None, :] < seq_lens[:, None]
+    if sliding_window is not None:
+        mask &= positions[None, :] > (seq_lens[:, None] - 1 - sliding_window)
+    out = F.scaled_dot_product_attention(
+        query.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=num_heads != num_kv_heads,
+    )
+    return out.squeeze(2)
+
+
+def prefill_attention_torch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            context_len: int, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """Causal attention of query [Tq, H, D] over key/value [Tk, Hkv, D], Tk = context_len.
+
+    The queries are the last Tq positions of the context (a prompt chunk after
+    cached or earlier-chunk tokens). Returns [Tq, H, D].
+    """
+    num_q, num_heads, _ = query.shape
+    num_kv_heads = key.shape[1]
+    q_pos = torch.arange(context_len - num_q, context_len)[:, None]
+    k_pos = torch.arange(context_len)[None, :]
+    use_causal_flag = num_q == context_len and sliding_window is None
+    mask = None
+    if not use_causal_flag:
+        mask = k_pos <= q_pos
+        if sliding_window is not None:
+            mask &= k_pos > q_pos - sliding_window
+    out = F.scaled_dot_product_attention(
+        query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
+        attn_mask=mask, is_causal=use_causal_flag, scale=scale, enable_gqa=num_heads != num_kv_heads,
+    )
+    return out.transpose(0, 1)
+
+
+def gather_context(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
+    """The first context_len tokens of one sequence from a paged cache: [context_len, Hkv, D]."""
+    block_size = cache.shape[1]
+    num_blocks = (context_len + block_size - 1) // block_size
+    return cache[block_table[:num_blocks]].flatten(0, 1)[:context_len]
+
+
+def paged_attention(ctx: ForwardContext, layer_idx: int, query: torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor, scale: float, sliding_window: int | None) -> torch.Tensor:
+    """Write this step's K/V into the cache, then attend. query [T, H, D], key/value [T, Hkv, D]."""
+    k_cache, v_cache = ctx.kv_caches[layer_idx]
+    ops = _backend_ops(ctx.backend)
+    ops.store_kv(key, value, k_cache, v_cache, ctx.slot_mapping)
+    out = torch.empty_like(query)
+    nd = ctx.num_decodes
+    if nd:
+        out[:nd] = ops.decode(query[:nd], k_cache, v_cache, ctx.block_tables[:nd], ctx.decode_seq_lens,
+                              scale, sliding_window, ctx.workspace)
+    start = nd
+    for i in range(nd, len(ctx.query_lens)):
+        q_len, ctx_len = ctx.query_lens[i], ctx.seq_lens[i]
+        end = start + q_len
+        if q_len == ctx_len:  # nothing cached before this chunk: use the fresh K/V, no gather
+            k, v = key[start:end], value[start:end]
+        else:
+            k = gather_context(k_cache, ctx.block_tables[i], ctx_len)
+            v = gather_context(v_cache, ctx.block_tables[i], ctx_len)
+        out[start:end] = prefill_attention_torch(query[start:end], k, v, ctx_len, scale, sliding_window)
+        start = end
+    return out
+
+
+@dataclass(frozen=True)
+class _Ops:
+    store_kv: object
+    decode: object
+
+
+def _backend_ops(backend: str) -> _Ops:
+    if backend == "triton":
+        from engine.kernels import paged_decode_attention, store_kv
+
+        def decode(q, kc, vc, bt, sl, scale, window, _ws):
+            return paged_decode_attention(q, kc, vc, bt, sl, scale, window)
+
+        return _Ops(store_kv=store_kv, decode=decode)
+    return _TORCH_OPS
+
+
+def _decode_torch(q, kc, vc, bt, sl, scale, window, ws):
+    return decode_attention_torch(q, kc, vc, bt, sl, scale, window, ws)
+
+
+_TORCH_OPS = _Ops(store_kv=store_kv_torch, decode=_decode_torch)
+
+
+def _gather(cache: torch.Tensor, index: torch.Tensor, workspace: dict | None, name: str) -> torch.Tensor:
+    """cache[index] into a buffer reused across layers and steps (fresh allocations cost ~4x)."""
+    shape = (index.numel(), *cache.shape[1:])
+    if workspace is None:
+        return cache.index_select(0, index)
+    key = (name, cache.dtype)
+    buf = workspace.get(key)
+    numel = shape[0] * shape[1] * shape[2] * shape[3]
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=cache.dtype)
+        workspace[key] = buf
+    out = buf[:numel].view(shape)
+    torch.index_select(cache, 0, index, out=out)
+    return out

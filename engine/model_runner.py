@@ -1,0 +1,97 @@
+"""Turns a scheduled step into one packed forward pass and returns the logits to sample.
+
+Packing: every scheduled token of every sequence in one row (batch dim 1),
+decodes first, then prefill chunks. positions restart per sequence (RoPE
+needs them); logits are computed only for the last token of sequences whose
+prompt is complete after this step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from engine.attention import ForwardContext
+from engine.kv_cache import PagedKVCache
+from engine.request import Request
+
+
+@dataclass
+class StepBatch:
+    """One step's packed inputs. sample_requests[i] owns logits row i."""
+
+    input_ids: torch.Tensor  # [1, T]
+    positions: torch.Tensor  # [1, T]
+    ctx: ForwardContext
+    logits_indices: torch.Tensor  # [S] rows of the packed batch whose logits are needed
+    sample_requests: list[Request]
+
+
+class ModelRunner:
+    def __init__(self, model: PreTrainedModel, kv_cache: PagedKVCache, backend: str) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = kv_cache.layout.block_size
+        self.backend = backend
+        self._layer_caches = kv_cache.layer_caches()
+        self._workspace: dict = {}  # gather buffers reused across steps
+
+    def prepare(self, scheduled: list[tuple[Request, int]]) -> StepBatch:
+        """scheduled: (request, new tokens this step), decodes (1 token) first."""
+        bs = self.block_size
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        logits_indices: list[int] = []
+        sample_requests: list[Request] = []
+        for req, n in scheduled:
+            start, end = req.num_computed_tokens, req.num_computed_tokens + n
+            ids = [b.block_id for b in req.block_table]
+            tokens.extend(req.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(ids[p // bs] * bs + p % bs for p in range(start, end))
+            query_lens.append(n)
+            seq_lens.append(end)
+            tables.append(ids)
+            if end == req.num_tokens:  # the prompt (or last token) is complete: sample next
+                logits_indices.append(len(tokens) - 1)
+                sample_requests.append(req)
+        width = max(len(t) for t in tables)
+        block_tables = torch.zeros(len(tables), width, dtype=torch.long)
+        for i, t in enumerate(tables):
+            block_tables[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        num_decodes = 0
+        while num_decodes < len(query_lens) and query_lens[num_decodes] == 1:
+            num_decodes += 1
+        ctx = ForwardContext(
+            kv_caches=self._layer_caches,
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            query_lens=query_lens,
+            seq_lens=seq_lens,
+            block_tables=block_tables,
+            num_decodes=num_decodes,
+            decode_seq_lens=torch.tensor(seq_lens[:num_decodes], dtype=torch.long),
+            backend=self.backend,
+            workspace=self._workspace,
+        )
+        return StepBatch(
+            input_ids=torch.tensor([tokens], dtype=torch.long),
+            positions=torch.tensor([positions], dtype=torch.long),
+            ctx=ctx,
+            logits_indices=torch.tensor(logits_indices, dtype=torch.long),
+            sample_requests=sample_requests,
+        )
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        """Logits [S, vocab] in float32 for batch.sample_requests (S may be 0)."""
+        keep = batch.logits_indices if len(batch.logits_indices) else torch.tensor([0])
+        out = self.model(input_ids=batch.input_ids, position_ids=batch.positions, logits_to_keep=keep,
+                         use_cache=False, pdserve_ctx=batch.ctx)
+        logits = out.logits[0].float()
+        return logits if len(batch.logits_indices) else logits[:0]

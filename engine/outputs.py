@@ -1,0 +1,42 @@
+"""What callers get back: vLLM-shaped RequestOutput / CompletionOutput, and engine statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop", "length", "abort" or None while running
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    logprobs: list[dict[int, float]] | None = None  # per output token, when asked for
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    num_cached_tokens: int  # prompt tokens taken from the prefix cache
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = False
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot; counters are cumulative since the engine started. Token counts in tokens."""
+
+    num_blocks_total: int
+    num_blocks_free: int
+    kv_cache_usage: float  # fraction of blocks held by requests
+    num_requests_running: int
+    num_requests_waiting: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    prompt_tokens_computed: int
+    prompt_tokens_cached: int
+    num_preemptions: int
+    num_generated_tokens: int

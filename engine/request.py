@@ -1,0 +1,93 @@
+"""One sequence's state inside the engine.
+
+Token accounting (all in tokens):
+  all_token_ids = prompt_token_ids + output_token_ids
+  num_computed_tokens <= num_tokens: K/V of all_token_ids[:num_computed_tokens]
+  is in the blocks of block_table (len(block_table) * block_size >= that count).
+A decode step computes the one token sampled last step; a prefill step computes
+a chunk of the prompt. Preemption frees the blocks and sets
+num_computed_tokens = 0 (recompute), keeping the tokens already generated.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.block_hash import BlockHash, hash_full_blocks
+from engine.block_pool import KVBlock
+from engine.config import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+                        RequestStatus.FINISHED_ABORTED)
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    hash_extra: bytes  # model id + cache salt, mixed into every block hash
+    max_total_tokens: int  # max_model_len: prompt + output never exceed it
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[dict[int, float]] = field(default_factory=list)
+    all_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = -1  # prompt tokens taken from the prefix cache at first admission
+    block_table: list[KVBlock] = field(default_factory=list)
+    block_hashes: list[BlockHash] = field(default_factory=list)
+    num_published_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
+    status: RequestStatus = RequestStatus.WAITING
+    stop_reason: int | str | None = None
+    num_preemptions: int = 0
+    generator: torch.Generator | None = None
+    first_token_time: float | None = None
+
+    def __post_init__(self) -> None:
+        self.all_token_ids = list(self.prompt_token_ids)
+        if self.sampling_params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.sampling_params.seed)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    def append_token(self, token_id: int, logprobs: dict[int, float] | None = None) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+        if logprobs is not None:
+            self.output_logprobs.append(logprobs)
+
+    def full_block_hashes(self, block_size: int, num_tokens: int) -> list[BlockHash]:
+        """Hashes of every full block within the first num_tokens tokens (cached on the request)."""
+        if len(self.block_hashes) < num_tokens // block_size:
+            self.block_hashes = hash_full_blocks(self.all_token_ids[:num_tokens], block_size,
+                                                 self.hash_extra, self.block_hashes)
+        return self.block_hashes[: num_tokens // block_size]
