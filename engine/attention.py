@@ -93,19 +93,21 @@ def prefill_attention_torch(query: torch.Tensor, key: torch.Tensor, value: torch
     cached or earlier-chunk tokens). Returns [Tq, H, D].
     """
     num_q, num_heads, _ = query.shape
-    num_kv_heads = key.shape[1]
-    q_pos = torch.arange(context_len - num_q, context_len)[:, None]
-    k_pos = torch.arange(context_len)[None, :]
+    groups = num_heads // key.shape[1]
+    if groups > 1:  # torch's CPU flash kernel takes neither GQA nor 3-D inputs: expand, add a batch dim
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     use_causal_flag = num_q == context_len and sliding_window is None
     mask = None
     if not use_causal_flag:
+        q_pos = torch.arange(context_len - num_q, context_len)[:, None]
+        k_pos = torch.arange(context_len)[None, :]
         mask = k_pos <= q_pos
         if sliding_window is not None:
             mask &= k_pos > q_pos - sliding_window
     out = F.scaled_dot_product_attention(
-        query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
-        attn_mask=mask, is_causal=use_causal_flag, scale=scale, enable_gqa=num_heads != num_kv_heads,
-    )
+        query.transpose(0, 1)[None], key.transpose(0, 1)[None], value.transpose(0, 1)[None],
+        attn_mask=mask, is_causal=use_causal_flag, scale=scale,
+    )[0]
     return out.transpose(0, 1)
 
 
