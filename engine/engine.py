@@ -60,7 +60,9 @@ class Engine:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_cache, _resolve_backend(config.attention_backend))
         self.sampler = Sampler(config.seed)
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[str, Request] = {}  # unfinished requests, deferred ones included
+        self.held: dict[str, Request] = {}  # finished hold_kv requests whose blocks are kept
+        self._finished: list[Request] = []  # ended since the last pop_finished() or step()
         self._counters = _Counters()
         self._ids = itertools.count()
 
@@ -83,24 +85,105 @@ class Engine:
             raise ValueError(f"prompt_token_ids contains {bad[0]!r}, outside the vocabulary [0, {self.vocab_size})")
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                    cache_salt: str | None = None) -> Request:
-        """Queue one sequence (n is handled by the caller). Validates first: bad input allocates nothing."""
+                    cache_salt: str | None = None, *, hold_kv: bool = False, defer: bool = False) -> Request:
+        """Queue one sequence (n is handled by the caller). Validates first: bad input allocates nothing.
+
+        hold_kv: when the request finishes, keep its blocks until release_held()
+        (the prefill role exports them first). defer: do not queue yet; instead
+        reserve the longest locally cached prefix (those blocks cannot be evicted
+        meanwhile; req.num_computed_tokens says how many tokens they hold), so
+        the caller can attach KV from elsewhere for the rest, then enqueue().
+        """
         prompt_token_ids = self.tokenize(prompt)
         self.validate(prompt_token_ids, params)
         request_id = request_id if request_id is not None else str(next(self._ids))
-        if request_id in self.requests:
+        if request_id in self.requests or request_id in self.held:
             raise ValueError(f"request_id {request_id!r} is already in use")
         req = Request(request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=params,
-                      hash_extra=extra_keys(self.model_id, cache_salt), max_total_tokens=self.max_model_len)
+                      hash_extra=extra_keys(self.model_id, cache_salt), max_total_tokens=self.max_model_len,
+                      hold_kv=hold_kv)
+        if defer:
+            blocks, num_cached = self.kv.get_computed_blocks(req)
+            # Reserving only what is free right now cannot fail: touching cached blocks needs no new ones.
+            self.kv.allocate_slots(req, 0, blocks)
+            req.num_computed_tokens = num_cached
         self.requests[request_id] = req
-        self.scheduler.add(req)
+        if not defer:
+            self.scheduler.add(req)
         return req
+
+    def attach_kv(self, request_id: str, blocks: torch.Tensor, num_tokens: int, *,
+                  first_token: int | None = None, first_logprobs: dict[int, float] | None = None,
+                  num_cached_tokens: int | None = None) -> None:
+        """Give a deferred request K/V computed elsewhere for its next num_tokens tokens.
+
+        blocks: [num_layers, 2, n, block_size, Hkv, D] for the blocks right after
+        the reserved prefix. With first_token (the decode role), the payload must
+        cover the whole prompt and the token sampled by the prefill engine is
+        appended, so decoding starts at once. Raises ValueError on a mismatch,
+        changing nothing.
+        """
+        req = self._deferred(request_id)
+        bs = self.config.block_size
+        start = req.num_computed_tokens
+        expected = (self.layout.num_layers, 2, -(-(start + num_tokens) // bs) - start // bs, bs,
+                    self.layout.num_kv_heads, self.layout.head_dim)
+        if tuple(blocks.shape) != expected or blocks.dtype != self.kv_cache.data.dtype:
+            raise ValueError(f"KV payload {tuple(blocks.shape)} {blocks.dtype} does not fit {expected}")
+        if not 0 < num_tokens <= req.num_prompt_tokens - start:
+            raise ValueError(f"num_tokens={num_tokens} outside (0, {req.num_prompt_tokens - start}]")
+        if first_token is not None:
+            if start + num_tokens != req.num_prompt_tokens:
+                raise ValueError("a payload with first_token must cover the whole prompt")
+            if not 0 <= first_token < self.vocab_size:
+                raise ValueError(f"first_token {first_token} outside the vocabulary [0, {self.vocab_size})")
+        req.pending_kv, req.pending_kv_tokens = blocks, num_tokens
+        if num_cached_tokens is not None:
+            req.num_cached_tokens = min(num_cached_tokens, req.num_prompt_tokens)
+        if first_token is not None:
+            self._accept_token(req, first_token, first_logprobs, time.monotonic())
+
+    def enqueue(self, request_id: str) -> None:
+        """Queue a deferred request (with attached KV, or to compute its prompt itself).
+
+        A request the prefill engine's first token already ended is gone: nothing to do.
+        """
+        if request_id not in self.requests:
+            return
+        self.scheduler.add(self._deferred(request_id))
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its blocks; unknown or finished ids are ignored."""
         req = self.requests.pop(request_id, None)
         if req is not None and not req.is_finished:
             self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+            self._finished.append(req)
+        self.release_held(request_id)
+
+    def pop_finished(self) -> list[Request]:
+        """Requests that ended since the last call or step (by a stop condition or abort)."""
+        finished, self._finished = self._finished, []
+        return finished
+
+    def read_held_blocks(self, request_id: str, start_block: int, end_block: int | None = None) -> torch.Tensor:
+        """A copy of blocks [start_block, end_block) of a finished request kept by hold_kv."""
+        req = self.held[request_id]
+        ids = [b.block_id for b in req.block_table[start_block:end_block]]
+        return self.kv_cache.read_blocks(ids)
+
+    def release_held(self, request_id: str) -> bool:
+        """Free the blocks of a finished hold_kv request. Idempotent; True if something was freed."""
+        req = self.held.pop(request_id, None)
+        if req is None:
+            return False
+        self.kv.free(req)
+        return True
+
+    def _deferred(self, request_id: str) -> Request:
+        req = self.requests.get(request_id)
+        if req is None or req.status != RequestStatus.WAITING or req in self.scheduler.waiting:
+            raise ValueError(f"request {request_id!r} is not a deferred request")
+        return req
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -108,9 +191,15 @@ class Engine:
     # ---- the loop -----------------------------------------------------------------------------
     def step(self) -> list[Request]:
         """Run one engine step. Returns the requests that received a token (finished ones included)."""
+        self._finished.clear()
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             return []
+        for req, first_block in sched.imports:
+            n = req.pending_kv.shape[2]
+            self.kv_cache.write_blocks([b.block_id for b in req.block_table[first_block:first_block + n]],
+                                       req.pending_kv)
+            req.pending_kv, req.pending_kv_tokens = None, 0
         batch = self.runner.prepare(sched.scheduled)
         logits = self.runner.forward(batch)
         for req, n in sched.scheduled:
@@ -120,16 +209,23 @@ class Engine:
         sampled = self.sampler(logits, batch.sample_requests)
         now = time.monotonic()
         for req, (token, logprobs) in zip(batch.sample_requests, sampled, strict=True):
-            if req.first_token_time is None:
-                req.first_token_time = now
-                self._counters.prompt_tokens_cached += req.num_cached_tokens
-            req.append_token(token, logprobs)
-            self._counters.generated_tokens += 1
-            status = self._check_stop(req)
-            if status is not None:
-                self.scheduler.finish(req, status)
-                self.requests.pop(req.request_id, None)
+            self._accept_token(req, token, logprobs, now)
         return batch.sample_requests
+
+    def _accept_token(self, req: Request, token: int, logprobs: dict[int, float] | None, now: float) -> None:
+        """Append a sampled token, then end the request if a stop condition holds."""
+        if req.first_token_time is None:
+            req.first_token_time = now
+            self._counters.prompt_tokens_cached += max(req.num_cached_tokens, 0)
+        req.append_token(token, logprobs)
+        self._counters.generated_tokens += 1
+        status = self._check_stop(req)
+        if status is not None:
+            self.scheduler.finish(req, status, free=not req.hold_kv)
+            self.requests.pop(req.request_id, None)
+            self._finished.append(req)
+            if req.hold_kv:
+                self.held[req.request_id] = req
 
     def _check_stop(self, req: Request) -> RequestStatus | None:
         params = req.sampling_params
@@ -170,6 +266,8 @@ class Engine:
             kv_cache_usage=self.kv.usage,
             num_requests_running=len(self.scheduler.running),
             num_requests_waiting=len(self.scheduler.waiting),
+            num_requests_deferred=len(self.requests) - len(self.scheduler.running) - len(self.scheduler.waiting),
+            num_requests_held=len(self.held),
             prefix_cache_queries=self.kv.stats.queries,
             prefix_cache_hits=self.kv.stats.hits,
             prompt_tokens_computed=self._counters.prompt_tokens_computed,

@@ -34,6 +34,8 @@ class EngineStats:
     kv_cache_usage: float  # fraction of blocks held by requests
     num_requests_running: int
     num_requests_waiting: int
+    num_requests_deferred: int  # added with defer=True, waiting for KV from elsewhere
+    num_requests_held: int  # finished, blocks kept for export (hold_kv)
     prefix_cache_queries: int
     prefix_cache_hits: int
     prompt_tokens_computed: int

@@ -57,6 +57,12 @@ class Request:
     num_preemptions: int = 0
     generator: torch.Generator | None = None
     first_token_time: float | None = None
+    hold_kv: bool = False  # on finish keep the blocks (prefill role: until the KV is exported)
+    # K/V computed elsewhere (another engine, the prefix directory) for tokens
+    # [num_computed_tokens, num_computed_tokens + pending_kv_tokens), written into
+    # fresh blocks when the scheduler admits the request.
+    pending_kv: torch.Tensor | None = None
+    pending_kv_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

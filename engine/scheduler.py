@@ -23,6 +23,7 @@ from engine.request import Request, RequestStatus
 @dataclass
 class SchedulerOutput:
     scheduled: list[tuple[Request, int]] = field(default_factory=list)  # decodes (1 token) first
+    imports: list[tuple[Request, int]] = field(default_factory=list)  # (request, first block) to fill from pending_kv
     preempted: list[Request] = field(default_factory=list)
 
     @property
@@ -64,12 +65,18 @@ class Scheduler:
                 i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             req = self.waiting[0]
-            computed_blocks, num_cached = self.kv.get_computed_blocks(req)
-            n = min(req.num_tokens - num_cached, budget)
-            if not self.kv.allocate_slots(req, n, computed_blocks):
+            if req.block_table or req.pending_kv is not None:  # prefix already decided (Engine.add_request(defer))
+                computed_blocks, num_cached = [], req.num_computed_tokens
+            else:
+                computed_blocks, num_cached = self.kv.get_computed_blocks(req)
+            n_import = req.pending_kv_tokens if req.pending_kv is not None else 0
+            n = min(req.num_tokens - num_cached - n_import, budget)
+            if not self.kv.allocate_slots(req, n_import + n, computed_blocks):
                 break
             self.waiting.popleft()
-            req.num_computed_tokens = num_cached
+            if n_import:
+                out.imports.append((req, num_cached // self.kv.block_size))
+            req.num_computed_tokens = num_cached + n_import
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = min(num_cached, req.num_prompt_tokens)
             req.status = RequestStatus.RUNNING
@@ -79,14 +86,15 @@ class Scheduler:
         out.scheduled.sort(key=lambda item: item[1] != 1)
         return out
 
-    def finish(self, request: Request, status: RequestStatus) -> None:
-        """End a request (stopped, length or aborted) and free its blocks."""
+    def finish(self, request: Request, status: RequestStatus, free: bool = True) -> None:
+        """End a request (stopped, length or aborted); free its blocks unless the caller keeps them."""
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
         request.status = status
-        self.kv.free(request)
+        if free:
+            self.kv.free(request)
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)

@@ -1,0 +1,214 @@
+"""The engine loop in its own thread, driven from asyncio.
+
+Why a thread: a step is a long blocking torch call. Running it beside the
+event loop keeps streaming and new arrivals moving while a batch computes
+(torch releases the GIL inside its kernels).
+
+Invariant: only the loop thread touches the Engine. Callers send it closures
+(`call`) that run between steps; results come back as asyncio futures.
+Streams get one StepOutput per step in which their request got a token, the
+last one with `finished` set. A consumer that stops early (cancelled, client
+gone) aborts its request, which frees its blocks before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from engine.config import EngineConfig, SamplingParams
+from engine.engine import Engine
+from engine.request import Request
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """New tokens of one request since its previous StepOutput."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[dict[int, float]] | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+    finished: bool
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    text: str | None = None  # the whole output text, on the finished output only
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    sent: int = 0
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped after an error; the worker needs replacing."""
+
+
+@dataclass
+class _Command:
+    fn: Callable[[Engine], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future = field(repr=False)
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, idle_wait_s: float = 0.05) -> None:
+        self.engine = Engine(config)
+        self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._idle_wait_s = idle_wait_s
+        self._stopping = False
+        self.error: BaseException | None = None
+        self.last_step_time = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
+        self._thread.start()
+
+    # ---- public, called from the event loop ------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    async def call(self, fn: Callable[[Engine], T]) -> T:
+        """Run fn(engine) in the loop thread between steps and return its result."""
+        if not self.alive:
+            raise EngineDeadError(f"engine loop is not running: {self.error!r}")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._commands.put(_Command(fn, loop, future))
+        self._wake.set()
+        return await future
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
+                       cache_salt: str | None = None, **add_kwargs: Any) -> AsyncIterator[StepOutput]:
+        """Add a request and yield its outputs as they come. Closing the iterator early aborts it."""
+        stream = self.open_stream(request_id)
+        try:
+            await self.call(lambda e: e.add_request(prompt, params, request_id, cache_salt, **add_kwargs))
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        async for out in self.iterate(request_id, stream):
+            yield out
+
+    def open_stream(self, request_id: str) -> _Stream:
+        """Register a stream before the request exists, so no output can be missed."""
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already streaming")
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[request_id] = stream
+        return stream
+
+    async def iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[StepOutput]:
+        """Yield a registered stream's outputs until finished; abort the request if left early."""
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished and self.alive:
+                await self.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        await self.call(lambda e: e.abort_request(request_id))
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout_s)
+
+    # ---- the loop thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._drain_commands()
+                if self.engine.has_unfinished_requests():
+                    self._publish(self.engine.step())
+                    self._publish(self.engine.pop_finished())
+                    self.last_step_time = time.monotonic()
+                else:
+                    self.last_step_time = time.monotonic()
+                    self._wake.wait(self._idle_wait_s)
+                    self._wake.clear()
+        except BaseException as exc:  # a failed step leaves the engine unusable: fail every stream
+            self.error = exc
+            for stream in list(self._streams.values()):
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, EngineDeadError(repr(exc)))
+        finally:
+            self._fail_pending_commands()
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                result = cmd.fn(self.engine)
+            except Exception as exc:  # the caller's error (bad input): report it, keep the loop
+                cmd.loop.call_soon_threadsafe(_set_exception, cmd.future, exc)
+            else:
+                cmd.loop.call_soon_threadsafe(_set_result, cmd.future, result)
+            # a command may end requests (abort, a first token that stops): they owe a last output
+            self._publish(self.engine.pop_finished())
+
+    def _publish(self, requests: list[Request]) -> None:
+        for req in requests:
+            self._send(req)
+
+    def _send(self, req: Request) -> None:
+        stream = self._streams.get(req.request_id)
+        if stream is None:
+            return
+        new = req.output_token_ids[stream.sent:]
+        if not new and not req.is_finished:
+            return
+        logprobs = req.output_logprobs[stream.sent:] if req.sampling_params.logprobs is not None else None
+        stream.sent = req.num_output_tokens
+        finished = req.is_finished
+        out = StepOutput(
+            request_id=req.request_id, new_token_ids=list(new), new_logprobs=logprobs,
+            num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=max(req.num_cached_tokens, 0),
+            num_output_tokens=req.num_output_tokens, finished=finished,
+            finish_reason=req.status.value if finished else None, stop_reason=req.stop_reason,
+            text=self.engine.output_text(req) if finished else None,
+        )
+        if finished:
+            self._streams.pop(req.request_id, None)
+        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+
+    def _fail_pending_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            cmd.loop.call_soon_threadsafe(_set_exception, cmd.future, EngineDeadError("engine loop stopped"))
+
+
+def _set_result(future: asyncio.Future, result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
