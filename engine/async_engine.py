@@ -97,7 +97,7 @@ class AsyncEngine:
         try:
             await self.call(lambda e: e.add_request(prompt, params, request_id, cache_salt, **add_kwargs))
         except BaseException:
-            self._streams.pop(request_id, None)
+            self.discard_stream(request_id)
             raise
         async for out in self.iterate(request_id, stream):
             yield out
@@ -109,6 +109,10 @@ class AsyncEngine:
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
         return stream
+
+    def discard_stream(self, request_id: str) -> None:
+        """Forget a stream whose request was never added (adding it failed)."""
+        self._streams.pop(request_id, None)
 
     async def iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[StepOutput]:
         """Yield a registered stream's outputs until finished; abort the request if left early."""

@@ -81,6 +81,11 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     seed: int = 0
 
+    @classmethod
+    def coerce(cls, value: EngineConfig | dict | None) -> EngineConfig:
+        """An EngineConfig from itself, a dict of its fields (config files, Ray args) or None (defaults)."""
+        return value if isinstance(value, cls) else cls(**(value or {}))
+
     def __post_init__(self) -> None:
         _check(self.block_size >= 1 and (self.block_size & (self.block_size - 1)) == 0,
                f"block_size must be a power of two >= 1, got {self.block_size}")

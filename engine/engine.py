@@ -85,7 +85,8 @@ class Engine:
             raise ValueError(f"prompt_token_ids contains {bad[0]!r}, outside the vocabulary [0, {self.vocab_size})")
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                    cache_salt: str | None = None, *, hold_kv: bool = False, defer: bool = False) -> Request:
+                    cache_salt: str | None = None, *, hold_kv: bool = False, defer: bool = False,
+                    reserve_prefix: bool = True) -> Request:
         """Queue one sequence (n is handled by the caller). Validates first: bad input allocates nothing.
 
         hold_kv: when the request finishes, keep its blocks until release_held()
@@ -93,6 +94,7 @@ class Engine:
         reserve the longest locally cached prefix (those blocks cannot be evicted
         meanwhile; req.num_computed_tokens says how many tokens they hold), so
         the caller can attach KV from elsewhere for the rest, then enqueue().
+        reserve_prefix=False skips that reservation (the whole prompt comes from elsewhere).
         """
         prompt_token_ids = self.tokenize(prompt)
         self.validate(prompt_token_ids, params)
@@ -102,7 +104,7 @@ class Engine:
         req = Request(request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=params,
                       hash_extra=extra_keys(self.model_id, cache_salt), max_total_tokens=self.max_model_len,
                       hold_kv=hold_kv)
-        if defer:
+        if defer and reserve_prefix:
             blocks, num_cached = self.kv.get_computed_blocks(req)
             # Reserving only what is free right now cannot fail: touching cached blocks needs no new ones.
             self.kv.allocate_slots(req, 0, blocks)
@@ -126,8 +128,7 @@ class Engine:
         req = self._deferred(request_id)
         bs = self.config.block_size
         start = req.num_computed_tokens
-        expected = (self.layout.num_layers, 2, -(-(start + num_tokens) // bs) - start // bs, bs,
-                    self.layout.num_kv_heads, self.layout.head_dim)
+        expected = self.layout.blocks_shape(-(-(start + num_tokens) // bs) - start // bs)
         if tuple(blocks.shape) != expected or blocks.dtype != self.kv_cache.data.dtype:
             raise ValueError(f"KV payload {tuple(blocks.shape)} {blocks.dtype} does not fit {expected}")
         if not 0 < num_tokens <= req.num_prompt_tokens - start:

@@ -31,10 +31,9 @@ class KVLayout:
         elem = torch.empty((), dtype=DTYPES[self.dtype]).element_size()
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
 
-    @property
-    def block_shape(self) -> tuple[int, ...]:
-        """Shape of n exported blocks is (num_layers, 2, n, *block_shape[3:])."""
-        return (self.num_layers, 2, 1, self.block_size, self.num_kv_heads, self.head_dim)
+    def blocks_shape(self, n: int) -> tuple[int, ...]:
+        """Shape of n blocks as read, exported and imported: (num_layers, 2, n, block_size, Hkv, D)."""
+        return (self.num_layers, 2, n, self.block_size, self.num_kv_heads, self.head_dim)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,8 +63,7 @@ class PagedKVCache:
 
     def write_blocks(self, block_ids: list[int], blocks: torch.Tensor) -> None:
         """Overwrite the given blocks with data shaped like read_blocks' result."""
-        expected = (self.layout.num_layers, 2, len(block_ids), self.layout.block_size,
-                    self.layout.num_kv_heads, self.layout.head_dim)
+        expected = self.layout.blocks_shape(len(block_ids))
         if tuple(blocks.shape) != expected or blocks.dtype != self.data.dtype:
             raise ValueError(f"blocks of shape {tuple(blocks.shape)} {blocks.dtype} do not fit "
                              f"layout {expected} {self.data.dtype}")

@@ -27,6 +27,11 @@ class KVTransferConfig:
     grpc_port: int = 0  # 0: pick a free port
     fault: Fault | None = None
 
+    @classmethod
+    def coerce(cls, value: KVTransferConfig | dict | None) -> KVTransferConfig:
+        """A KVTransferConfig from itself, a dict of its fields or None (defaults)."""
+        return value if isinstance(value, cls) else cls(**(value or {}))
+
     def __post_init__(self) -> None:
         if self.transport not in ("local", "ray", "grpc"):
             raise ValueError(f"transport must be local, ray or grpc, got {self.transport!r}")

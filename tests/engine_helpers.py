@@ -35,6 +35,7 @@ def assert_all_free(llm: LLM) -> None:
     """After every request ended: no request state, every block back in the pool."""
     stats = llm.stats()
     assert stats.num_requests_running == 0 and stats.num_requests_waiting == 0
+    assert stats.num_requests_deferred == 0 and stats.num_requests_held == 0
     assert stats.num_blocks_free == stats.num_blocks_total, f"{stats.num_blocks_total - stats.num_blocks_free} leaked"
     assert not llm.engine.requests
     llm.engine.kv.pool.check_invariants()

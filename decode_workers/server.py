@@ -1,0 +1,171 @@
+"""DecodeServer: owns a request from arrival to its last token.
+
+Disaggregated: reserve the prompt's blocks this worker already holds, ask a
+PrefillServer to prefill the rest (first token only), fetch the KV through
+kvtransfer into this worker's pool, join the running batch, stream tokens.
+A failed, corrupt or timed-out prefill or transfer falls back to computing
+the prompt here: slower, never lost, and counted.
+Colocated (no prefill handle): the same engine does both.
+
+Abort (the consumer stops iterating: client gone, cancel) frees the request's
+blocks before the next engine step here, and cancels the prefill call, whose
+own abort frees the blocks on the prefill side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+
+import ray
+
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig, SamplingParams
+from engine.outputs import EngineStats
+from kvtransfer import KVTransferConfig, KVTransferError, make_connector
+from prefill_workers.protocol import PrefillRequest, PrefillResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DecodeStats:
+    worker_id: str
+    engine: EngineStats
+    kv_transfer_bytes: int
+    kv_transfer_seconds: float
+    kv_transfer_failures: int
+    prefill_failures: int
+    recomputed_prefills: int
+    remote_prefills: int
+
+
+class DecodeServer:
+    def __init__(self, engine_config: EngineConfig | dict | None = None,
+                 transfer_config: KVTransferConfig | dict | None = None,
+                 prefill=None, prefill_timeout_s: float = 60.0, worker_id: str | None = None,
+                 dedup: bool = True) -> None:
+        """prefill: a handle whose `.prefill.remote(PrefillRequest)` is awaitable (a Ray actor
+        handle or a Serve DeploymentHandle), or None for colocated mode. dedup=False asks for
+        every block even when this worker holds some (for measuring what dedup saves)."""
+        self.engine = AsyncEngine(EngineConfig.coerce(engine_config))
+        self.connector = make_connector(KVTransferConfig.coerce(transfer_config))
+        self.prefill_handle = prefill
+        self.prefill_timeout_s = prefill_timeout_s
+        self.dedup = dedup
+        self.block_size = self.engine.engine.config.block_size
+        self.layout = self.engine.engine.layout
+        self.worker_id = worker_id or f"decode-{uuid.uuid4().hex[:8]}"
+        self._bytes = 0
+        self._seconds = 0.0
+        self._transfer_failures = self._prefill_failures = self._recomputed = self._remote = 0
+
+    async def generate(self, request: dict) -> AsyncIterator[dict]:
+        """request: {"request_id"?, "prompt_token_ids", "sampling_params": dict | SamplingParams,
+        "cache_salt"?}. Yields StepOutput dicts; raises ValueError for bad input before any output."""
+        rid = request.get("request_id") or uuid.uuid4().hex
+        params = request["sampling_params"]
+        if not isinstance(params, SamplingParams):
+            params = SamplingParams(**params)
+        prompt = request["prompt_token_ids"]
+        salt = request.get("cache_salt")
+        if self.prefill_handle is None:
+            async for out in self.engine.generate(prompt, params, rid, salt):
+                yield asdict(out)
+            return
+        stream = self.engine.open_stream(rid)
+        try:
+            req = await self.engine.call(lambda e: e.add_request(prompt, params, rid, salt, defer=True,
+                                                                 reserve_prefix=self.dedup))
+        except BaseException:
+            self.engine.discard_stream(rid)
+            raise
+        finished = False
+        try:
+            await self._remote_prefill(rid, req.prompt_token_ids, params, salt, req.num_computed_tokens)
+            await self.engine.call(lambda e: e.enqueue(rid))
+            async for out in self.engine.iterate(rid, stream):
+                finished = out.finished
+                yield asdict(out)
+        finally:
+            if not finished:  # consumer gone or prefill cancelled: free the blocks here now
+                self.engine.discard_stream(rid)
+                await self.engine.abort(rid)
+
+    async def _remote_prefill(self, rid: str, prompt: list[int], params: SamplingParams, salt: str | None,
+                              num_reserved: int) -> None:
+        """Prefill on a PrefillServer and import its KV; on any failure leave the request to compute here."""
+        skip = num_reserved // self.block_size
+        call = self.prefill_handle.prefill.remote(PrefillRequest(rid, prompt, params, salt, skip))
+        try:
+            result: PrefillResult = await asyncio.wait_for(_awaitable(call), self.prefill_timeout_s)
+        except asyncio.CancelledError:
+            _cancel(call)
+            raise
+        except Exception as exc:  # dead replica, timeout, engine error: recompute here
+            _cancel(call)
+            self._prefill_failures += 1
+            self._recomputed += 1
+            log.warning("prefill of %s failed, recomputing locally: %r", rid, exc)
+            return
+        handle = result.kv
+        start = time.monotonic()
+        try:
+            blocks = await asyncio.to_thread(self.connector.fetch, handle, self.layout)
+        except KVTransferError as exc:
+            self._transfer_failures += 1
+            self._recomputed += 1
+            log.warning("KV transfer for %s failed, recomputing locally: %r", rid, exc)
+            return
+        finally:
+            self._release_remote(handle.export_id)
+        self._seconds += time.monotonic() - start
+        self._bytes += handle.nbytes
+        self._remote += 1
+        await self.engine.call(lambda e: e.attach_kv(
+            rid, blocks, handle.num_tokens, first_token=result.first_token, first_logprobs=result.first_logprobs,
+            num_cached_tokens=result.num_cached_tokens))
+
+    def _release_remote(self, export_id: str) -> None:
+        try:
+            self.prefill_handle.release_kv.remote(export_id)  # fire and forget: the lease is the backstop
+        except Exception as exc:
+            log.debug("release of %s not delivered: %r", export_id, exc)
+
+    async def stats(self) -> DecodeStats:
+        engine_stats = await self.engine.call(lambda e: e.stats())
+        return DecodeStats(self.worker_id, engine_stats, self._bytes, self._seconds, self._transfer_failures,
+                           self._prefill_failures, self._recomputed, self._remote)
+
+    async def check_health(self) -> None:
+        if not self.engine.alive:
+            raise RuntimeError(f"decode engine loop is dead: {self.engine.error!r}")
+
+    async def abort(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown(timeout_s=1.0)
+
+
+def _awaitable(call):
+    """Ray ObjectRefs and Serve DeploymentResponses are both awaitable; wrap for wait_for."""
+    async def wait():
+        return await call
+    return wait()
+
+
+def _cancel(call) -> None:
+    try:
+        if isinstance(call, ray.ObjectRef):
+            ray.cancel(call)
+        else:
+            call.cancel()
+    except Exception as exc:  # already finished or the worker is gone
+        log.debug("cancel failed: %r", exc)

@@ -1,0 +1,355 @@
+"""GrpcConnector: KV blocks streamed over gRPC with msgpack framing (between clusters, or without an object store).
+
+Exporting side: a grpcio server (started on first export or first read of
+.address) bound to config.grpc_host:config.grpc_port (0 = ephemeral) serves
+one unary-stream method, /pdserve.kvtransfer.KVTransfer/Fetch, through a
+generic handler with bytes in and out (no .proto). The staged payload is a
+reference to the exported bytes (no copy). An export is freed once streamed in
+full ("freed when fetched"); a stream the client abandons leaves it staged for
+a retry until release or lease expiry.
+
+Wire format, msgpack only (never pickle), each frame a map with "kind":
+  request  {export_id: str, token: str | nil}                  <= 4 KiB
+  header   {kind: "header", request_id, export_id, block_hashes: [bin], layout: map,
+            dtype, shape: [int], checksum, nbytes, num_tokens, first_block}
+  data     {kind: "data", seq: int from 0, data: bin <= chunk_bytes}
+  end      {kind: "end", frames: int, nbytes: int}
+Bounds: every response frame is <= chunk_bytes + FRAME_SLACK bytes, enforced
+by gRPC's max message length on both sides and re-checked per frame; the
+importer allocates only handle.nbytes (<= max_payload_bytes) and rejects any
+byte past it. Importer and exporter must use the same chunk_bytes (or the
+importer a larger one).
+
+Importing side: one channel per address, made lazily and cached until
+close(); the whole stream must finish within config.timeout_s (a gRPC deadline).
+handle.locator is "host:port/export_id".
+
+Fault "timeout": the server sends the header, then stalls the stream (sends
+nothing) until the client's deadline cancels the call, the lease ends, or the
+connector closes.
+
+Credentials (later): the server would use add_secure_port with
+grpc.ssl_server_credentials and the client grpc.secure_channel with
+grpc.ssl_channel_credentials; a per-export bearer token, minted at export and
+carried by the handle (a new KVHandle field), goes in FetchRequest.token and is
+checked with hmac.compare_digest in _serve_fetch before anything is streamed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+import grpc
+import msgpack
+import numpy as np
+
+from kvtransfer.config import KVTransferConfig
+from kvtransfer.connector import KVConnector
+from kvtransfer.errors import KVCorruptError, KVLayoutError, KVNotFoundError, KVTimeoutError, KVTransferError
+from kvtransfer.handle import KVHandle
+
+SERVICE = "pdserve.kvtransfer.KVTransfer"
+METHOD = f"/{SERVICE}/Fetch"
+FRAME_SLACK = 256 << 10  # bytes beyond chunk_bytes a frame may take: msgpack overhead, or a header of ~7k hashes
+REQUEST_MAX_BYTES = 4 << 10
+_SERVER_THREADS = 8
+
+
+def _unpack(data: bytes) -> dict:
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several types for malformed input; all mean "not a frame"
+        raise ValueError(f"not msgpack: {type(e).__name__}") from e
+    if not isinstance(obj, dict):
+        raise ValueError("frame is not a map")
+    return obj
+
+
+def _need(obj: dict, key: str, kind: type | tuple[type, ...]) -> Any:
+    value = obj.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"field {key!r} missing or not {kind}")
+    return value
+
+
+@dataclass(frozen=True)
+class FetchRequest:
+    """The single request frame. token: reserved for credentials (unchecked for now)."""
+
+    export_id: str
+    token: str | None = None
+
+    def encode(self) -> bytes:
+        return msgpack.packb({"export_id": self.export_id, "token": self.token})
+
+    @classmethod
+    def decode(cls, data: bytes) -> FetchRequest:
+        """Raises ValueError on anything but {export_id: str (1-128 chars), token: str | nil}."""
+        if len(data) > REQUEST_MAX_BYTES:
+            raise ValueError("request frame too large")
+        obj = _unpack(data)
+        if set(obj) - {"export_id", "token"}:
+            raise ValueError(f"unknown fields {sorted(map(str, set(obj) - {'export_id', 'token'}))}")
+        export_id = _need(obj, "export_id", str)
+        token = obj.get("token")
+        if not 0 < len(export_id) <= 128 or not (token is None or isinstance(token, str)):
+            raise ValueError("bad export_id or token")
+        return cls(export_id, token)
+
+
+@dataclass(frozen=True)
+class HeaderFrame:
+    """First response frame: what the payload is. Must equal the importer's handle field by field."""
+
+    request_id: str
+    export_id: str
+    block_hashes: tuple[bytes, ...]
+    layout: dict
+    dtype: str
+    shape: tuple[int, ...]
+    checksum: int
+    nbytes: int
+    num_tokens: int
+    first_block: int
+
+    @classmethod
+    def from_handle(cls, h: KVHandle) -> HeaderFrame:
+        return cls(h.request_id, h.export_id, tuple(h.block_hashes), dict(h.layout), h.dtype, tuple(h.shape),
+                   h.checksum, h.nbytes, h.num_tokens, h.first_block)
+
+    def encode(self) -> bytes:
+        return msgpack.packb({
+            "kind": "header", "request_id": self.request_id, "export_id": self.export_id,
+            "block_hashes": list(self.block_hashes), "layout": self.layout, "dtype": self.dtype,
+            "shape": list(self.shape), "checksum": self.checksum, "nbytes": self.nbytes,
+            "num_tokens": self.num_tokens, "first_block": self.first_block,
+        })
+
+    @classmethod
+    def from_obj(cls, obj: dict) -> HeaderFrame:
+        hashes = _need(obj, "block_hashes", list)
+        shape = _need(obj, "shape", list)
+        if not all(isinstance(h, bytes) for h in hashes) or not all(isinstance(d, int) for d in shape):
+            raise ValueError("bad block_hashes or shape")
+        return cls(_need(obj, "request_id", str), _need(obj, "export_id", str), tuple(hashes),
+                   _need(obj, "layout", dict), _need(obj, "dtype", str), tuple(shape), _need(obj, "checksum", int),
+                   _need(obj, "nbytes", int), _need(obj, "num_tokens", int), _need(obj, "first_block", int))
+
+    def check_against(self, handle: KVHandle) -> None:
+        """KVLayoutError if layout, dtype or shape differ from the handle; KVCorruptError for any other field."""
+        if (self.layout, self.dtype, self.shape) != (handle.layout, handle.dtype, tuple(handle.shape)):
+            raise KVLayoutError(f"export {handle.export_id}: served layout {self.layout} {self.dtype} {self.shape} "
+                                f"!= handle {handle.layout} {handle.dtype} {tuple(handle.shape)}")
+        if self != HeaderFrame.from_handle(handle):
+            raise KVCorruptError(f"export {handle.export_id}: served header does not match the handle")
+
+
+@dataclass(frozen=True)
+class DataFrame:
+    """One chunk of payload bytes, seq counting from 0."""
+
+    seq: int
+    data: bytes
+
+    @staticmethod
+    def encode_chunk(seq: int, chunk: memoryview) -> bytes:
+        return msgpack.packb({"kind": "data", "seq": seq, "data": chunk})
+
+
+@dataclass(frozen=True)
+class EndFrame:
+    """Last frame: how many data frames and bytes were sent."""
+
+    frames: int
+    nbytes: int
+
+    def encode(self) -> bytes:
+        return msgpack.packb({"kind": "end", "frames": self.frames, "nbytes": self.nbytes})
+
+
+def decode_frame(data: bytes) -> HeaderFrame | DataFrame | EndFrame:
+    """Raises KVCorruptError for anything that is not a well-formed response frame."""
+    try:
+        obj = _unpack(data)
+        kind = obj.get("kind")
+        if kind == "data":
+            return DataFrame(_need(obj, "seq", int), _need(obj, "data", bytes))
+        if kind == "header":
+            return HeaderFrame.from_obj(obj)
+        if kind == "end":
+            return EndFrame(_need(obj, "frames", int), _need(obj, "nbytes", int))
+        raise ValueError(f"unknown frame kind {kind!r}")
+    except ValueError as e:
+        raise KVCorruptError(f"malformed frame: {e}") from e
+
+
+@dataclass(frozen=True)
+class _GrpcPayload:
+    header: bytes  # encoded once at export
+    data: np.ndarray  # uint8 view of the exported bytes (or the faulty ones)
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class GrpcConnector(KVConnector):
+    """gRPC streaming transport. Both sides use the same class; the server starts only when needed."""
+
+    transport = "grpc"
+
+    def __init__(self, config: KVTransferConfig) -> None:
+        super().__init__(config)
+        self._frame_limit = config.chunk_bytes + FRAME_SLACK
+        self._server: grpc.Server | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._address: str | None = None
+        self._server_lock = threading.Lock()
+        self._closing = threading.Event()
+        self._channels: dict[str, tuple[grpc.Channel, Any]] = {}
+        self._channels_lock = threading.Lock()
+
+    @property
+    def address(self) -> str:
+        """"host:port" the server listens on; starts the server if it is not running yet."""
+        return self._ensure_server()
+
+    # ---- exporting side -------------------------------------------------------------------------------
+
+    def _ensure_server(self) -> str:
+        with self._server_lock:
+            if self._address is not None:
+                return self._address
+            if self._closing.is_set():
+                raise KVTransferError("connector is closed")
+            executor = ThreadPoolExecutor(max_workers=_SERVER_THREADS, thread_name_prefix="kv-grpc")
+            server = grpc.server(executor, maximum_concurrent_rpcs=4 * _SERVER_THREADS, options=[
+                ("grpc.max_send_message_length", self._frame_limit),
+                ("grpc.max_receive_message_length", REQUEST_MAX_BYTES),
+                ("grpc.so_reuseport", 0),  # a taken fixed port must fail, not be shared silently
+            ])
+            handler = grpc.unary_stream_rpc_method_handler(self._serve_fetch)  # no (de)serializers: bytes
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Fetch": handler}),))
+            try:
+                port = server.add_insecure_port(_join(self.config.grpc_host, self.config.grpc_port))
+            except RuntimeError as e:
+                executor.shutdown(wait=False)
+                raise KVTransferError(f"cannot bind {self.config.grpc_host}:{self.config.grpc_port}: {e}") from e
+            server.start()
+            self._server, self._executor = server, executor
+            self._address = _join(self.config.grpc_host, port)
+            return self._address
+
+    def _stage(self, handle: KVHandle, payload: np.ndarray) -> tuple[KVHandle, _GrpcPayload]:
+        header = HeaderFrame.from_handle(handle).encode()
+        if len(header) > self._frame_limit:
+            raise KVTransferError(f"header of {len(header)} bytes ({len(handle.block_hashes)} hashes) exceeds the "
+                                  f"frame limit {self._frame_limit}")
+        locator = f"{self._ensure_server()}/{handle.export_id}"
+        return replace(handle, locator=locator), _GrpcPayload(header, payload)
+
+    def _serve_fetch(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """Runs on a server thread. Errors end the RPC with a status; the server keeps serving."""
+        try:
+            req = FetchRequest.decode(request)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad request frame: {e}")
+        entry = self._lookup(req.export_id)
+        if entry is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"export {req.export_id}: unknown, released or expired")
+        payload: _GrpcPayload = entry.stored
+        yield payload.header
+        if self.config.fault == "timeout":
+            while context.is_active() and not self._closing.is_set() and time.time() < entry.expires_at:
+                self._closing.wait(0.05)
+            return
+        chunk = self.config.chunk_bytes
+        data = payload.data
+        seq = 0
+        for offset in range(0, data.size, chunk):
+            if not context.is_active():
+                return  # client gone: keep the export for a retry until release or lease expiry
+            yield DataFrame.encode_chunk(seq, memoryview(data[offset:offset + chunk]))
+            seq += 1
+        yield EndFrame(seq, int(data.size)).encode()
+        # Runs when gRPC asks for the next frame, before it sends the OK status.
+        self._free(req.export_id)
+
+    # ---- importing side -------------------------------------------------------------------------------
+
+    def _stub(self, address: str) -> Any:
+        with self._channels_lock:
+            if address not in self._channels:
+                channel = grpc.insecure_channel(address, options=[
+                    ("grpc.max_receive_message_length", self._frame_limit),
+                    ("grpc.max_send_message_length", REQUEST_MAX_BYTES),
+                ])
+                self._channels[address] = (channel, channel.unary_stream(METHOD))
+            return self._channels[address][1]
+
+    def _fetch_payload(self, handle: KVHandle) -> np.ndarray:
+        address, _, export_id = handle.locator.rpartition("/")
+        if not address or export_id != handle.export_id:
+            raise KVNotFoundError(f"bad locator {handle.locator!r}")
+        call = self._stub(address)(FetchRequest(export_id).encode(), timeout=self.config.timeout_s)
+        try:
+            return self._read_stream(handle, call)
+        except grpc.RpcError as e:
+            code, details = e.code(), e.details()
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise KVTimeoutError(f"export {export_id}: not received within {self.config.timeout_s} s") from e
+            if code == grpc.StatusCode.NOT_FOUND:
+                raise KVNotFoundError(f"export {export_id}: {details}") from e
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise KVCorruptError(f"export {export_id}: frame over the limit: {details}") from e
+            raise KVTransferError(f"export {export_id}: gRPC {code.name}: {details}") from e
+        finally:
+            call.cancel()  # no-op when the stream finished; stops the server otherwise
+
+    def _read_stream(self, handle: KVHandle, call: Iterator[bytes]) -> np.ndarray:
+        frames = iter(call)
+        first = next(frames, None)
+        header = decode_frame(first) if first is not None else None
+        if not isinstance(header, HeaderFrame):
+            raise KVCorruptError(f"export {handle.export_id}: stream does not start with a header")
+        header.check_against(handle)
+        buf = np.empty(handle.nbytes, dtype=np.uint8)
+        received = seq = 0
+        end: EndFrame | None = None
+        for raw in frames:
+            frame = decode_frame(raw)
+            if end is not None or isinstance(frame, HeaderFrame):
+                raise KVCorruptError(f"export {handle.export_id}: unexpected frame after header/end")
+            if isinstance(frame, EndFrame):
+                end = frame
+                continue
+            size = len(frame.data)
+            if frame.seq != seq or size > self.config.chunk_bytes or received + size > handle.nbytes:
+                raise KVCorruptError(f"export {handle.export_id}: bad data frame seq {frame.seq} of {size} bytes")
+            buf[received:received + size] = np.frombuffer(frame.data, dtype=np.uint8)
+            received += size
+            seq += 1
+        if end is None or end.frames != seq or end.nbytes != received:
+            raise KVCorruptError(f"export {handle.export_id}: stream ended after {received} bytes without a "
+                                 f"matching end frame")
+        return buf[:received]  # shorter than nbytes if truncated: the size check reports it
+
+    def _close(self) -> None:
+        self._closing.set()  # ends stalled streams
+        with self._server_lock:
+            server, executor = self._server, self._executor
+            self._server = self._executor = self._address = None
+        if server is not None:
+            server.stop(grace=1.0).wait()
+        if executor is not None:
+            executor.shutdown(wait=True)
+        with self._channels_lock:
+            channels = [c for c, _ in self._channels.values()]
+            self._channels.clear()
+        for channel in channels:
+            channel.close()

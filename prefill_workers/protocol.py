@@ -1,0 +1,37 @@
+"""What a decode worker asks of a prefill worker, and what it gets back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.config import SamplingParams
+from kvtransfer.handle import KVHandle
+
+
+@dataclass(frozen=True)
+class PrefillRequest:
+    """Prefill prompt_token_ids and sample the first token with `sampling_params`.
+
+    skip_blocks: leading full blocks the caller already holds (same hashes);
+    they are left out of the returned KV.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    cache_salt: str | None = None
+    skip_blocks: int = 0
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    """first_token sampled from the last prompt position; kv covers tokens [skip_blocks * block_size, prompt)."""
+
+    request_id: str
+    first_token: int
+    first_logprobs: dict[int, float] | None
+    num_cached_tokens: int  # prompt tokens the prefill worker took from its pool or the directory
+    num_computed_tokens: int  # prompt tokens it actually ran through the model
+    kv: KVHandle
+    worker_id: str
+    prefill_seconds: float

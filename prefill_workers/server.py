@@ -1,0 +1,224 @@
+"""PrefillServer: a prompt in, the first token and a handle to the prompt's KV out.
+
+For each request: reserve the prompt's blocks already in this worker's pool,
+fetch the longest further run from the cluster prefix directory instead of
+computing it, prefill only the rest (chunked by the engine's token budget),
+sample the first token, and export the blocks the caller does not hold under
+a lease. Newly computed full blocks are published to the directory after the
+reply, off the critical path.
+
+A plain class: it runs as a Ray actor or as a Ray Serve deployment. The
+directory is optional (None: prefix reuse stays per worker) and is reached by
+name, so a restarted directory is found again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, replace
+
+import numpy as np
+import ray
+import torch
+
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig, SamplingParams
+from engine.outputs import EngineStats
+from kvtransfer import KVTransferConfig, make_connector
+from prefill_workers.protocol import PrefillRequest, PrefillResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrefillStats:
+    worker_id: str
+    engine: EngineStats
+    exports_alive: int
+    directory_blocks_fetched: int
+    directory_blocks_published: int
+    directory_errors: int
+
+
+class PrefillServer:
+    def __init__(self, engine_config: EngineConfig | dict | None = None,
+                 transfer_config: KVTransferConfig | dict | None = None,
+                 directory: str | ray.actor.ActorHandle | None = None,
+                 directory_namespace: str = "pdserve", worker_id: str | None = None) -> None:
+        self.engine = AsyncEngine(EngineConfig.coerce(engine_config))
+        self.connector = make_connector(KVTransferConfig.coerce(transfer_config))
+        self.block_size = self.engine.engine.config.block_size
+        self.layout = self.engine.engine.layout
+        self.worker_id = worker_id or f"prefill-{uuid.uuid4().hex[:8]}"
+        self._directory_ref = directory
+        self._directory_namespace = directory_namespace
+        self._fetched = self._published = self._directory_errors = 0
+        self._background: set[asyncio.Task] = set()
+        self._reaper: asyncio.Task | None = None
+
+    # ---- the request path ------------------------------------------------------------------------
+    async def prefill(self, request: PrefillRequest) -> PrefillResult:
+        self._ensure_reaper()
+        start = time.monotonic()
+        rid = request.request_id
+        params = replace(request.sampling_params, n=1, max_tokens=1)
+        stream = self.engine.open_stream(rid)
+        try:
+            req = await self.engine.call(lambda e: e.add_request(
+                request.prompt_token_ids, params, rid, request.cache_salt, hold_kv=True, defer=True))
+        except BaseException:
+            self.engine.discard_stream(rid)
+            raise
+        num_local = req.num_computed_tokens // self.block_size
+        # Full blocks the engine may take from elsewhere: the last prompt token is always computed.
+        hashes = await self.engine.call(lambda e: list(req.full_block_hashes(
+            self.block_size, req.num_prompt_tokens - 1)))
+        num_from_directory = await self._fetch_from_directory(rid, hashes, num_local)
+        num_cached = (num_local + num_from_directory) * self.block_size
+        await self.engine.call(lambda e: e.enqueue(rid))
+        first = None
+        async for out in self.engine.iterate(rid, stream):
+            first = out
+        try:
+            handle, export = await self._export(request, req.num_prompt_tokens, hashes,
+                                                publish_from=num_local + num_from_directory)
+        finally:
+            await self.engine.call(lambda e: e.release_held(rid))
+        if export is not None:
+            self._spawn(self._publish(*export))
+        return PrefillResult(
+            request_id=rid, first_token=first.new_token_ids[0],
+            first_logprobs=first.new_logprobs[0] if first.new_logprobs else None,
+            num_cached_tokens=num_cached, num_computed_tokens=req.num_prompt_tokens - num_cached,
+            kv=handle, worker_id=self.worker_id, prefill_seconds=time.monotonic() - start,
+        )
+
+    async def release_kv(self, export_id: str) -> bool:
+        """The decode side fetched an export (or gave up on it): free it now rather than at lease end."""
+        return self.connector.release(export_id)
+
+    async def abort(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
+
+    async def warm_prefix(self, prompt_token_ids: list[int], cache_salt: str | None = None,
+                          pin: bool = True) -> int:
+        """Compute a prompt's full blocks once and publish them to the directory (pinned: never evicted).
+
+        Returns how many blocks the directory holds for it afterwards.
+        """
+        rid = f"warm-{uuid.uuid4().hex[:12]}"
+        request = PrefillRequest(rid, list(prompt_token_ids), SamplingParams(temperature=0.0, max_tokens=1),
+                                 cache_salt)
+        result = await self.prefill(request)
+        self.connector.release(result.kv.export_id)
+        directory = self._directory()
+        if directory is None:
+            return 0
+        await asyncio.gather(*self._background)  # the publish of what this call computed
+        hashes = list(result.kv.block_hashes)
+        if pin:
+            await directory.pin.remote(hashes)
+        return await directory.contains.remote(hashes)
+
+    # ---- introspection -----------------------------------------------------------------------------
+    async def stats(self) -> PrefillStats:
+        engine_stats = await self.engine.call(lambda e: e.stats())
+        return PrefillStats(self.worker_id, engine_stats, self.connector.num_exports, self._fetched,
+                            self._published, self._directory_errors)
+
+    async def check_health(self) -> None:
+        """Ray Serve's health probe: fail when the engine loop is dead."""
+        if not self.engine.alive:
+            raise RuntimeError(f"prefill engine loop is dead: {self.engine.error!r}")
+
+    async def reap_expired(self) -> int:
+        return self.connector.reap_expired()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown(timeout_s=1.0)
+
+    # ---- helpers -----------------------------------------------------------------------------------
+    async def _fetch_from_directory(self, rid: str, hashes: list[bytes], num_local: int) -> int:
+        """Attach the longest run of directory blocks after the local ones; returns blocks attached."""
+        directory = self._directory()
+        if directory is None or num_local >= len(hashes):
+            return 0
+        try:
+            refs = await directory.lookup.remote(hashes[num_local:])
+            if not refs:
+                return 0
+            arrays = await asyncio.gather(*refs)
+            blocks = torch.from_numpy(np.concatenate(arrays, axis=2)).view(self.engine.engine.kv_cache.data.dtype)
+            n = len(refs)
+            await self.engine.call(lambda e: e.attach_kv(rid, blocks, n * self.block_size,
+                                                         num_cached_tokens=(num_local + n) * self.block_size))
+        except Exception as exc:  # the directory is an optimisation: degrade to computing the blocks
+            self._directory_errors += 1
+            log.warning("prefix directory fetch failed, computing instead: %r", exc)
+            return 0
+        self._fetched += n
+        return n
+
+    async def _export(self, request: PrefillRequest, prompt_len: int, hashes: list[bytes], publish_from: int):
+        """Export blocks [skip_blocks, end) for the caller; return (handle, blocks to publish or None)."""
+        rid, skip = request.request_id, request.skip_blocks
+        skip = min(skip, prompt_len // self.block_size, len(hashes))
+        blocks = await self.engine.call(lambda e: e.read_held_blocks(rid, skip))
+        num_full = prompt_len // self.block_size  # full prompt blocks, the last one may be all-prompt too
+        full_hashes = (await self.engine.call(lambda e: list(e.held[rid].full_block_hashes(
+            self.block_size, prompt_len))))[:num_full]
+        handle = await asyncio.to_thread(
+            self.connector.export, rid, blocks, self.layout, first_block=skip,
+            num_tokens=prompt_len - skip * self.block_size, block_hashes=full_hashes[skip:])
+        start = max(publish_from, skip)
+        if start >= num_full or self._directory() is None:
+            return handle, None
+        return handle, (full_hashes[start:num_full], blocks[:, :, start - skip: num_full - skip])
+
+    async def _publish(self, hashes: list[bytes], blocks: torch.Tensor) -> None:
+        """Hand newly computed full blocks to the directory, which owns them from now on."""
+        directory = self._directory()
+        try:
+            known = await directory.contains.remote(hashes)
+            if known < len(hashes):
+                array = _as_numpy(blocks[:, :, known:].contiguous())
+                await directory.publish.remote(hashes[known:], array, False)
+                self._published += len(hashes) - known
+        except Exception as exc:
+            self._directory_errors += 1
+            log.warning("prefix directory publish failed: %r", exc)
+
+    def _directory(self):
+        ref = self._directory_ref
+        if ref is None or not isinstance(ref, str):
+            return ref
+        try:
+            return ray.get_actor(ref, namespace=self._directory_namespace)
+        except ValueError:  # not running (yet, or restarting): serve without it
+            return None
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _ensure_reaper(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.ensure_future(self._reap_loop())
+
+    async def _reap_loop(self) -> None:
+        period = max(0.05, min(1.0, self.connector.config.lease_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            self.connector.reap_expired()
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: move the same bytes as int16
+        return t.view(torch.int16).numpy()
+    return t.numpy()

@@ -1,0 +1,193 @@
+"""Disaggregated prefill/decode on a real local Ray cluster.
+
+Greedy outputs of disaggregated, colocated and transformers runs are identical;
+the shared system prompt is computed once for the whole cluster; a decode
+worker that already holds the system prompt receives fewer bytes; leases,
+faults and a killed prefill worker lose no request and leak no block.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+
+from cluster.prefix_directory import DIRECTORY_NAME
+from engine.config import SamplingParams
+from engine.tiny_model import path as model_path
+from prefill_workers.protocol import PrefillRequest
+from tests.cluster_helpers import (
+    TIMEOUT_S,
+    assert_idle,
+    generate,
+    kill_all,
+    start_decode,
+    start_directory,
+    start_prefill,
+)
+from tests.engine_helpers import hf_greedy, random_prompts
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+SYSTEM = random_prompts([220], 8192, seed=31)[0]
+
+
+@pytest.fixture
+def directory(ray_local):
+    handle = start_directory()
+    yield handle
+    ray.kill(handle)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the name is released asynchronously
+        try:
+            ray.get_actor(DIRECTORY_NAME, namespace="pdserve")
+        except ValueError:
+            break
+        time.sleep(0.1)
+
+
+def _prompts(n: int = 5) -> list[list[int]]:
+    return random_prompts([1, 30, 90, 250, 9][:n], 8192, seed=32, prefix=SYSTEM)
+
+
+@pytest.mark.parametrize("transport", ["ray", "grpc"])
+def test_disaggregated_colocated_and_transformers_agree(ray_local, directory, transport: str) -> None:
+    transfer = {"transport": transport}
+    prefill = start_prefill(transfer)
+    decode = start_decode(prefill, transfer)
+    colocated = start_decode(None, transfer)
+    try:
+        for prompt in _prompts():
+            disagg = generate(decode, prompt, GREEDY)
+            coloc = generate(colocated, prompt, GREEDY)
+            ref, _ = hf_greedy(model_path("tiny"), prompt, GREEDY.max_tokens)
+            assert disagg["token_ids"] == coloc["token_ids"] == ref
+            assert disagg["finish_reason"] == "length"
+        stats = ray.get(decode.stats.remote(), timeout=TIMEOUT_S)
+        assert stats.remote_prefills == 5 and stats.recomputed_prefills == 0
+        assert stats.engine.prompt_tokens_computed == 0  # every prompt was prefilled remotely
+        assert_idle([prefill], [decode, colocated])
+    finally:
+        kill_all(prefill, decode, colocated)
+
+
+def test_system_prompt_computed_once_per_cluster(ray_local, directory) -> None:
+    prefills = [start_prefill(worker_id=f"p{i}") for i in range(2)]
+    decodes = [start_decode(p) for p in prefills]
+    try:
+        pinned = ray.get(prefills[0].warm_prefix.remote(SYSTEM), timeout=TIMEOUT_S)
+        assert pinned == 220 // 16
+        prompts = random_prompts([40, 70, 15, 120, 33, 64, 5, 80], 8192, seed=33, prefix=SYSTEM)
+        for i, prompt in enumerate(prompts):
+            generate(decodes[i % 2], prompt, GREEDY)
+        computed = sum(ray.get(p.stats.remote(), timeout=TIMEOUT_S).engine.prompt_tokens_computed
+                       for p in prefills)
+        full_prefix = (220 // 16) * 16
+        # the warm-up computed the system prompt (220 tokens); every request computed only its own suffix
+        assert computed == 220 + sum(len(p) - full_prefix for p in prompts)
+        second = ray.get(prefills[1].stats.remote(), timeout=TIMEOUT_S)
+        assert second.directory_blocks_fetched == 220 // 16  # once, then its own pool holds them
+        d = ray.get(directory.stats.remote(), timeout=TIMEOUT_S)
+        assert d.pinned_entries == 220 // 16
+        assert_idle(prefills, decodes)
+    finally:
+        kill_all(*prefills, *decodes)
+
+
+def test_decode_worker_holding_the_prefix_receives_fewer_bytes(ray_local, directory) -> None:
+    prefill = start_prefill()
+    decode = start_decode(prefill)
+    try:
+        first, second = random_prompts([100, 100], 8192, seed=34, prefix=SYSTEM)
+        generate(decode, first, GREEDY)
+        bytes_first = ray.get(decode.stats.remote(), timeout=TIMEOUT_S).kv_transfer_bytes
+        out = generate(decode, second, GREEDY)
+        bytes_second = ray.get(decode.stats.remote(), timeout=TIMEOUT_S).kv_transfer_bytes - bytes_first
+        block_bytes = 2 * 2 * 16 * 2 * 16 * 4  # tiny: layers * K/V * block * kv heads * head dim * fp32
+        assert bytes_first == -(-320 // 16) * block_bytes
+        assert bytes_second == (-(-320 // 16) - 220 // 16) * block_bytes
+        assert out["token_ids"] == hf_greedy(model_path("tiny"), second, GREEDY.max_tokens)[0]
+        assert_idle([prefill], [decode])
+    finally:
+        kill_all(prefill, decode)
+
+
+@pytest.mark.parametrize("fault", ["corrupt", "wrong_layout", "truncate", "timeout"])
+def test_transfer_faults_recompute_and_count(ray_local, directory, fault: str) -> None:
+    transfer = {"transport": "grpc", "timeout_s": 1.0, "lease_s": 3.0}
+    prefill = start_prefill({**transfer, "fault": fault})
+    decode = start_decode(prefill, transfer)
+    try:
+        prompt = _prompts(3)[2]
+        out = generate(decode, prompt, GREEDY)
+        assert out["token_ids"] == hf_greedy(model_path("tiny"), prompt, GREEDY.max_tokens)[0]
+        stats = ray.get(decode.stats.remote(), timeout=TIMEOUT_S)
+        assert stats.kv_transfer_failures == 1 and stats.recomputed_prefills == 1
+        assert stats.engine.prompt_tokens_computed == len(prompt)
+        time.sleep(3.5)  # a faulty export nobody could use is freed by its lease at the latest
+        assert_idle([prefill], [decode])
+    finally:
+        kill_all(prefill, decode)
+
+
+def test_lease_expiry_frees_unfetched_exports(ray_local) -> None:
+    prefill = start_prefill({"transport": "ray", "lease_s": 0.5}, directory=False)
+    try:
+        result = ray.get(prefill.prefill.remote(PrefillRequest("orphan", _prompts(1)[0], GREEDY)), timeout=TIMEOUT_S)
+        assert result.kv.nbytes > 0
+        assert ray.get(prefill.stats.remote(), timeout=TIMEOUT_S).exports_alive == 1
+        time.sleep(1.5)
+        assert_idle([prefill])
+    finally:
+        kill_all(prefill)
+
+
+def _wait_until_prefilling(prefill) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while ray.get(prefill.stats.remote(), timeout=TIMEOUT_S).engine.num_requests_running == 0:
+        assert time.monotonic() < deadline, "the request never reached the prefill worker"
+        time.sleep(0.02)
+
+
+def test_killed_prefill_worker_mid_request_recomputes(ray_local) -> None:
+    # A token budget of 4 makes the 2,000-token prefill take 500 steps: time to kill the worker mid-way.
+    prefill = start_prefill(engine={"max_num_batched_tokens": 4}, directory=False)
+    decode = start_decode(prefill)
+    try:
+        prompt = random_prompts([2000], 8192, seed=35)[0]
+        request = {"request_id": "victim", "prompt_token_ids": prompt, "sampling_params": GREEDY}
+        stream = decode.generate.options(num_returns="streaming").remote(request)
+        _wait_until_prefilling(prefill)
+        ray.kill(prefill, no_restart=True)
+        tokens = []
+        for ref in stream:
+            tokens.extend(ray.get(ref, timeout=TIMEOUT_S)["new_token_ids"])
+        assert tokens == hf_greedy(model_path("tiny"), prompt, GREEDY.max_tokens)[0]
+        stats = ray.get(decode.stats.remote(), timeout=TIMEOUT_S)
+        assert stats.prefill_failures == 1 and stats.recomputed_prefills == 1
+        assert_idle([], [decode])
+    finally:
+        kill_all(prefill, decode)
+
+
+def test_abort_frees_blocks_on_both_sides(ray_local) -> None:
+    prefill = start_prefill(engine={"max_num_batched_tokens": 4}, directory=False)
+    decode = start_decode(prefill)
+    try:
+        prompt = random_prompts([2000], 8192, seed=36)[0]
+        request = {"request_id": "gone", "prompt_token_ids": prompt,
+                   "sampling_params": SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)}
+        stream = decode.generate.options(num_returns="streaming").remote(request)
+        _wait_until_prefilling(prefill)
+        ray.cancel(stream)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert_idle([prefill], [decode])
+                break
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+    finally:
+        kill_all(prefill, decode)
