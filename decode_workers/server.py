@@ -141,6 +141,13 @@ class DecodeServer:
         return DecodeStats(self.worker_id, engine_stats, self._bytes, self._seconds, self._transfer_failures,
                            self._prefill_failures, self._recomputed, self._remote)
 
+    def record_routing_stats(self) -> dict[str, float]:
+        """For the KV-headroom router (Ray Serve polls this). Plain reads of counters the loop
+        thread owns: a slightly stale value is fine for routing."""
+        engine = self.engine.engine
+        return {"kv_free_blocks": float(engine.kv.num_free_blocks),
+                "num_waiting": float(len(engine.scheduler.waiting))}
+
     async def check_health(self) -> None:
         if not self.engine.alive:
             raise RuntimeError(f"decode engine loop is dead: {self.engine.error!r}")

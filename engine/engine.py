@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer, GenerationConfig, PretrainedConfig
 
 from engine.block_hash import extra_keys
 from engine.config import EngineConfig, SamplingParams
@@ -52,10 +52,7 @@ class Engine:
             self.kv_cache = PagedKVCache(self.layout, config.num_kv_blocks)
         else:
             self.kv_cache = PagedKVCache.from_budget(self.layout, config.kv_cache_bytes)
-        capacity = self.kv_cache.num_blocks * config.block_size
-        model_max = getattr(hf_config, "max_position_embeddings", capacity)
-        # A request must always fit alone in the pool, or preemption could loop forever.
-        self.max_model_len = min(config.max_model_len or model_max, model_max, capacity)
+        self.max_model_len = context_limit(config, self.model.config)
         self.kv = KVCacheManager(self.kv_cache.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_cache, _resolve_backend(config.attention_backend))
@@ -276,6 +273,16 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions,
             num_generated_tokens=self._counters.generated_tokens,
         )
+
+
+def context_limit(config: EngineConfig, hf_config: PretrainedConfig) -> int:
+    """max_model_len in tokens: the configured limit, capped by the model's positions and by the
+    whole KV pool (a request must always fit alone, or preemption could loop forever)."""
+    layout = kv_layout(hf_config, config.block_size, config.dtype)
+    num_blocks = config.num_kv_blocks or config.kv_cache_bytes // layout.bytes_per_block
+    capacity = num_blocks * config.block_size
+    model_max = getattr(hf_config.get_text_config(), "max_position_embeddings", capacity)
+    return min(config.max_model_len or model_max, model_max, capacity)
 
 
 def _eos_token_ids(path: str, hf_config) -> set[int]:

@@ -14,6 +14,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# One intra-op thread: on 2 cores shared with Ray workers (and other jobs), two
+# threads fighting for a busy core made matmuls up to 10x slower (measured).
+torch.set_num_threads(1)
+
 # Ray: token auth off and no usage stats for every cluster a test starts (PLATFORM.md).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

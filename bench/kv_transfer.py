@@ -1,0 +1,174 @@
+"""KV transfer benchmark: what moving a prompt's KV costs next to computing it, per transport.
+
+For one 2,000-token prompt of the `small` model (125 blocks of 16 tokens,
+fp32): export on one Ray actor, fetch and write into a paged cache on another
+(separate processes on one node, as prefill and decode workers run), median
+over repeats; beside it, the time to prefill the same prompt. Then the bytes a
+decode worker does not receive thanks to dedup (it already holds the system
+prompt's blocks), measured through real PrefillServer/DecodeServer actors on
+the seed workload.
+
+    python -m bench.kv_transfer [--repeats 5] [--requests 64] [--out results/kv_transfer.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from engine.config import SamplingParams
+from engine.kv_cache import KVLayout, PagedKVCache
+from engine.model import kv_layout, load_config
+from engine.tiny_model import path as model_path
+from kvtransfer import KVTransferConfig, make_connector
+
+PROMPT_TOKENS = 2000
+
+
+class _Exporter:
+    def __init__(self, transport: str, layout: KVLayout, num_blocks: int) -> None:
+        torch.set_num_threads(1)
+        self.connector = make_connector(KVTransferConfig(transport=transport, lease_s=600))
+        self.layout = layout
+        self.blocks = torch.randn(layout.blocks_shape(num_blocks))
+
+    def export(self):
+        start = time.perf_counter()
+        handle = self.connector.export("bench", self.blocks.clone(), self.layout, first_block=0,
+                                       num_tokens=PROMPT_TOKENS, block_hashes=[])
+        return handle, time.perf_counter() - start
+
+    def release(self, export_id: str) -> bool:
+        return self.connector.release(export_id)
+
+
+class _Importer:
+    def __init__(self, transport: str, layout: KVLayout, num_blocks: int) -> None:
+        torch.set_num_threads(1)
+        self.connector = make_connector(KVTransferConfig(transport=transport, lease_s=600))
+        self.layout = layout
+        self.cache = PagedKVCache(layout, num_blocks + 8)
+
+    def fetch_and_write(self, handle) -> tuple[float, float]:
+        start = time.perf_counter()
+        blocks = self.connector.fetch(handle, self.layout)
+        fetched = time.perf_counter()
+        self.cache.write_blocks(list(range(blocks.shape[2])), blocks)
+        return fetched - start, time.perf_counter() - fetched
+
+
+def measure_transport(transport: str, layout: KVLayout, repeats: int) -> dict:
+    num_blocks = -(-PROMPT_TOKENS // layout.block_size)
+    opts = {"num_cpus": 0.5}
+    exporter = ray.remote(**opts)(_Exporter).remote(transport, layout, num_blocks)
+    importer = ray.remote(**opts)(_Importer).remote(transport, layout, num_blocks)
+    try:
+        rows = []
+        for _ in range(repeats + 1):  # the first round warms channels and the object store
+            handle, export_s = ray.get(exporter.export.remote())
+            fetch_s, write_s = ray.get(importer.fetch_and_write.remote(handle))
+            ray.get(exporter.release.remote(handle.export_id))
+            rows.append((export_s, fetch_s, write_s))
+        rows = rows[1:]
+        nbytes = num_blocks * layout.bytes_per_block
+        total = [sum(r) for r in rows]
+        return {
+            "transport": transport, "bytes": nbytes,
+            "export_s": statistics.median(r[0] for r in rows),
+            "fetch_s": statistics.median(r[1] for r in rows),
+            "write_s": statistics.median(r[2] for r in rows),
+            "total_s": statistics.median(total),
+            "bytes_per_s": nbytes / statistics.median(r[1] for r in rows),
+        }
+    finally:
+        ray.kill(exporter)
+        ray.kill(importer)
+
+
+def measure_prefill(path: str, repeats: int, threads: int) -> float:
+    """Median seconds to prefill one PROMPT_TOKENS prompt (prefix cache off), first token included."""
+    from engine import LLM
+
+    torch.set_num_threads(threads)
+    llm = LLM(path, enable_prefix_caching=False, max_num_batched_tokens=PROMPT_TOKENS,
+              kv_cache_bytes=256 << 20)
+    prompt = torch.randint(3, 8192, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+    llm.generate([prompt[:64]], params)  # warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        llm.generate([prompt], params)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_dedup(num_requests: int) -> dict:
+    """Bytes received by a decode worker over the seed workload, with and without dedup (tiny model)."""
+    from bench.workload import offline_mix
+    from decode_workers.server import DecodeServer
+    from prefill_workers.server import PrefillServer
+
+    requests = offline_mix(num_requests, seed=0, vocab_size=8192)
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+    result = {}
+    for dedup in (False, True):
+        prefill = ray.remote(num_cpus=0.5, max_concurrency=64)(PrefillServer).remote(None, {"transport": "ray"})
+        decode = ray.remote(num_cpus=0.5, max_concurrency=64)(DecodeServer).remote(
+            None, {"transport": "ray"}, prefill, dedup=dedup)
+        try:
+            for r in requests:
+                request = {"prompt_token_ids": list(r.prompt_token_ids), "sampling_params": params}
+                for ref in decode.generate.options(num_returns="streaming").remote(request):
+                    ray.get(ref)
+            result["with_dedup" if dedup else "without_dedup"] = ray.get(decode.stats.remote()).kv_transfer_bytes
+        finally:
+            ray.kill(prefill)
+            ray.kill(decode)
+    result["saved_fraction"] = 1 - result["with_dedup"] / result["without_dedup"]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the prefill measurement")
+    parser.add_argument("--out", default="results/kv_transfer.json")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        small = model_path("small")
+        layout = kv_layout(load_config(small), 16, "float32")
+        prefill_s = measure_prefill(small, args.repeats, args.threads)
+        transports = [measure_transport(t, layout, args.repeats) for t in ("local", "ray", "grpc")]
+        dedup = measure_dedup(args.requests)
+    finally:
+        ray.shutdown()
+    print(f"small model, {PROMPT_TOKENS}-token prompt: prefill {prefill_s * 1000:.0f} ms "
+          f"({args.threads} thread(s)), KV {transports[0]['bytes'] / 2**20:.1f} MiB\n")
+    print("| transport | export ms | fetch ms | write ms | total ms | fetch MiB/s | total / prefill |")
+    print("|---|---|---|---|---|---|---|")
+    for t in transports:
+        print(f"| {t['transport']} | {t['export_s'] * 1e3:.1f} | {t['fetch_s'] * 1e3:.1f} | {t['write_s'] * 1e3:.1f} "
+              f"| {t['total_s'] * 1e3:.1f} | {t['bytes_per_s'] / 2**20:.0f} | {t['total_s'] / prefill_s:.1%} |")
+    print(f"\ndedup over {args.requests} workload requests (tiny model): "
+          f"{dedup['without_dedup']:,} bytes without, {dedup['with_dedup']:,} with: "
+          f"{dedup['saved_fraction']:.1%} saved")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"prefill_s": prefill_s, "threads": args.threads,
+                                          "transports": transports, "dedup": dedup}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

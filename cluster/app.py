@@ -1,0 +1,77 @@
+"""Builds the Ray Serve application from the product configs.
+
+Per product: a PrefillServer deployment (prefix-affinity routed) and a
+DecodeServer deployment (KV-headroom routed), each with its own autoscaling.
+One OpenAI ingress in front routes by the request's `model`. The prefix
+directory and the metrics hub are named actors the workers find by name.
+
+`serve run deploy/serve.yaml` calls `app_builder(args)`; `pdserve up` calls
+`build_app(products)` directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from cluster.ingress import OpenAIIngress
+from cluster.prefix_directory import DIRECTORY_NAME
+from cluster.products import ProductConfig, Role, load_products
+from cluster.routing import KVHeadroomRouter, PrefixAffinityRouter
+from decode_workers.server import DecodeServer
+from prefill_workers.server import PrefillServer
+
+DEFAULT_PRODUCTS_DIR = Path(__file__).resolve().parent.parent / "deploy" / "products"
+
+
+def _deployment_options(name: str, role: Role, router: type, health_period_s: float = 2.0) -> dict[str, Any]:
+    scaling = role.autoscaling
+    autoscaling = {
+        "min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
+        "target_ongoing_requests": scaling.target_ongoing_requests,
+        "upscale_delay_s": scaling.upscale_delay_s, "downscale_delay_s": scaling.downscale_delay_s,
+        "look_back_period_s": scaling.look_back_period_s, "metrics_interval_s": scaling.metrics_interval_s,
+    }
+    if scaling.initial_replicas is not None:
+        autoscaling["initial_replicas"] = scaling.initial_replicas
+    actor = {"num_cpus": role.num_cpus, "num_gpus": role.num_gpus}
+    if role.resources:
+        actor["resources"] = dict(role.resources)
+    return {
+        "name": name, "ray_actor_options": actor, "max_ongoing_requests": role.max_ongoing_requests,
+        "autoscaling_config": autoscaling, "health_check_period_s": health_period_s,
+        "request_router_config": RequestRouterConfig(request_router_class=router,
+                                                     request_routing_stats_period_s=1.0),
+    }
+
+
+def build_app(products: dict[str, ProductConfig], ingress_replicas: int = 1) -> Application:
+    decoders, prefills = {}, {}
+    for name, product in products.items():
+        engine = product.engine_config().__dict__.copy()
+        transfer = product.transfer_config().__dict__.copy()
+        prefill = None
+        if product.disaggregated:
+            prefill = serve.deployment(PrefillServer).options(
+                **_deployment_options(f"{name}-prefill", product.prefill, PrefixAffinityRouter),
+            ).bind(engine, transfer, DIRECTORY_NAME, worker_id=None)
+            prefills[name] = prefill
+        decoders[name] = serve.deployment(DecodeServer).options(
+            **_deployment_options(f"{name}-decode", product.decode, KVHeadroomRouter),
+        ).bind(engine, transfer, prefill)
+    return serve.deployment(OpenAIIngress).options(
+        name="ingress", num_replicas=ingress_replicas, ray_actor_options={"num_cpus": 0.1},
+        max_ongoing_requests=1024, health_check_period_s=2.0,
+    ).bind({n: p.model_dump() for n, p in products.items()}, decoders, prefills)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Entry point for Serve config files: args {"products_dir": path (relative to the repo or absolute)}."""
+    directory = Path(args.get("products_dir") or DEFAULT_PRODUCTS_DIR)
+    if not directory.is_absolute() and not directory.exists():
+        directory = DEFAULT_PRODUCTS_DIR.parent.parent / directory
+    return build_app(load_products(directory), int(args.get("ingress_replicas", 1)))

@@ -1,0 +1,367 @@
+"""The OpenAI-compatible HTTP ingress: a FastAPI app served by Ray Serve.
+
+Per request: parse and validate (pydantic), pick the product from `model`,
+check its API key, apply its chat template with its system prompt, tokenize,
+check limits, then stream from the product's DecodeServer deployment and turn
+StepOutputs into OpenAI JSON or server-sent events. Every refusal happens
+before any engine work and in OpenAI's error shape:
+400 malformed JSON / too long, 422 wrong types, 401 bad key, 404 unknown
+model, 429 queue full (with Retry-After), 503 no healthy replica.
+"""
+
+# Serve's ingress decorator serializes the class when it is defined, by value: every module-level
+# name its methods use must exist by then (helpers above it), and annotations must be real objects
+# for FastAPI (so no `from __future__ import annotations`).
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from transformers import AutoTokenizer
+
+from cluster import openai_protocol as oai
+from cluster.detokenizer import IncrementalDetokenizer
+from cluster.prefix_directory import get_or_create_directory
+from cluster.products import ProductConfig
+from engine.config import SamplingParams
+from engine.engine import context_limit
+from engine.model import load_config
+from engine.tiny_model import path as builtin_model_path
+
+log = logging.getLogger(__name__)
+
+app = FastAPI(title="pdserve", description="OpenAI-compatible API of a disaggregated LLM cluster")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(oai.error_body(self.message, self.type, self.code, self.param), status_code=self.status,
+                            headers=self.headers)
+
+
+@app.exception_handler(APIError)
+async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    return exc.response()
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
+    return JSONResponse(oai.error_body(f"invalid request: {first.get('msg', 'validation failed')}",
+                                       "invalid_request_error", "invalid_value", param), status_code=422)
+
+
+@dataclass
+class _Product:
+    config: ProductConfig
+    tokenizer: object
+    max_model_len: int
+    keys: frozenset[str]
+    system_prefix: list[int]  # token ids of the rendered system turn: shared by all chat requests
+    inflight: int = 0
+
+
+@dataclass
+class _Prepared:
+    product: _Product
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    cache_salt: str
+    n: int
+    stream: bool
+    include_usage: bool
+    chat: bool
+
+
+def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    return replace(params, seed=seed)
+
+
+async def _json_body(request: Request) -> dict:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise APIError(400, f"malformed JSON body: {exc}", code="invalid_json") from exc
+    if not isinstance(body, dict):
+        raise APIError(400, "the JSON body must be an object", code="invalid_json")
+    return body
+
+
+def _parse(model: type, body: dict):
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first.get("loc", ())) or None
+        raise APIError(422, f"invalid request: {param}: {first.get('msg')}", code="invalid_value",
+                       param=param) from exc
+
+
+async def _first(stream: AsyncIterator[dict]) -> dict:
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration as exc:
+        raise APIError(503, "the worker ended the request without output", "server_error") from exc
+    except (RayTaskError, ValueError) as exc:
+        cause = getattr(exc, "cause", None) or exc
+        if isinstance(cause, ValueError):
+            raise APIError(400, str(cause)) from exc
+        raise APIError(503, f"worker failed: {_describe(exc)}", "server_error", "worker_failed") from exc
+    except (RayActorError, DeploymentUnavailableError) as exc:
+        raise APIError(503, f"no healthy replica: {_describe(exc)}", "server_error", "unavailable") from exc
+    except BackPressureError as exc:
+        raise APIError(429, "workers are at capacity; retry shortly", "rate_limit_error", "queue_full",
+                       headers={"Retry-After": "1"}) from exc
+
+
+async def _drain(stream: AsyncIterator[dict], first: dict) -> dict:
+    last = first
+    tokens = first["num_output_tokens"]
+    if not first["finished"]:
+        try:
+            async for out in stream:
+                last = out
+        except Exception as exc:
+            raise APIError(503, f"worker failed mid-request: {_describe(exc)}", "server_error",
+                           "worker_failed") from exc
+    return {**last, "num_output_tokens": max(tokens, last["num_output_tokens"])}
+
+
+async def _pump(index: int, stream: AsyncIterator[dict], first: dict, queue: asyncio.Queue) -> None:
+    await queue.put((index, first))
+    if first["finished"]:
+        return
+    try:
+        async for out in stream:
+            await queue.put((index, out))
+    except asyncio.CancelledError:
+        await _close(stream)
+        raise
+    except Exception as exc:
+        await queue.put((index, exc))
+
+
+async def _close(stream) -> None:
+    cancel = getattr(stream, "cancel", None)
+    if cancel is not None:
+        cancel()
+
+
+def _sse_line(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+
+
+@serve.ingress(app)
+class OpenAIIngress:
+    def __init__(self, products: dict[str, dict], decoders: dict, prefills: dict | None = None) -> None:
+        get_or_create_directory()  # the workers find it by name; it outlives any one of them
+        self._decoders = decoders
+        self._prefills = prefills or {}
+        self._products = {name: self._load(ProductConfig(**cfg)) for name, cfg in products.items()}
+        self._created = int(time.time())
+        self._warmed: asyncio.Task | None = None
+
+    @staticmethod
+    def _load(config: ProductConfig) -> _Product:
+        engine_config = config.engine_config()
+        path = engine_config.model or builtin_model_path("tiny")
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        prefix: list[int] = []
+        if config.system_prompt:
+            prefix = tokenizer.apply_chat_template([{"role": "system", "content": config.system_prompt}],
+                                                   tokenize=True, return_dict=False)
+        return _Product(config, tokenizer, context_limit(engine_config, load_config(path)),
+                        config.resolved_api_keys(), prefix)
+
+    # ---- routes -----------------------------------------------------------------------------------
+    @app.get("/v1/models")
+    async def models(self) -> dict:
+        return oai.models_list(list(self._products), self._created)
+
+    @app.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        body = await _json_body(request)
+        req = _parse(oai.CompletionRequest, body)
+        product = self._product(req.model, request)
+        ids = req.prompt if isinstance(req.prompt, list) else product.tokenizer.encode(req.prompt,
+                                                                                      add_special_tokens=False)
+        return await self._serve(self._prepare(product, req, ids, req.max_tokens, chat=False))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        body = await _json_body(request)
+        req = _parse(oai.ChatCompletionRequest, body)
+        product = self._product(req.model, request)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
+        if product.config.system_prompt:
+            messages = [{"role": "system", "content": product.config.system_prompt}, *messages]
+        ids = product.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                                    return_dict=False)
+        return await self._serve(self._prepare(product, req, ids, req.requested_max_tokens, chat=True))
+
+    # ---- Serve hooks ------------------------------------------------------------------------------
+    async def check_health(self) -> None:
+        self._ensure_warm()
+
+    async def warm(self) -> dict[str, int]:
+        """Compute each product's system prompt once and pin it in the prefix directory."""
+        results = {}
+        for name, product in self._products.items():
+            prefill = self._prefills.get(name)
+            if prefill is None or not product.system_prefix:
+                continue
+            results[name] = await prefill.warm_prefix.remote(product.system_prefix, product.config.salt)
+        return results
+
+    # ---- internals --------------------------------------------------------------------------------
+    def _ensure_warm(self) -> None:
+        if self._warmed is None:
+            self._warmed = asyncio.ensure_future(self.warm())
+            self._warmed.add_done_callback(self._log_warm_failure)
+
+    @staticmethod
+    def _log_warm_failure(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("warming system prompts failed: %r", task.exception())
+
+    def _product(self, model: str, request: Request) -> _Product:
+        product = self._products.get(model)
+        if product is None:
+            raise APIError(404, f"The model `{model}` does not exist. Available: {sorted(self._products)}",
+                           "invalid_request_error", "model_not_found", "model")
+        if product.keys:
+            auth = request.headers.get("authorization", "")
+            token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+            if token not in product.keys:
+                raise APIError(401, "Incorrect or missing API key for this model.", "authentication_error",
+                               "invalid_api_key")
+        self._ensure_warm()
+        return product
+
+    def _prepare(self, product: _Product, req: oai._SamplingFields, ids: list[int], max_tokens: int | None,
+                 chat: bool) -> _Prepared:
+        config = product.config
+        max_tokens = max_tokens if max_tokens is not None else config.default_max_tokens
+        if max_tokens > config.max_output_tokens:
+            raise APIError(400, f"max_tokens is {max_tokens}, over this model's limit of "
+                                f"{config.max_output_tokens} output tokens", param="max_tokens")
+        if not ids:
+            raise APIError(400, "The prompt is empty.", param="prompt")
+        if len(ids) + max_tokens > product.max_model_len:
+            raise APIError(400, f"This model's maximum context length is {product.max_model_len} tokens. However, "
+                                f"you requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, "
+                                f"{max_tokens} for the completion).", code="context_length_exceeded",
+                           param="messages" if chat else "prompt")
+        vocab = len(product.tokenizer)
+        if any(t >= vocab for t in ids):
+            raise APIError(400, f"prompt token ids must be below the vocabulary size {vocab}", param="prompt")
+        try:
+            params = SamplingParams(
+                n=1, temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed,
+                max_tokens=max_tokens, stop=req.stop, ignore_eos=req.ignore_eos)
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from exc
+        salt = config.salt if req.cache_salt is None else f"{config.salt}/{req.cache_salt}"
+        return _Prepared(product, list(ids), params, salt, req.n, req.stream, req.include_usage, chat)
+
+    async def _serve(self, job: _Prepared) -> Response:
+        # n samples: n sequences with seeds seed, seed+1, ... (reproducible), merged by index
+        product = job.product
+        if product.inflight + job.n > product.config.max_queue_len:
+            raise APIError(429, f"Too many requests in flight for `{product.config.name}`; retry shortly.",
+                           "rate_limit_error", "queue_full", headers={"Retry-After": "1"})
+        product.inflight += job.n
+        streams = [self._start(job, i) for i in range(job.n)]
+        try:
+            firsts = await asyncio.gather(*(_first(s) for s in streams))
+        except BaseException:
+            product.inflight -= job.n
+            await asyncio.gather(*(_close(s) for s in streams), return_exceptions=True)
+            raise
+        if job.stream:
+            return StreamingResponse(self._sse(job, streams, firsts), media_type="text/event-stream")
+        try:
+            return JSONResponse(await self._collect(job, streams, firsts))
+        finally:
+            product.inflight -= job.n
+
+    def _start(self, job: _Prepared, index: int) -> AsyncIterator[dict]:
+        params = job.params if job.params.seed is None else _with_seed(job.params, job.params.seed + index)
+        request = {"prompt_token_ids": job.prompt_token_ids, "sampling_params": params, "cache_salt": job.cache_salt}
+        handle = self._decoders[job.product.config.name]
+        return handle.options(stream=True).generate.remote(request).__aiter__()
+
+    async def _collect(self, job: _Prepared, streams: list, firsts: list[dict]) -> dict:
+        outs = await asyncio.gather(*(_drain(s, f) for s, f in zip(streams, firsts, strict=True)))
+        choices = [(o["text"] or "", o["finish_reason"]) for o in outs]
+        completion = sum(o["num_output_tokens"] for o in outs)
+        u = oai.usage(len(job.prompt_token_ids), completion, firsts[0]["num_cached_tokens"])
+        rid = oai.new_id("chatcmpl" if job.chat else "cmpl")
+        name = job.product.config.name
+        return oai.chat_response(rid, name, choices, u) if job.chat else oai.completion_response(rid, name, choices, u)
+
+    async def _sse(self, job: _Prepared, streams: list, firsts: list[dict]) -> AsyncIterator[str]:
+        name = job.product.config.name
+        rid, created = oai.new_id("chatcmpl" if job.chat else "cmpl"), int(time.time())
+        queue: asyncio.Queue = asyncio.Queue()
+        pumps = [asyncio.ensure_future(_pump(i, s, f, queue)) for i, (s, f) in enumerate(zip(streams, firsts,
+                                                                                              strict=True))]
+        detoks = [IncrementalDetokenizer(job.product.tokenizer, job.params.stop) for _ in streams]
+        completion_tokens, live = 0, len(streams)
+        try:
+            if job.chat:
+                for i in range(len(streams)):
+                    yield _sse_line(oai.chat_chunk(rid, name, created, i, {"role": "assistant", "content": ""}, None))
+            while live:
+                index, out = await queue.get()
+                if isinstance(out, BaseException):
+                    yield _sse_line(oai.error_body(_describe(out), "server_error", "worker_failed"))
+                    break
+                text = detoks[index].add(out["new_token_ids"])
+                if out["finished"]:
+                    text += detoks[index].finish(out["text"] or "")
+                    completion_tokens += out["num_output_tokens"]
+                    live -= 1
+                reason = out["finish_reason"] if out["finished"] else None
+                if text or reason:
+                    chunk = (oai.chat_chunk(rid, name, created, index, {"content": text} if text else {}, reason)
+                             if job.chat else oai.completion_chunk(rid, name, created, index, text, reason))
+                    yield _sse_line(chunk)
+            else:
+                if job.include_usage:
+                    u = oai.usage(len(job.prompt_token_ids), completion_tokens, firsts[0]["num_cached_tokens"])
+                    yield _sse_line(oai.usage_chunk(rid, name, created,
+                                                    "chat.completion.chunk" if job.chat else "text_completion", u))
+            yield "data: [DONE]\n\n"
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            job.product.inflight -= len(streams)

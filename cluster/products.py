@@ -1,0 +1,129 @@
+"""Per-product deployment configs (deploy/products/*.yaml), validated with pydantic.
+
+A product is what the OpenAI `model` field names: its model folder, system
+prompt, cache salt (its prefix-cache namespace: products never share blocks),
+output limits, SLOs, API keys, and its own prefill and decode deployments
+with their replica bounds and autoscaling.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from engine.config import EngineConfig
+from kvtransfer import KVTransferConfig
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SLO(_Frozen):
+    """Targets in seconds: time to first token and inter-token latency (goodput counts requests meeting both)."""
+
+    ttft_s: float = Field(2.0, gt=0)
+    itl_s: float = Field(0.2, gt=0)
+
+
+class Autoscaling(_Frozen):
+    """Ray Serve autoscaling_config fields; delays in seconds."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = None
+    target_ongoing_requests: float = Field(4.0, gt=0)
+    upscale_delay_s: float = Field(2.0, ge=0)
+    downscale_delay_s: float = Field(5.0, ge=0)
+    look_back_period_s: float = Field(3.0, gt=0)
+    metrics_interval_s: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        return self
+
+
+class Role(_Frozen):
+    """One worker role's deployment settings. num_cpus may be fractional (2-core dev machines);
+    num_gpus is 1 per engine actor on GPU clusters."""
+
+    autoscaling: Autoscaling = Autoscaling()
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+    resources: dict[str, float] = {}
+
+
+class ProductConfig(_Frozen):
+    name: str
+    model: str | None = None  # local Hugging Face folder; None: the built-in tiny model
+    system_prompt: str = ""
+    cache_salt: str | None = None  # default: the product name
+    default_max_tokens: int = Field(64, ge=1)
+    max_output_tokens: int = Field(512, ge=1)
+    slo: SLO = SLO()
+    api_keys: tuple[str, ...] = ()  # Bearer keys; empty: no auth. Values "env:NAME" read NAME (comma-separated)
+    max_queue_len: int = Field(64, ge=1)  # in-flight requests per ingress replica before 429
+    disaggregated: bool = True
+    engine: dict[str, Any] = {}
+    transfer: dict[str, Any] = {}
+    prefill: Role = Role()
+    decode: Role = Role()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "-_." for c in v):
+            raise ValueError(f"product name must be non-empty [A-Za-z0-9-_.], got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> ProductConfig:
+        if self.default_max_tokens > self.max_output_tokens:
+            raise ValueError("default_max_tokens must be <= max_output_tokens")
+        self.engine_config()  # validate engine and transfer fields now, not at deploy time
+        self.transfer_config()
+        return self
+
+    @property
+    def salt(self) -> str:
+        return self.cache_salt or self.name
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(**{"model": self.model, **self.engine})
+
+    def transfer_config(self) -> KVTransferConfig:
+        return KVTransferConfig(**self.transfer)
+
+    def resolved_api_keys(self) -> frozenset[str]:
+        keys: set[str] = set()
+        for key in self.api_keys:
+            if key.startswith("env:"):
+                keys.update(k.strip() for k in os.environ.get(key[4:], "").split(",") if k.strip())
+            else:
+                keys.add(key)
+        return frozenset(keys)
+
+
+def load_product(path: str | Path) -> ProductConfig:
+    data = yaml.safe_load(Path(path).read_text())
+    return ProductConfig(**data)
+
+
+def load_products(directory: str | Path) -> dict[str, ProductConfig]:
+    """Every *.yaml in directory, keyed by product name (names must be unique)."""
+    products: dict[str, ProductConfig] = {}
+    for path in sorted(Path(directory).glob("*.yaml")):
+        product = load_product(path)
+        if product.name in products:
+            raise ValueError(f"product {product.name!r} defined twice (in {path})")
+        products[product.name] = product
+    if not products:
+        raise ValueError(f"no product configs (*.yaml) in {directory}")
+    return products

@@ -1,0 +1,90 @@
+"""Replica choice for the worker deployments (Ray Serve request routers).
+
+Prefill: prefer the replica that last served the longest prefix of this
+prompt (its pool holds those blocks: no directory fetch, no compute), unless
+that replica's queue is `imbalance` requests longer than the least loaded
+one; then, and when no prefix matches, fall back to the least loaded.
+Decode: prefer the replica with the most free KV blocks (reported by the
+replicas through `record_routing_stats`), ties broken by queue length.
+
+Both return ranked lists; Serve probes the ranks in order and skips full replicas.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
+
+from engine.block_hash import extra_keys, hash_full_blocks
+
+ROUTING_BLOCK = 16  # tokens per routing hash; independent of the engines' block size
+
+
+def _queue_len(router: RequestRouter, replica: RunningReplica) -> int:
+    """The router's cached queue length of a replica (0 when unknown: Serve probes it when sending)."""
+    cache = getattr(router, "_replica_queue_len_cache", None)  # Serve keeps no public accessor (2.60)
+    cached = cache.get(replica.replica_id) if cache is not None else None
+    return cached if cached is not None else 0
+
+
+def _prefill_request(pending: PendingRequest | None):
+    if pending is None or not pending.args:
+        return None
+    request = pending.args[0]
+    return request if hasattr(request, "prompt_token_ids") else None
+
+
+class PrefixAffinityRouter(RequestRouter):
+    """Longest-prefix affinity with a load-imbalance escape hatch."""
+
+    def initialize_state(self, imbalance: int = 4, max_entries: int = 200_000) -> None:
+        self._imbalance = imbalance
+        self._max_entries = max_entries
+        self._owner: OrderedDict[bytes, ReplicaID] = OrderedDict()  # prefix hash -> replica that computed it
+
+    def _hashes(self, pending: PendingRequest | None) -> list[bytes]:
+        request = _prefill_request(pending)
+        if request is None:
+            return []
+        return hash_full_blocks(request.prompt_token_ids, ROUTING_BLOCK, extra_keys("", request.cache_salt))
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        by_load = sorted(candidate_replicas, key=lambda r: _queue_len(self, r))
+        if not by_load:
+            return []
+        by_id = {r.replica_id: r for r in candidate_replicas}
+        for h in reversed(self._hashes(pending_request)):  # longest prefix first
+            owner = by_id.get(self._owner.get(h))
+            if owner is not None:
+                if _queue_len(self, owner) - _queue_len(self, by_load[0]) <= self._imbalance:
+                    return [[owner], [r for r in by_load if r is not owner]]
+                break
+        return [by_load[:1], by_load[1:]]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
+                          result: ReplicaResult) -> None:
+        for h in self._hashes(pending_request):
+            self._owner[h] = replica_id
+            self._owner.move_to_end(h)
+        while len(self._owner) > self._max_entries:
+            self._owner.popitem(last=False)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        for h in [h for h, r in self._owner.items() if r == replica_id]:
+            del self._owner[h]
+
+
+class KVHeadroomRouter(RequestRouter):
+    """Most free KV blocks first (from the replicas' routing stats), then shortest queue."""
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        def key(r: RunningReplica) -> tuple[float, int]:
+            stats = r.routing_stats or {}
+            return (-float(stats.get("kv_free_blocks", 0)), _queue_len(self, r))
+
+        ranked = sorted(candidate_replicas, key=key)
+        return [ranked[:1], ranked[1:]] if ranked else []

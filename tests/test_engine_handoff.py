@@ -1,0 +1,108 @@
+"""The engine's hand-over hooks, without Ray: hold a prefilled request's KV, import it elsewhere.
+
+This is the contract the prefill and decode workers are built on: a prompt
+prefilled by one engine and decoded by another gives the same tokens as one
+engine doing both; bad payloads are refused without changing state.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import Engine, EngineConfig, SamplingParams
+from tests.engine_helpers import random_prompts
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engines() -> tuple[Engine, Engine]:
+    return Engine(EngineConfig()), Engine(EngineConfig())
+
+
+def _run(engine: Engine) -> None:
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def _prefill(engine: Engine, rid: str, prompt: list[int], skip_blocks: int) -> tuple[int, torch.Tensor]:
+    req = engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=1), rid, hold_kv=True)
+    _run(engine)
+    assert rid in engine.held and engine.stats().num_blocks_free < engine.stats().num_blocks_total
+    blocks = engine.read_held_blocks(rid, skip_blocks)
+    assert engine.release_held(rid) and not engine.release_held(rid)
+    return req.output_token_ids[0], blocks
+
+
+def _assert_free(*engines: Engine) -> None:
+    for e in engines:
+        s = e.stats()
+        assert s.num_blocks_free == s.num_blocks_total and not e.requests and not e.held
+
+
+def test_prefill_here_decode_there_equals_one_engine(engines) -> None:
+    prefill, decode = engines
+    system = random_prompts([220], 8192, seed=61)[0]
+    for i, prompt in enumerate(random_prompts([1, 40, 300], 8192, seed=62, prefix=system) + [[9]]):
+        rid = f"handoff-{i}"
+        reference = Engine(EngineConfig()) if i == 0 else reference
+        ref_req = reference.add_request(prompt, GREEDY, rid)
+        _run(reference)
+        req = decode.add_request(prompt, GREEDY, rid, defer=True)
+        skip = req.num_computed_tokens // 16  # blocks this engine already holds: not sent again
+        assert skip == (13 if i in (1, 2) else 0)
+        first, blocks = _prefill(prefill, rid, prompt, skip)
+        decode.attach_kv(rid, blocks, len(prompt) - skip * 16, first_token=first)
+        decode.enqueue(rid)
+        _run(decode)
+        assert req.output_token_ids == ref_req.output_token_ids
+    assert decode.stats().prompt_tokens_computed == 0
+    _assert_free(prefill, decode)
+
+
+def test_bad_payload_is_refused_without_state_change(engines) -> None:
+    _, decode = engines
+    prompt = random_prompts([50], 8192, seed=63)[0]
+    req = decode.add_request(prompt, GREEDY, "bad", defer=True)
+    good_shape = decode.layout.blocks_shape(4)
+    with pytest.raises(ValueError, match="does not fit"):
+        decode.attach_kv("bad", torch.zeros(decode.layout.blocks_shape(3)), 50, first_token=5)
+    with pytest.raises(ValueError, match="does not fit"):
+        decode.attach_kv("bad", torch.zeros(good_shape, dtype=torch.float64), 50, first_token=5)
+    with pytest.raises(ValueError, match="whole prompt"):
+        decode.attach_kv("bad", torch.zeros(decode.layout.blocks_shape(3)), 40, first_token=5)
+    with pytest.raises(ValueError, match="vocabulary"):
+        decode.attach_kv("bad", torch.zeros(good_shape), 50, first_token=10**6)
+    assert req.pending_kv is None and req.num_output_tokens == 0
+    decode.enqueue("bad")  # fallback: compute the prompt here
+    _run(decode)
+    assert req.num_output_tokens == GREEDY.max_tokens
+    _assert_free(decode)
+
+
+def test_first_token_that_ends_the_request(engines) -> None:
+    prefill, decode = engines
+    prompt = random_prompts([20], 8192, seed=64)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+    decode.pop_finished()
+    req = decode.add_request(prompt, params, "one", defer=True)
+    first, blocks = _prefill(prefill, "one", prompt, 0)
+    decode.attach_kv("one", blocks, len(prompt), first_token=first)
+    assert req.is_finished and req.output_token_ids == [first]
+    assert [r.request_id for r in decode.pop_finished()] == ["one"]
+    decode.enqueue("one")  # nothing left to do
+    _assert_free(prefill, decode)
+
+
+def test_abort_of_deferred_and_held_requests_frees_blocks(engines) -> None:
+    prefill, decode = engines
+    system = random_prompts([220], 8192, seed=61)[0]
+    decode.add_request(system + [5, 6], GREEDY, "deferred", defer=True)
+    assert decode.stats().num_requests_deferred == 1
+    decode.abort_request("deferred")
+    prefill.add_request(system, SamplingParams(temperature=0.0, max_tokens=1), "held", hold_kv=True)
+    _run(prefill)
+    assert prefill.stats().num_requests_held == 1
+    prefill.abort_request("held")
+    _assert_free(prefill, decode)
