@@ -44,9 +44,9 @@ def _assert_free(*engines: Engine) -> None:
 def test_prefill_here_decode_there_equals_one_engine(engines) -> None:
     prefill, decode = engines
     system = random_prompts([220], 8192, seed=61)[0]
+    reference = Engine(EngineConfig())
     for i, prompt in enumerate(random_prompts([1, 40, 300], 8192, seed=62, prefix=system) + [[9]]):
         rid = f"handoff-{i}"
-        reference = Engine(EngineConfig()) if i == 0 else reference
         ref_req = reference.add_request(prompt, GREEDY, rid)
         _run(reference)
         req = decode.add_request(prompt, GREEDY, rid, defer=True)
