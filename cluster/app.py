@@ -18,12 +18,11 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
+from cluster.deployments import DecodeDeployment, PrefillDeployment
 from cluster.ingress import OpenAIIngress
 from cluster.prefix_directory import DIRECTORY_NAME
 from cluster.products import ProductConfig, Role, load_products
 from cluster.routing import KVHeadroomRouter, PrefixAffinityRouter
-from decode_workers.server import DecodeServer
-from prefill_workers.server import PrefillServer
 
 DEFAULT_PRODUCTS_DIR = Path(__file__).resolve().parent.parent / "deploy" / "products"
 
@@ -56,13 +55,13 @@ def build_app(products: dict[str, ProductConfig], ingress_replicas: int = 1) -> 
         transfer = product.transfer_config().__dict__.copy()
         prefill = None
         if product.disaggregated:
-            prefill = serve.deployment(PrefillServer).options(
+            prefill = serve.deployment(PrefillDeployment).options(
                 **_deployment_options(f"{name}-prefill", product.prefill, PrefixAffinityRouter),
-            ).bind(engine, transfer, DIRECTORY_NAME, worker_id=None)
+            ).bind(engine, transfer, DIRECTORY_NAME, product=name)
             prefills[name] = prefill
-        decoders[name] = serve.deployment(DecodeServer).options(
+        decoders[name] = serve.deployment(DecodeDeployment).options(
             **_deployment_options(f"{name}-decode", product.decode, KVHeadroomRouter),
-        ).bind(engine, transfer, prefill)
+        ).bind(engine, transfer, prefill, product=name)
     return serve.deployment(OpenAIIngress).options(
         name="ingress", num_replicas=ingress_replicas, ray_actor_options={"num_cpus": 0.1},
         max_ongoing_requests=1024, health_check_period_s=2.0,

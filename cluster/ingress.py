@@ -16,8 +16,10 @@ import asyncio
 import json
 import logging
 import time
+import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,6 +32,19 @@ from transformers import AutoTokenizer
 
 from cluster import openai_protocol as oai
 from cluster.detokenizer import IncrementalDetokenizer
+from cluster.metrics import (
+    CONTENT_TYPE,
+    E2E_REQUEST_LATENCY,
+    INTER_TOKEN_LATENCY,
+    REQUEST_SUCCESS,
+    REQUESTS_REJECTED,
+    ROLE_INGRESS,
+    TIME_TO_FIRST_TOKEN,
+    Histogram,
+    MetricsReporter,
+    MetricsSnapshot,
+    get_or_create_hub,
+)
 from cluster.prefix_directory import get_or_create_directory
 from cluster.products import ProductConfig
 from engine.config import SamplingParams
@@ -75,6 +90,18 @@ class _Product:
     keys: frozenset[str]
     system_prefix: list[int]  # token ids of the rendered system turn: shared by all chat requests
     inflight: int = 0
+    ttft: Histogram = field(default_factory=lambda: Histogram.for_metric(TIME_TO_FIRST_TOKEN))
+    itl: Histogram = field(default_factory=lambda: Histogram.for_metric(INTER_TOKEN_LATENCY))
+    e2e: Histogram = field(default_factory=lambda: Histogram.for_metric(E2E_REQUEST_LATENCY))
+    finished: Counter = field(default_factory=Counter)  # finish reason -> requests
+    rejected: Counter = field(default_factory=Counter)  # reason -> requests refused before any work
+
+    def snapshot(self) -> MetricsSnapshot:
+        return MetricsSnapshot(
+            histograms={TIME_TO_FIRST_TOKEN: self.ttft.snapshot(), INTER_TOKEN_LATENCY: self.itl.snapshot(),
+                        E2E_REQUEST_LATENCY: self.e2e.snapshot()},
+            labelled_counters={REQUEST_SUCCESS: dict(self.finished), REQUESTS_REJECTED: dict(self.rejected)},
+            gauges={"ingress_inflight": float(self.inflight)})
 
 
 @dataclass
@@ -87,6 +114,23 @@ class _Prepared:
     stream: bool
     include_usage: bool
     chat: bool
+    arrival: float = field(default_factory=time.monotonic)
+
+    def observe_first(self) -> float:
+        now = time.monotonic()
+        self.product.ttft.observe(now - self.arrival)
+        return now
+
+    def observe_tokens(self, last: float, num_tokens: int) -> float:
+        """Inter-token latency: a step's gap, once per token it brought (seconds)."""
+        now = time.monotonic()
+        for _ in range(num_tokens):
+            self.product.itl.observe((now - last) / num_tokens)
+        return now
+
+    def observe_end(self, finish_reasons: list[str]) -> None:
+        self.product.e2e.observe(time.monotonic() - self.arrival)
+        self.product.finished.update(finish_reasons)
 
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
@@ -131,12 +175,24 @@ async def _first(stream: AsyncIterator[dict]) -> dict:
                        headers={"Retry-After": "1"}) from exc
 
 
-async def _drain(stream: AsyncIterator[dict], first: dict) -> dict:
+class _TokenClock:
+    """Times one stream's token arrivals for the inter-token latency histogram."""
+
+    def __init__(self, job: "_Prepared", first_at: float) -> None:
+        self.job, self.last = job, first_at
+
+    def tick(self, num_tokens: int) -> None:
+        if num_tokens:
+            self.last = self.job.observe_tokens(self.last, num_tokens)
+
+
+async def _drain(stream: AsyncIterator[dict], first: dict, clock: _TokenClock) -> dict:
     last = first
     tokens = first["num_output_tokens"]
     if not first["finished"]:
         try:
             async for out in stream:
+                clock.tick(len(out["new_token_ids"]))
                 last = out
         except Exception as exc:
             raise APIError(503, f"worker failed mid-request: {_describe(exc)}", "server_error",
@@ -144,12 +200,14 @@ async def _drain(stream: AsyncIterator[dict], first: dict) -> dict:
     return {**last, "num_output_tokens": max(tokens, last["num_output_tokens"])}
 
 
-async def _pump(index: int, stream: AsyncIterator[dict], first: dict, queue: asyncio.Queue) -> None:
+async def _pump(index: int, stream: AsyncIterator[dict], first: dict, queue: asyncio.Queue,
+                clock: _TokenClock) -> None:
     await queue.put((index, first))
     if first["finished"]:
         return
     try:
         async for out in stream:
+            clock.tick(len(out["new_token_ids"]))
             await queue.put((index, out))
     except asyncio.CancelledError:
         await _close(stream)
@@ -162,6 +220,12 @@ async def _close(stream) -> None:
     cancel = getattr(stream, "cancel", None)
     if cancel is not None:
         cancel()
+
+
+def _reject_reason(exc: APIError) -> str:
+    if exc.status == 400 and exc.code == "context_length_exceeded":
+        return "too_long"
+    return {401: "unauthorized", 429: "queue_full", 503: "unavailable"}.get(exc.status, "bad_request")
 
 
 def _sse_line(obj: dict) -> str:
@@ -181,6 +245,9 @@ class OpenAIIngress:
         self._products = {name: self._load(ProductConfig(**cfg)) for name, cfg in products.items()}
         self._created = int(time.time())
         self._warmed: asyncio.Task | None = None
+        self._hub = get_or_create_hub()
+        self._reporter = MetricsReporter(f"ingress-{uuid.uuid4().hex[:8]}", ROLE_INGRESS, "*",
+                                         lambda: {n: p.snapshot() for n, p in self._products.items()})
 
     @staticmethod
     def _load(config: ProductConfig) -> _Product:
@@ -203,19 +270,44 @@ class OpenAIIngress:
     async def health(self) -> dict:
         return {"status": "ok"}
 
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        """Prometheus text for the whole cluster: every replica of every deployment, by product."""
+        await self._reporter.flush()
+        return Response(await self._hub.render.remote(), media_type=CONTENT_TYPE)
+
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
+        return await self._counted(request, self._completions)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._counted(request, self._chat_completions)
+
+    async def _counted(self, request: Request, handler) -> Response:
+        """Run a route; count a refusal against its product (when the body named a known one)."""
+        self._reporter.start()
+        try:
+            return await handler(request)
+        except APIError as exc:
+            product = self._products.get(getattr(request.state, "model", None))
+            if product is not None:
+                product.rejected[_reject_reason(exc)] += 1
+            raise
+
+    async def _completions(self, request: Request) -> Response:
         body = await _json_body(request)
         req = _parse(oai.CompletionRequest, body)
+        request.state.model = req.model
         product = self._product(req.model, request)
         ids = req.prompt if isinstance(req.prompt, list) else product.tokenizer.encode(req.prompt,
                                                                                       add_special_tokens=False)
         return await self._serve(self._prepare(product, req, ids, req.max_tokens, chat=False))
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request) -> Response:
+    async def _chat_completions(self, request: Request) -> Response:
         body = await _json_body(request)
         req = _parse(oai.ChatCompletionRequest, body)
+        request.state.model = req.model
         product = self._product(req.model, request)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
@@ -227,6 +319,7 @@ class OpenAIIngress:
 
     # ---- Serve hooks ------------------------------------------------------------------------------
     async def check_health(self) -> None:
+        self._reporter.start()
         self._ensure_warm()
 
     async def warm(self) -> dict[str, int]:
@@ -305,10 +398,12 @@ class OpenAIIngress:
             product.inflight -= job.n
             await asyncio.gather(*(_close(s) for s in streams), return_exceptions=True)
             raise
+        first_at = job.observe_first()
+        clocks = [_TokenClock(job, first_at) for _ in streams]
         if job.stream:
-            return StreamingResponse(self._sse(job, streams, firsts), media_type="text/event-stream")
+            return StreamingResponse(self._sse(job, streams, firsts, clocks), media_type="text/event-stream")
         try:
-            return JSONResponse(await self._collect(job, streams, firsts))
+            return JSONResponse(await self._collect(job, streams, firsts, clocks))
         finally:
             product.inflight -= job.n
 
@@ -318,8 +413,9 @@ class OpenAIIngress:
         handle = self._decoders[job.product.config.name]
         return handle.options(stream=True).generate.remote(request).__aiter__()
 
-    async def _collect(self, job: _Prepared, streams: list, firsts: list[dict]) -> dict:
-        outs = await asyncio.gather(*(_drain(s, f) for s, f in zip(streams, firsts, strict=True)))
+    async def _collect(self, job: _Prepared, streams: list, firsts: list[dict], clocks: list[_TokenClock]) -> dict:
+        outs = await asyncio.gather(*(_drain(s, f, c) for s, f, c in zip(streams, firsts, clocks, strict=True)))
+        job.observe_end([o["finish_reason"] for o in outs])
         choices = [(o["text"] or "", o["finish_reason"]) for o in outs]
         completion = sum(o["num_output_tokens"] for o in outs)
         u = oai.usage(len(job.prompt_token_ids), completion, firsts[0]["num_cached_tokens"])
@@ -327,12 +423,14 @@ class OpenAIIngress:
         name = job.product.config.name
         return oai.chat_response(rid, name, choices, u) if job.chat else oai.completion_response(rid, name, choices, u)
 
-    async def _sse(self, job: _Prepared, streams: list, firsts: list[dict]) -> AsyncIterator[str]:
+    async def _sse(self, job: _Prepared, streams: list, firsts: list[dict],
+                   clocks: list[_TokenClock]) -> AsyncIterator[str]:
         name = job.product.config.name
         rid, created = oai.new_id("chatcmpl" if job.chat else "cmpl"), int(time.time())
         queue: asyncio.Queue = asyncio.Queue()
-        pumps = [asyncio.ensure_future(_pump(i, s, f, queue)) for i, (s, f) in enumerate(zip(streams, firsts,
-                                                                                              strict=True))]
+        pumps = [asyncio.ensure_future(_pump(i, s, f, queue, c))
+                 for i, (s, f, c) in enumerate(zip(streams, firsts, clocks, strict=True))]
+        reasons: list[str] = []
         detoks = [IncrementalDetokenizer(job.product.tokenizer, job.params.stop) for _ in streams]
         completion_tokens, live = 0, len(streams)
         try:
@@ -348,6 +446,7 @@ class OpenAIIngress:
                 if out["finished"]:
                     text += detoks[index].finish(out["text"] or "")
                     completion_tokens += out["num_output_tokens"]
+                    reasons.append(out["finish_reason"])
                     live -= 1
                 reason = out["finish_reason"] if out["finished"] else None
                 if text or reason:
@@ -355,6 +454,7 @@ class OpenAIIngress:
                              if job.chat else oai.completion_chunk(rid, name, created, index, text, reason))
                     yield _sse_line(chunk)
             else:
+                job.observe_end(reasons)
                 if job.include_usage:
                     u = oai.usage(len(job.prompt_token_ids), completion_tokens, firsts[0]["num_cached_tokens"])
                     yield _sse_line(oai.usage_chunk(rid, name, created,

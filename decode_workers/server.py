@@ -123,12 +123,17 @@ class DecodeServer:
             return
         finally:
             self._release_remote(handle.export_id)
-        self._seconds += time.monotonic() - start
+        elapsed = time.monotonic() - start
+        self._seconds += elapsed
         self._bytes += handle.nbytes
+        self.observe_transfer(elapsed, handle.nbytes)
         self._remote += 1
         await self.engine.call(lambda e: e.attach_kv(
             rid, blocks, handle.num_tokens, first_token=result.first_token, first_logprobs=result.first_logprobs,
             num_cached_tokens=result.num_cached_tokens))
+
+    def observe_transfer(self, seconds: float, nbytes: int) -> None:
+        """Called once per successful KV fetch; a hook for metrics (the cluster layer records it)."""
 
     def _release_remote(self, export_id: str) -> None:
         try:

@@ -1,0 +1,55 @@
+"""The worker classes as the cluster deploys them: the same servers plus metrics reporting.
+
+Workers know nothing of the cluster (arrows point down); these subclasses add
+what a Serve deployment of them needs: a MetricsReporter pushing the worker's
+stats to the metrics hub, labelled with the product, started by the first
+health check (Serve calls it every few seconds from the replica's event loop).
+"""
+
+from __future__ import annotations
+
+from cluster.metrics import (
+    KV_TRANSFER_SECONDS,
+    ROLE_DECODE,
+    ROLE_PREFILL,
+    Histogram,
+    MetricsReporter,
+    MetricsSnapshot,
+    snapshot_from_decode_stats,
+    snapshot_from_prefill_stats,
+)
+from decode_workers.server import DecodeServer
+from prefill_workers.server import PrefillServer
+
+
+class PrefillDeployment(PrefillServer):
+    def __init__(self, *args, product: str = "default", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.product = product
+        self._reporter = MetricsReporter(self.worker_id, ROLE_PREFILL, product, self._snapshot)
+
+    async def check_health(self) -> None:
+        await super().check_health()
+        self._reporter.start()
+
+    async def _snapshot(self) -> MetricsSnapshot:
+        return snapshot_from_prefill_stats(await self.stats())
+
+
+class DecodeDeployment(DecodeServer):
+    def __init__(self, *args, product: str = "default", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.product = product
+        self._transfer_seconds = Histogram.for_metric(KV_TRANSFER_SECONDS)
+        self._reporter = MetricsReporter(self.worker_id, ROLE_DECODE, product, self._snapshot)
+
+    def observe_transfer(self, seconds: float, nbytes: int) -> None:
+        self._transfer_seconds.observe(seconds)
+
+    async def check_health(self) -> None:
+        await super().check_health()
+        self._reporter.start()
+
+    async def _snapshot(self) -> MetricsSnapshot:
+        return snapshot_from_decode_stats(await self.stats(), disaggregated=self.prefill_handle is not None,
+                                          kv_transfer_seconds=self._transfer_seconds)
