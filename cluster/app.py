@@ -33,7 +33,7 @@ def _deployment_options(name: str, role: Role, router: type, health_period_s: fl
         "min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
         "target_ongoing_requests": scaling.target_ongoing_requests,
         "upscale_delay_s": scaling.upscale_delay_s, "downscale_delay_s": scaling.downscale_delay_s,
-        "look_back_period_s": scaling.look_back_period_s, "metrics_interval_s": scaling.metrics_interval_s,
+        "look_back_period_s": scaling.look_back_period_s,
     }
     if scaling.initial_replicas is not None:
         autoscaling["initial_replicas"] = scaling.initial_replicas

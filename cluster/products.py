@@ -31,7 +31,8 @@ class SLO(_Frozen):
 
 
 class Autoscaling(_Frozen):
-    """Ray Serve autoscaling_config fields; delays in seconds."""
+    """Ray Serve autoscaling_config fields; delays in seconds. How often replicas report load is set by
+    the RAY_SERVE_*_AUTOSCALING_METRIC_PUSH_INTERVAL_S environment variables (`pdserve up` sets 1 s)."""
 
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
@@ -40,7 +41,6 @@ class Autoscaling(_Frozen):
     upscale_delay_s: float = Field(2.0, ge=0)
     downscale_delay_s: float = Field(5.0, ge=0)
     look_back_period_s: float = Field(3.0, gt=0)
-    metrics_interval_s: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")
     def _bounds(self) -> Autoscaling:

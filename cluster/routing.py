@@ -8,13 +8,23 @@ Decode: prefer the replica with the most free KV blocks (reported by the
 replicas through `record_routing_stats`), ties broken by queue length.
 
 Both return ranked lists; Serve probes the ranks in order and skips full replicas.
+Both take FIFOMixin: without it (Serve 2.60) a router only hands a chosen replica to the
+exact request it was chosen for, and concurrent requests from one handle stalled (measured:
+two parallel streams from the ingress, the second never sent).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
-from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
+from ray.serve.request_router import (
+    FIFOMixin,
+    PendingRequest,
+    ReplicaID,
+    ReplicaResult,
+    RequestRouter,
+    RunningReplica,
+)
 
 from engine.block_hash import extra_keys, hash_full_blocks
 
@@ -28,6 +38,11 @@ def _queue_len(router: RequestRouter, replica: RunningReplica) -> int:
     return cached if cached is not None else 0
 
 
+def _ranks(*ranks: list[RunningReplica]) -> list[list[RunningReplica]]:
+    """Serve probes ranks in order; an empty rank must not appear."""
+    return [rank for rank in ranks if rank]
+
+
 def _prefill_request(pending: PendingRequest | None):
     if pending is None or not pending.args:
         return None
@@ -35,7 +50,7 @@ def _prefill_request(pending: PendingRequest | None):
     return request if hasattr(request, "prompt_token_ids") else None
 
 
-class PrefixAffinityRouter(RequestRouter):
+class PrefixAffinityRouter(FIFOMixin, RequestRouter):
     """Longest-prefix affinity with a load-imbalance escape hatch."""
 
     def initialize_state(self, imbalance: int = 4, max_entries: int = 200_000) -> None:
@@ -59,9 +74,9 @@ class PrefixAffinityRouter(RequestRouter):
             owner = by_id.get(self._owner.get(h))
             if owner is not None:
                 if _queue_len(self, owner) - _queue_len(self, by_load[0]) <= self._imbalance:
-                    return [[owner], [r for r in by_load if r is not owner]]
+                    return _ranks([owner], [r for r in by_load if r is not owner])
                 break
-        return [by_load[:1], by_load[1:]]
+        return _ranks(by_load[:1], by_load[1:])
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: ReplicaResult) -> None:
@@ -77,7 +92,7 @@ class PrefixAffinityRouter(RequestRouter):
             del self._owner[h]
 
 
-class KVHeadroomRouter(RequestRouter):
+class KVHeadroomRouter(FIFOMixin, RequestRouter):
     """Most free KV blocks first (from the replicas' routing stats), then shortest queue."""
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
@@ -87,4 +102,4 @@ class KVHeadroomRouter(RequestRouter):
             return (-float(stats.get("kv_free_blocks", 0)), _queue_len(self, r))
 
         ranked = sorted(candidate_replicas, key=key)
-        return [ranked[:1], ranked[1:]] if ranked else []
+        return _ranks(ranked[:1], ranked[1:])

@@ -22,6 +22,9 @@ torch.set_num_threads(1)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Serve autoscaling reacts in seconds instead of tens of seconds (PLATFORM.md).
+os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
+os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
 
 import pytest  # noqa: E402
 
@@ -48,3 +51,44 @@ def ray_local(_ray_session):
         ray.init(address="local", num_cpus=16, include_dashboard=False, namespace="pdserve",
                  _temp_dir=f"/tmp/pdserve-ray-{os.getpid()}", log_to_driver=False)
     yield ray
+
+
+@pytest.fixture(scope="session")
+def pdserve_url(_ray_session, tmp_path_factory):
+    """The whole app (ingress + both products' prefill and decode deployments) on 127.0.0.1, started once.
+
+    Test overrides of deploy/products: report-gen needs an API key; support-chat's queue is short (429
+    tests) and its decode deployment autoscales 1 -> 3 quickly (autoscaling test).
+    """
+    import socket
+
+    import ray
+    from ray import serve
+
+    from cluster.app import DEFAULT_PRODUCTS_DIR, build_app
+    from cluster.products import Autoscaling, load_products
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=16, include_dashboard=False, namespace="pdserve",
+                 _temp_dir=f"/tmp/pdserve-ray-{os.getpid()}", log_to_driver=False)
+    products = load_products(DEFAULT_PRODUCTS_DIR)
+    chat = products["support-chat"]
+    fast = Autoscaling(min_replicas=1, max_replicas=3, target_ongoing_requests=2, upscale_delay_s=1,
+                       downscale_delay_s=4, look_back_period_s=2)
+    products["support-chat"] = chat.model_copy(update={"max_queue_len": 24,
+                                                       "decode": chat.decode.model_copy(update={"autoscaling": fast})})
+    products["report-gen"] = products["report-gen"].model_copy(update={"api_keys": ("sk-report-test",)})
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    handle = serve.run(build_app(products), name="pdserve", route_prefix="/")
+    handle.warm.remote().result(timeout_s=300)
+    yield f"http://127.0.0.1:{port}"
+    if ray.is_initialized():
+        serve.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that build their own Ray cluster shape shut the shared one down: run them last."""
+    items.sort(key=lambda item: item.module.__name__.endswith("test_multinode"))
