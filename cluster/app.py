@@ -34,6 +34,9 @@ def _deployment_options(name: str, role: Role, router: type, health_period_s: fl
         "target_ongoing_requests": scaling.target_ongoing_requests,
         "upscale_delay_s": scaling.upscale_delay_s, "downscale_delay_s": scaling.downscale_delay_s,
         "look_back_period_s": scaling.look_back_period_s,
+        # Deprecated in Serve 2.60 in favour of the push-interval environment variables, but without it
+        # Serve compares look_back_period_s with its 10 s default and warns; keep both at 1 s.
+        "metrics_interval_s": 1.0,
     }
     if scaling.initial_replicas is not None:
         autoscaling["initial_replicas"] = scaling.initial_replicas

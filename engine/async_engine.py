@@ -171,8 +171,10 @@ class AsyncEngine:
                 cmd.loop.call_soon_threadsafe(_set_exception, cmd.future, exc)
             else:
                 cmd.loop.call_soon_threadsafe(_set_result, cmd.future, result)
-            # a command may end requests (abort, a first token that stops): they owe a last output
+            # a command may end requests (abort, a first token that stops) or give them a token
+            # (attach_kv with the prefill worker's first token): send those now, not a step later
             self._publish(self.engine.pop_finished())
+            self._publish([self.engine.requests[rid] for rid in list(self._streams) if rid in self.engine.requests])
 
     def _publish(self, requests: list[Request]) -> None:
         for req in requests:

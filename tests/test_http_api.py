@@ -7,10 +7,11 @@ every refusal has OpenAI's error shape and status and changes no state.
 
 from __future__ import annotations
 
-import asyncio
 import json
+import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -57,9 +58,9 @@ def _post(url: str, body: bytes | dict, headers: dict | None = None) -> tuple[in
                                  headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=120) as resp:
-            return resp.status, json.loads(resp.read()), dict(resp.headers)
+            return resp.status, json.loads(resp.read()), {k.lower(): v for k, v in resp.headers.items()}
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read()), dict(err.headers)
+        return err.code, json.loads(err.read()), {k.lower(): v for k, v in err.headers.items()}
 
 
 def _metrics(url: str) -> dict[tuple[str, tuple], float]:
@@ -176,17 +177,13 @@ def test_queue_full_gets_429_with_retry_after(pdserve_url: str) -> None:
     body = {"model": "support-chat", "messages": [{"role": "user", "content": "long answer please"}],
             "max_tokens": 200, "ignore_eos": True}
 
-    async def fire() -> list[tuple[int, dict]]:
-        loop = asyncio.get_running_loop()
-        calls = [loop.run_in_executor(None, _post, f"{pdserve_url}/v1/chat/completions", body) for _ in range(40)]
-        return await asyncio.gather(*calls)
-
-    results = asyncio.run(fire())
+    with ThreadPoolExecutor(max_workers=40) as pool:  # 40 clients at once against a queue of 24
+        results = list(pool.map(lambda _: _post(f"{pdserve_url}/v1/chat/completions", body), range(40)))
     statuses = [r[0] for r in results]
     assert 429 in statuses and 200 in statuses
     for status, payload, headers in results:
         if status == 429:
-            assert headers.get("Retry-After") == "1" and payload["error"]["code"] == "queue_full"
+            assert headers.get("retry-after") == "1" and payload["error"]["code"] == "queue_full"
         else:
             assert status == 200 and payload["usage"]["completion_tokens"] == 200
 
@@ -195,15 +192,22 @@ def test_metrics_parse_and_move(pdserve_url: str, client) -> None:
     before = _metrics(pdserve_url)
     client.chat.completions.create(model="support-chat", messages=[{"role": "user", "content": "ping"}],
                                    max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
-    after = _metrics(pdserve_url)
     label = (("product", "support-chat"),)
-    for name in ("pdserve:prompt_tokens_computed_total", "pdserve:generation_tokens_total",
-                 "pdserve:time_to_first_token_seconds_count", "pdserve:e2e_request_latency_seconds_count"):
+    moving = ("pdserve:prompt_tokens_computed_total", "pdserve:generation_tokens_total",
+              "pdserve:time_to_first_token_seconds_count", "pdserve:e2e_request_latency_seconds_count")
+    deadline = time.monotonic() + 10  # workers push their counters every second
+    while True:
+        after = _metrics(pdserve_url)
+        if all(after[(n, label)] > before.get((n, label), 0) for n in moving) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    for name in moving:
         assert after[(name, label)] > before.get((name, label), 0), name
     assert after[("pdserve:inter_token_latency_seconds_count", label)] - before.get(
         ("pdserve:inter_token_latency_seconds_count", label), 0) == 4
     for name in ("pdserve:kv_cache_usage_perc", "pdserve:num_requests_running", "pdserve:num_requests_waiting",
                  "pdserve:prefix_cache_queries_total", "pdserve:prefix_cache_hits_total",
                  "pdserve:prompt_tokens_cached_total", "pdserve:kv_transfer_bytes_total",
-                 "pdserve:kv_transfer_seconds_count", "pdserve:kv_transfer_failures_total", "pdserve:preemptions_total"):
+                 "pdserve:kv_transfer_seconds_count", "pdserve:kv_transfer_failures_total",
+                 "pdserve:preemptions_total"):
         assert (name, label) in after, name
