@@ -1,10 +1,158 @@
-"""The `pdserve` command line."""
+"""The `pdserve` command line: `up`, `status`, `down`, and an offline `demo`."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
+import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO / "deploy" / "serve.yaml"
+STATE_FILE = Path(os.environ.get("PDSERVE_CACHE_DIR", Path.home() / ".cache" / "pdserve")) / "up.json"
+DETACHED_TEMP_DIR = "/tmp/pdserve-up"
+APP_NAME = "pdserve"
+
+# Local runs: no token auth, no usage stats, autoscaling that reacts in seconds (PLATFORM.md).
+LOCAL_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+    # Ray's crash handler would take SIGTERM from us and kill the driver without a clean shutdown.
+    "RAY_install_failure_signal_handler": "0",
+}
+
+
+def _app_args(config_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(app_builder args, http_options) of the pdserve application in a Serve config file."""
+    config = yaml.safe_load(config_path.read_text())
+    for app in config.get("applications", []):
+        if app.get("import_path") == "cluster.app:app_builder":
+            return dict(app.get("args") or {}), dict(config.get("http_options") or {})
+    raise SystemExit(f"{config_path}: no application with import_path cluster.app:app_builder")
+
+
+def _deploy(args: argparse.Namespace, blocking_ray_init: dict[str, Any]) -> str:
+    import ray
+    from ray import serve
+
+    from cluster.app import app_builder
+
+    app_args, http = _app_args(Path(args.config))
+    host = args.host or http.get("host", "127.0.0.1")
+    port = args.port or int(http.get("port", 8000))
+    ray.init(**blocking_ray_init)
+    serve.start(http_options={"host": host, "port": port})
+    print("deploying pdserve (first start builds the built-in model and starts every engine)...", flush=True)
+    handle = serve.run(app_builder(app_args), name=APP_NAME, route_prefix="/")
+    pinned = handle.warm.remote().result(timeout_s=600)
+    print(f"system prompts computed once and pinned: {pinned}")
+    url = f"http://{host}:{port}"
+    print(f"\npdserve is serving at {url}/v1 (OpenAI-compatible); metrics at {url}/metrics\n"
+          f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+          f"    -d '{{\"model\": \"support-chat\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'\n",
+          flush=True)
+    return url
+
+
+def _up(args: argparse.Namespace) -> int:
+    for key, value in LOCAL_ENV.items():
+        os.environ.setdefault(key, value)
+    if args.detach:
+        return _up_detached(args)
+    stop = threading.Event()
+    init = {"address": args.address or "local", "namespace": "pdserve", "log_to_driver": False}
+    if init["address"] == "local":
+        init.update(include_dashboard=False, num_cpus=args.num_cpus)
+    try:
+        _deploy(args, init)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own handlers
+            signal.signal(sig, lambda *_: stop.set())
+        print("Ctrl-C (or SIGTERM) stops everything this command started.", flush=True)
+        stop.wait()
+    finally:
+        _shutdown()
+    print("pdserve stopped")
+    return 0
+
+
+def _up_detached(args: argparse.Namespace) -> int:
+    """Start a Ray head that outlives this command, deploy, record it for `status` and `down`."""
+    started_head = False
+    if not args.address:
+        subprocess.run(["ray", "start", "--head", "--disable-usage-stats", "--include-dashboard=false",
+                        f"--num-cpus={args.num_cpus}", f"--temp-dir={DETACHED_TEMP_DIR}"], check=True,
+                       env={**os.environ, **LOCAL_ENV})
+        started_head = True
+    url = _deploy(args, {"address": args.address or "auto", "namespace": "pdserve", "log_to_driver": False})
+    STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
+    STATE_FILE.write_text(json.dumps({"url": url, "address": args.address or "auto", "started_head": started_head,
+                                      "since": time.time()}))
+    print("detached: `pdserve status` shows it, `pdserve down` stops it.")
+    return 0
+
+
+def _shutdown() -> None:
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def _state() -> dict[str, Any]:
+    if not STATE_FILE.exists():
+        raise SystemExit("no detached pdserve found (start one with `pdserve up --detach`)")
+    return json.loads(STATE_FILE.read_text())
+
+
+def _status(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    state = _state()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address=state["address"], namespace="pdserve", log_to_driver=False)
+    try:
+        status = serve.status()
+        app = status.applications.get(APP_NAME)
+        print(f"url: {state['url']}")
+        if app is None:
+            print("application: not deployed")
+            return 1
+        print(f"application: {app.status}")
+        for name, dep in sorted(app.deployments.items()):
+            print(f"  {name:28s} {dep.status} replicas={dict(dep.replica_states)}")
+        return 0 if app.status == "RUNNING" else 1
+    finally:
+        ray.shutdown()
+
+
+def _down(args: argparse.Namespace) -> int:
+    import ray
+
+    state = _state()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address=state["address"], namespace="pdserve", log_to_driver=False)
+    _shutdown()
+    if state.get("started_head"):
+        # `ray stop` would stop every Ray on the machine: stop only the head this tool started.
+        subprocess.run(["pkill", "-f", DETACHED_TEMP_DIR], check=False)
+    STATE_FILE.unlink(missing_ok=True)
+    print("pdserve stopped")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -32,6 +180,16 @@ def _demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated LLM serving on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start the cluster (a local Ray unless --address) and serve until stopped")
+    up.add_argument("--config", default=str(DEFAULT_CONFIG), help="Ray Serve config file (deploy/serve.yaml)")
+    up.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, 8000)")
+    up.add_argument("--host", default=None, help="HTTP host (default: the config's, 127.0.0.1)")
+    up.add_argument("--address", default=None, help="an existing Ray cluster to deploy on")
+    up.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of a local Ray (replicas take fractions)")
+    up.add_argument("--detach", action="store_true", help="return after deploying; see `status` and `down`")
+    up.set_defaults(func=_up)
+    sub.add_parser("status", help="state of a detached pdserve").set_defaults(func=_status)
+    sub.add_parser("down", help="stop a detached pdserve").set_defaults(func=_down)
     demo = sub.add_parser("demo", help="offline generation with the built-in model (no cluster)")
     demo.add_argument("--model", default=None, help="local Hugging Face folder (default: built-in tiny model)")
     demo.add_argument("--max-tokens", type=int, default=32)

@@ -8,19 +8,9 @@ the official `openai` client.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import openai
@@ -29,6 +19,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from cluster.products import ProductConfig, load_products
+from tests.process_helpers import STARTUP_TIMEOUT_S, chat, cli, free_port, run_dir, served
 
 REPO = Path(__file__).resolve().parent.parent
 SERVE_YAML = REPO / "deploy" / "serve.yaml"
@@ -139,153 +130,24 @@ def test_rayservice_gpu_products_match_worker_groups():
         assert engine.model and engine.model.startswith("/models/"), name
 
 
-# ---- serve run deploy/serve.yaml ----------------------------------------------------------------------
-
-STARTUP_TIMEOUT_S = 240
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _serve_cli() -> str:
-    beside = Path(sys.executable).parent / "serve"  # the one of this interpreter, not a shim's
-    return str(beside) if beside.exists() else (shutil.which("serve") or pytest.fail("`serve` CLI not found"))
-
-
-def _session_pids(sid: int) -> list[int]:
-    """Processes in session `sid` (the serve run process and every Ray process it started)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[3]) == sid:
-            pids.append(int(entry.name))
-    return pids
-
-
-def _session_commands(sid: int) -> list[str]:
-    commands = []
-    for pid in _session_pids(sid):
-        with contextlib.suppress(OSError):
-            commands.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120])
-    return commands
-
-
-def _wait_session_gone(sid: int, timeout_s: float) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    while (pids := _session_pids(sid)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return pids
-
-
-def _kill_session(sid: int) -> None:
-    """SIGTERM, then SIGKILL, whatever is left of the session we started."""
-    for sig, grace_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        pids = _session_pids(sid)
-        if not pids:
-            return
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        _wait_session_gone(sid, grace_s)
-
-
-@contextlib.contextmanager
-def _sigint_not_ignored():
-    """Children inherit an ignored SIGINT (pytest started in the background); `serve run` needs it to stop."""
-    ignored = (threading.current_thread() is threading.main_thread()
-               and signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
-    if ignored:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        if ignored:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _log_tail(path: Path, lines: int = 40) -> str:
-    text = path.read_text(errors="replace") if path.exists() else ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _wait_for_models(url: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"serve run exited with {proc.returncode}:\n{_log_tail(log)}"
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(1)
-    pytest.fail(f"{url} did not answer 200 within {STARTUP_TIMEOUT_S} s:\n{_log_tail(log)}")
-
-
-def _chat(client: openai.OpenAI, deadline: float):
-    """One greedy chat completion; retried while replicas behind the ingress are still starting (503)."""
-    while True:
-        try:
-            return client.chat.completions.with_raw_response.create(
-                model="support-chat", messages=[{"role": "user", "content": "How do I rotate an API key?"}],
-                max_tokens=5, temperature=0)
-        except (openai.InternalServerError, openai.APIConnectionError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
-
-
 @pytest.mark.timeout(STARTUP_TIMEOUT_S + 180)
 def test_serve_run_deploy_yaml_answers_openai_requests():
-    port = _free_port()
+    port = free_port()
     config = yaml.safe_load(SERVE_YAML.read_text())
     config["http_options"]["port"] = port
-    # Short on purpose: Ray puts Unix sockets under RAY_TMPDIR and socket paths are limited to ~107 bytes.
-    run_dir = Path(tempfile.mkdtemp(prefix="pdsv-", dir="/tmp"))
-    (run_dir / "serve.yaml").write_text(yaml.safe_dump(config))
-    log = run_dir / "serve.log"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(run_dir)}
-    env.pop("RAY_ADDRESS", None)
+    directory = run_dir()
+    (directory / "serve.yaml").write_text(yaml.safe_dump(config))
     # --address local: always a new local Ray, never one already running on the machine (another test's).
     # cwd has no deploy/products: the relative products_dir must resolve against the repository.
-    cmd = [_serve_cli(), "run", "--address", "local", str(run_dir / "serve.yaml")]
-    with open(log, "wb") as out, _sigint_not_ignored():
-        proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        base = f"http://127.0.0.1:{port}"
-        _wait_for_models(f"{base}/v1/models", proc, log)
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
-        raw = _chat(client, deadline=time.monotonic() + 60)
-        assert raw.status_code == 200
-        completion = raw.parse()
-        assert completion.model == "support-chat"
-        assert completion.usage.completion_tokens == 5
-        assert completion.choices[0].finish_reason == "length"
-
-        # Ctrl-C: serve run shuts Serve down and its local Ray with it; nothing of the session may stay.
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"serve run did not exit on SIGINT:\n{_log_tail(log)}")
-        _wait_session_gone(proc.pid, 30)
-        left = [c for c in _session_commands(proc.pid) if "raylet" in c or "gcs_server" in c]
-        assert not left, f"Ray processes left after serve run exited: {left}"
+        with served([cli("serve"), "run", "--address", "local", str(directory / "serve.yaml")], port,
+                    directory) as base:
+            client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+            raw = chat(client, deadline=time.monotonic() + 60)
+            assert raw.status_code == 200
+            completion = raw.parse()
+            assert completion.model == "support-chat"
+            assert completion.usage.completion_tokens == 5
+            assert completion.choices[0].finish_reason == "length"
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=30)
-        _kill_session(proc.pid)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(directory, ignore_errors=True)

@@ -1,0 +1,39 @@
+"""The main job: `pdserve up` starts a local Ray and the whole app, serves until SIGTERM, stops everything."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import time
+
+import openai
+import pytest
+
+from tests.process_helpers import STARTUP_TIMEOUT_S, chat, cli, free_port, run_dir, served
+
+
+@pytest.mark.timeout(STARTUP_TIMEOUT_S + 180)
+def test_pdserve_up_serves_and_stops_cleanly_on_sigterm() -> None:
+    port = free_port()
+    directory = run_dir()
+    try:
+        with served([cli("pdserve"), "up", "--port", str(port)], port, directory, signal.SIGTERM) as base:
+            client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+            raw = chat(client, deadline=time.monotonic() + 60)
+            assert raw.status_code == 200
+            completion = raw.parse()
+            assert completion.usage.completion_tokens == 5
+            deadline = time.monotonic() + 60  # the URL is printed once `up` has pinned the system prompts
+            while "pdserve is serving at" not in (directory / "server.log").read_text():
+                assert time.monotonic() < deadline, "pdserve up never announced its URL"
+                time.sleep(0.5)
+        assert "pdserve stopped" in (directory / "server.log").read_text()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_demo_runs_offline(capsys) -> None:
+    from cluster.cli import main
+
+    assert main(["demo", "--max-tokens", "4"]) == 0
+    assert "prompt tokens computed" in capsys.readouterr().out
