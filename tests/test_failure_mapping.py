@@ -1,0 +1,57 @@
+"""Failures become the right answer: a dead engine fails its health check (Serve replaces the replica);
+a worker that is gone or full becomes 503 / 429 in OpenAI's error shape, a worker-side ValueError 400."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from ray.exceptions import ActorDiedError
+from ray.serve._private.common import DeploymentID
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+from cluster.ingress import APIError, _first
+from decode_workers.server import DecodeServer
+from engine.async_engine import EngineDeadError
+from engine.config import SamplingParams
+
+
+def test_health_check_reflects_engine_liveness() -> None:
+    async def scenario() -> None:
+        server = DecodeServer(None, {"transport": "local"}, None)
+        try:
+            await server.check_health()
+
+            def broken_step():
+                raise RuntimeError("device lost")
+
+            server.engine.engine.step = broken_step
+            request = {"prompt_token_ids": [5, 6, 7], "sampling_params": SamplingParams(max_tokens=3)}
+            with pytest.raises(EngineDeadError):
+                async for _ in server.generate(request):
+                    pass
+            with pytest.raises(RuntimeError, match="engine loop is dead"):
+                await server.check_health()
+        finally:
+            server.engine.shutdown()
+
+    asyncio.run(scenario())
+
+
+async def _failing(exc: BaseException):
+    raise exc
+    yield  # an async generator that fails on its first item
+
+
+@pytest.mark.parametrize("exc, status, code", [
+    (DeploymentUnavailableError(DeploymentID(name="support-chat-decode", app_name="pdserve")), 503, "unavailable"),
+    (ActorDiedError(), 503, "unavailable"),
+    (BackPressureError(num_queued_requests=10, max_queued_requests=10), 429, "queue_full"),
+    (ValueError("prompt_token_ids contains 99999, outside the vocabulary"), 400, None),
+])
+def test_worker_failures_map_to_http_errors(exc: BaseException, status: int, code: str | None) -> None:
+    with pytest.raises(APIError) as info:
+        asyncio.run(_first(_failing(exc)))
+    assert info.value.status == status and info.value.code == code
+    if status == 429:
+        assert info.value.headers == {"Retry-After": "1"}

@@ -1,0 +1,68 @@
+"""Replica choice: prefill prefers the replica holding the longest prefix unless it is overloaded;
+decode prefers KV headroom. The routers are driven directly with stand-in replicas."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID
+from ray.serve.request_router import PendingRequest
+
+from cluster.routing import KVHeadroomRouter, PrefixAffinityRouter
+from engine.config import SamplingParams
+from prefill_workers.protocol import PrefillRequest
+
+
+@dataclass
+class FakeReplica:
+    replica_id: str
+    routing_stats: dict = field(default_factory=dict)
+
+
+def _router(cls):
+    router = cls(DeploymentID(name="d", app_name="a"), DeploymentHandleSource.UNKNOWN)
+    router.initialize_state()
+    return router
+
+
+def _pending(tokens: list[int], salt: str = "p") -> PendingRequest:
+    request = PrefillRequest("r", tokens, SamplingParams(), salt)
+    return PendingRequest(args=[request], kwargs={}, metadata=None)
+
+
+def _choose(router, replicas, pending=None):
+    return asyncio.run(router.choose_replicas(replicas, pending))
+
+
+def test_prefill_follows_the_longest_prefix_then_balances() -> None:
+    asyncio.run(_prefill_affinity())
+
+
+async def _prefill_affinity() -> None:
+    router = _router(PrefixAffinityRouter)
+    choose = router.choose_replicas
+    a, b, c = FakeReplica("a"), FakeReplica("b"), FakeReplica("c")
+    system = list(range(100, 324))  # 14 routing blocks
+    router.on_request_routed(_pending(system + [1] * 40), "b", None)
+    router.on_request_routed(_pending(system[:64]), "c", None)
+    ranks = await choose([a, b, c], _pending(system + [2] * 30))
+    assert ranks[0] == [b]  # b holds the whole system prompt, c only its first 4 blocks
+    assert (await choose([a, b, c], _pending(system[:40])))[0] in ([b], [c])
+    other_salt = await choose([a, b, c], _pending(system + [2] * 30, salt="other"))
+    assert other_salt[0] == [a] and sum(len(r) for r in other_salt) == 3  # no affinity across salts
+    router._replica_queue_len_cache.update("b", 10)  # b is overloaded: fall back to the least loaded
+    router._replica_queue_len_cache.update("a", 0)
+    router._replica_queue_len_cache.update("c", 3)
+    assert (await choose([a, b, c], _pending(system + [2] * 30)))[0] == [a]
+    assert all(rank for rank in await choose([a], None))  # never an empty rank
+
+
+def test_decode_prefers_kv_headroom() -> None:
+    router = _router(KVHeadroomRouter)
+    full = FakeReplica("full", {"kv_free_blocks": 3})
+    roomy = FakeReplica("roomy", {"kv_free_blocks": 900})
+    unknown = FakeReplica("new")
+    ranks = _choose(router, [full, unknown, roomy])
+    assert ranks[0] == [roomy] and [r.replica_id for r in ranks[1]] == ["full", "new"]
+    assert _choose(router, []) == []
