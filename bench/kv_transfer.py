@@ -64,17 +64,40 @@ class _Importer:
         return fetched - start, time.perf_counter() - fetched
 
 
+class _InProcess:
+    """The local transport is in-process by definition (colocated mode): call the objects directly."""
+
+    def __init__(self, obj) -> None:
+        self._obj = obj
+
+    def __getattr__(self, name):
+        method = getattr(self._obj, name)
+
+        class _Call:
+            @staticmethod
+            def remote(*args):
+                return method(*args)
+
+        return _Call
+
+
 def measure_transport(transport: str, layout: KVLayout, repeats: int) -> dict:
     num_blocks = -(-PROMPT_TOKENS // layout.block_size)
-    opts = {"num_cpus": 0.5}
-    exporter = ray.remote(**opts)(_Exporter).remote(transport, layout, num_blocks)
-    importer = ray.remote(**opts)(_Importer).remote(transport, layout, num_blocks)
+    if transport == "local":
+        exporter = _InProcess(_Exporter(transport, layout, num_blocks))
+        importer = _InProcess(_Importer(transport, layout, num_blocks))
+        get = _identity
+    else:
+        opts = {"num_cpus": 0.5}
+        exporter = ray.remote(**opts)(_Exporter).remote(transport, layout, num_blocks)
+        importer = ray.remote(**opts)(_Importer).remote(transport, layout, num_blocks)
+        get = ray.get
     try:
         rows = []
         for _ in range(repeats + 1):  # the first round warms channels and the object store
-            handle, export_s = ray.get(exporter.export.remote())
-            fetch_s, write_s = ray.get(importer.fetch_and_write.remote(handle))
-            ray.get(exporter.release.remote(handle.export_id))
+            handle, export_s = get(exporter.export.remote())
+            fetch_s, write_s = get(importer.fetch_and_write.remote(handle))
+            get(exporter.release.remote(handle.export_id))
             rows.append((export_s, fetch_s, write_s))
         rows = rows[1:]
         nbytes = num_blocks * layout.bytes_per_block
@@ -88,8 +111,13 @@ def measure_transport(transport: str, layout: KVLayout, repeats: int) -> dict:
             "bytes_per_s": nbytes / statistics.median(r[1] for r in rows),
         }
     finally:
-        ray.kill(exporter)
-        ray.kill(importer)
+        if transport != "local":
+            ray.kill(exporter)
+            ray.kill(importer)
+
+
+def _identity(x):
+    return x
 
 
 def measure_prefill(path: str, repeats: int, threads: int) -> float:

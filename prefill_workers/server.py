@@ -73,15 +73,20 @@ class PrefillServer:
             self.engine.discard_stream(rid)
             raise
         num_local = req.num_computed_tokens // self.block_size
-        # Full blocks the engine may take from elsewhere: the last prompt token is always computed.
-        hashes = await self.engine.call(lambda e: list(req.full_block_hashes(
-            self.block_size, req.num_prompt_tokens - 1)))
-        num_from_directory = await self._fetch_from_directory(rid, hashes, num_local)
+        try:
+            # Full blocks the engine may take from elsewhere: the last prompt token is always computed.
+            hashes = await self.engine.call(lambda e: list(req.full_block_hashes(
+                self.block_size, req.num_prompt_tokens - 1)))
+            num_from_directory = await self._fetch_from_directory(rid, hashes, num_local)
+            await self.engine.call(lambda e: e.enqueue(rid))
+            async for out in self.engine.iterate(rid, stream):
+                first = out
+        except BaseException:  # cancelled (the caller gave up) or failed: free what the request holds
+            self.engine.discard_stream(rid)
+            if self.engine.alive:
+                await self.engine.abort(rid)
+            raise
         num_cached = (num_local + num_from_directory) * self.block_size
-        await self.engine.call(lambda e: e.enqueue(rid))
-        first = None
-        async for out in self.engine.iterate(rid, stream):
-            first = out
         try:
             handle, export = await self._export(request, req.num_prompt_tokens, hashes,
                                                 publish_from=num_local + num_from_directory)
