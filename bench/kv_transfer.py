@@ -8,7 +8,7 @@ decode worker does not receive thanks to dedup (it already holds the system
 prompt's blocks), measured through real PrefillServer/DecodeServer actors on
 the seed workload.
 
-    python -m bench.kv_transfer [--repeats 5] [--requests 64] [--out results/kv_transfer.json]
+    python -m bench.kv_transfer [--repeats 5] [--requests 64] [--dedup-only] [--out results/kv_transfer.json]
 """
 
 from __future__ import annotations
@@ -145,7 +145,8 @@ def measure_dedup(num_requests: int) -> dict:
     from prefill_workers.server import PrefillServer
 
     requests = offline_mix(num_requests, seed=0, vocab_size=8192)
-    params = SamplingParams(temperature=0.0, max_tokens=1)
+    # two tokens: with one, the prefill worker's first token ends the request and no KV is imported
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
     result = {}
     for dedup in (False, True):
         prefill = ray.remote(num_cpus=0.5, max_concurrency=64)(PrefillServer).remote(None, {"transport": "ray"})
@@ -169,17 +170,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the prefill measurement")
+    parser.add_argument("--dedup-only", action="store_true", help="only the dedup measurement")
     parser.add_argument("--out", default="results/kv_transfer.json")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
+        dedup = measure_dedup(args.requests)
+        if args.dedup_only:
+            print(json.dumps(dedup))
+            return 0
         small = model_path("small")
         layout = kv_layout(load_config(small), 16, "float32")
         prefill_s = measure_prefill(small, args.repeats, args.threads)
         transports = [measure_transport(t, layout, args.repeats) for t in ("local", "ray", "grpc")]
-        dedup = measure_dedup(args.requests)
     finally:
         ray.shutdown()
     print(f"small model, {PROMPT_TOKENS}-token prompt: prefill {prefill_s * 1000:.0f} ms "
