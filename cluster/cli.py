@@ -132,9 +132,10 @@ def _status(args: argparse.Namespace) -> int:
         if app is None:
             print("application: not deployed")
             return 1
-        print(f"application: {app.status}")
+        print(f"application: {app.status.value}")
         for name, dep in sorted(app.deployments.items()):
-            print(f"  {name:28s} {dep.status} replicas={dict(dep.replica_states)}")
+            replicas = ", ".join(f"{state.value} {n}" for state, n in dep.replica_states.items())
+            print(f"  {name:28s} {dep.status.value:10s} replicas: {replicas}")
         return 0 if app.status == "RUNNING" else 1
     finally:
         ray.shutdown()
