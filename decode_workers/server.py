@@ -130,7 +130,7 @@ class DecodeServer:
         self._remote += 1
         await self.engine.call(lambda e: e.attach_kv(
             rid, blocks, handle.num_tokens, first_token=result.first_token, first_logprobs=result.first_logprobs,
-            num_cached_tokens=result.num_cached_tokens))
+            num_cached_tokens=result.num_cached_tokens, sampler_state=result.sampler_state))
 
     def observe_transfer(self, seconds: float, nbytes: int) -> None:
         """Called once per successful KV fetch; a hook for metrics (the cluster layer records it)."""

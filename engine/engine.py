@@ -113,13 +113,15 @@ class Engine:
 
     def attach_kv(self, request_id: str, blocks: torch.Tensor, num_tokens: int, *,
                   first_token: int | None = None, first_logprobs: dict[int, float] | None = None,
-                  num_cached_tokens: int | None = None) -> None:
+                  num_cached_tokens: int | None = None, sampler_state: bytes | None = None) -> None:
         """Give a deferred request K/V computed elsewhere for its next num_tokens tokens.
 
         blocks: [num_layers, 2, n, block_size, Hkv, D] for the blocks right after
         the reserved prefix. With first_token (the decode role), the payload must
         cover the whole prompt and the token sampled by the prefill engine is
-        appended, so decoding starts at once. Raises ValueError on a mismatch,
+        appended, so decoding starts at once; sampler_state (from
+        `sampler_state()` there) continues a seeded request's random stream, so
+        its tokens equal a one-engine run's. Raises ValueError on a mismatch,
         changing nothing.
         """
         req = self._deferred(request_id)
@@ -136,6 +138,8 @@ class Engine:
             if not 0 <= first_token < self.vocab_size:
                 raise ValueError(f"first_token {first_token} outside the vocabulary [0, {self.vocab_size})")
         req.pending_kv, req.pending_kv_tokens = blocks, num_tokens
+        if sampler_state is not None and req.generator is not None:
+            req.generator.set_state(torch.frombuffer(bytearray(sampler_state), dtype=torch.uint8))
         if num_cached_tokens is not None:
             req.num_cached_tokens = min(num_cached_tokens, req.num_prompt_tokens)
         if first_token is not None:
@@ -168,6 +172,11 @@ class Engine:
         req = self.held[request_id]
         ids = [b.block_id for b in req.block_table[start_block:end_block]]
         return self.kv_cache.read_blocks(ids)
+
+    def sampler_state(self, request_id: str) -> bytes | None:
+        """The random state of a held seeded request after its first token (None when unseeded)."""
+        req = self.held[request_id]
+        return None if req.generator is None else req.generator.get_state().numpy().tobytes()
 
     def release_held(self, request_id: str) -> bool:
         """Free the blocks of a finished hold_kv request. Idempotent; True if something was freed."""

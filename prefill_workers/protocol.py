@@ -35,3 +35,4 @@ class PrefillResult:
     kv: KVHandle
     worker_id: str
     prefill_seconds: float
+    sampler_state: bytes | None = None  # a seeded request's random state after the first token

@@ -90,6 +90,7 @@ class PrefillServer:
         try:
             handle, export = await self._export(request, req.num_prompt_tokens, hashes,
                                                 publish_from=num_local + num_from_directory)
+            sampler_state = await self.engine.call(lambda e: e.sampler_state(rid))
         finally:
             await self.engine.call(lambda e: e.release_held(rid))
         if export is not None:
@@ -99,6 +100,7 @@ class PrefillServer:
             first_logprobs=first.new_logprobs[0] if first.new_logprobs else None,
             num_cached_tokens=num_cached, num_computed_tokens=req.num_prompt_tokens - num_cached,
             kv=handle, worker_id=self.worker_id, prefill_seconds=time.monotonic() - start,
+            sampler_state=sampler_state,
         )
 
     async def release_kv(self, export_id: str) -> bool:

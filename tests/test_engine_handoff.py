@@ -7,6 +7,8 @@ engine doing both; bad payloads are refused without changing state.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -58,6 +60,25 @@ def test_prefill_here_decode_there_equals_one_engine(engines) -> None:
         _run(decode)
         assert req.output_token_ids == ref_req.output_token_ids
     assert decode.stats().prompt_tokens_computed == 0
+    _assert_free(prefill, decode)
+
+
+def test_seeded_sampling_continues_across_engines(engines) -> None:
+    prefill, decode = engines
+    prompt = random_prompts([70], 8192, seed=65)[0]
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=12, ignore_eos=True)
+    one = Engine(EngineConfig())
+    ref = one.add_request(prompt, params, "seeded")
+    _run(one)
+    req = decode.add_request(prompt, params, "seeded", defer=True)
+    pre = prefill.add_request(prompt, replace(params, max_tokens=1), "seeded", hold_kv=True)
+    _run(prefill)
+    blocks, state = prefill.read_held_blocks("seeded", 0), prefill.sampler_state("seeded")
+    prefill.release_held("seeded")
+    decode.attach_kv("seeded", blocks, len(prompt), first_token=pre.output_token_ids[0], sampler_state=state)
+    decode.enqueue("seeded")
+    _run(decode)
+    assert req.output_token_ids == ref.output_token_ids
     _assert_free(prefill, decode)
 
 
