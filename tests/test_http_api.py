@@ -69,6 +69,19 @@ def _metrics(url: str) -> dict[tuple[str, tuple], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+def _settled_metrics(url: str, timeout_s: float = 30) -> dict[tuple[str, tuple], float]:
+    """Metrics once earlier tests' requests have drained (workers push every second)."""
+    deadline = time.monotonic() + timeout_s
+    last = _metrics(url)
+    while time.monotonic() < deadline:
+        time.sleep(2.5)
+        now = _metrics(url)
+        if all(now.get(k) == v for k, v in last.items() if k[0].endswith("_total")):
+            return now
+        last = now
+    return last
+
+
 def test_models_lists_both_products(client: openai.OpenAI) -> None:
     assert sorted(m.id for m in client.models.list().data) == ["report-gen", "support-chat"]
 
@@ -150,7 +163,7 @@ def _assert_error(status: int, body: dict, expected: int, text: str) -> None:
 def test_errors_have_openai_shape_and_change_no_state(pdserve_url: str) -> None:
     url = f"{pdserve_url}/v1/chat/completions"
     ok = {"model": "support-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    before = _metrics(pdserve_url)
+    before = _settled_metrics(pdserve_url)
     _assert_error(*_post(url, b"{not json")[:2], 400, "malformed JSON")
     _assert_error(*_post(url, {**ok, "max_tokens": "many"})[:2], 422, "max_tokens")
     _assert_error(*_post(url, {**ok, "temperature": -1})[:2], 422, "temperature")
@@ -165,6 +178,7 @@ def test_errors_have_openai_shape_and_change_no_state(pdserve_url: str) -> None:
     report = {**ok, "model": "report-gen"}
     _assert_error(*_post(url, report)[:2], 401, "API key")
     _assert_error(*_post(url, report, {"Authorization": "Bearer wrong"})[:2], 401, "API key")
+    time.sleep(2.5)  # one worker push period and then some: a leaked request would show by now
     after = _metrics(pdserve_url)
     for product in ("support-chat", "report-gen"):
         key = ("pdserve:prompt_tokens_computed_total", (("product", product),))
