@@ -151,6 +151,8 @@ def _down(args: argparse.Namespace) -> int:
     if state.get("started_head"):
         # `ray stop` would stop every Ray on the machine: stop only the head this tool started.
         subprocess.run(["pkill", "-f", DETACHED_TEMP_DIR], check=False)
+        time.sleep(3)  # the GCS does not always exit on SIGTERM: make sure
+        subprocess.run(["pkill", "-9", "-f", DETACHED_TEMP_DIR], check=False)
     STATE_FILE.unlink(missing_ok=True)
     print("pdserve stopped")
     return 0
