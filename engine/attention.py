@@ -11,9 +11,12 @@ sequence i, `query_lens[i]` new tokens are appended to a context that ends at
 position seq_lens[i] - query_lens[i] + j and attends to keys [0, position]
 (and, with a sliding window W, only to keys > position - W).
 
-Sequences with one new token (decodes) go through one batched padded gather;
-sequences with several (prefill chunks) are handled one by one, because a
-step holds few of them and each is large enough to keep SDPA busy.
+Sequences with one new token (decodes) come sorted by context length and
+are split into a few length buckets (`plan_decode_buckets`); each bucket goes
+through one batched padded gather + SDPA, so short contexts are not padded to
+the longest one. Sequences with several new tokens (prefill chunks) are
+handled one by one, because a step holds few of them and each is large
+enough to keep SDPA busy.
 """
 
 from __future__ import annotations
@@ -22,6 +25,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+# Fixed cost of one extra decode bucket (a gather + an SDPA call), in tokens of
+# padded context it is worth: measured with bench/decode_buckets.py on the
+# small model (see BENCHMARKS.md).
+DECODE_BUCKET_COST_TOKENS = 256
 
 
 @dataclass
@@ -41,6 +49,7 @@ class ForwardContext:
     block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
     num_decodes: int
     decode_seq_lens: torch.Tensor  # [num_decodes] int64
+    decode_buckets: list[tuple[int, int]] | None = None  # [start, end) decode rows; None: one bucket
     backend: str = "torch"
     workspace: dict = field(default_factory=dict)  # reused gather buffers, keyed by shape
 
@@ -83,6 +92,53 @@ def decode_attention_torch(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=num_heads != num_kv_heads,
     )
     return out.squeeze(2)
+
+
+def decode_attention_bucketed(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                              sliding_window: int | None, workspace: dict | None,
+                              buckets: list[tuple[int, int]] | None) -> torch.Tensor:
+    """decode_attention_torch per [start, end) row range of `buckets` (all rows when None)."""
+    if not buckets or len(buckets) == 1:
+        return decode_attention_torch(query, k_cache, v_cache, block_tables, seq_lens, scale,
+                                      sliding_window, workspace)
+    out = torch.empty_like(query)
+    for start, end in buckets:
+        out[start:end] = decode_attention_torch(query[start:end], k_cache, v_cache, block_tables[start:end],
+                                                seq_lens[start:end], scale, sliding_window, workspace)
+    return out
+
+
+def plan_decode_buckets(sorted_lens: list[int], block_size: int,
+                        bucket_cost_tokens: int = DECODE_BUCKET_COST_TOKENS) -> list[tuple[int, int]]:
+    """Split decodes, sorted by context length ascending, into [start, end) buckets.
+
+    Minimises sum over buckets of (rows x padded length of its longest row, in
+    tokens) + bucket_cost_tokens per bucket (the fixed cost of one gather +
+    SDPA call expressed in tokens of work), by dynamic programming over the
+    sorted lengths: O(B^2) per step, not per layer. Invariants: buckets are
+    contiguous, cover [0, len(sorted_lens)) in order, and none is empty.
+    """
+    # Cuts only fall between different padded lengths: group equal ones first.
+    groups: list[tuple[int, int]] = []  # (padded length, rows ending here)
+    for row, length in enumerate(sorted_lens):
+        padded = -(-length // block_size) * block_size
+        if groups and groups[-1][0] == padded:
+            groups[-1] = (padded, row + 1)
+        else:
+            groups.append((padded, row + 1))
+    ends = [0] + [end for _, end in groups]
+    best = [0] * len(ends)  # best[g]: cost of rows [0, ends[g])
+    cut = [0] * len(ends)
+    for g in range(1, len(ends)):
+        longest = groups[g - 1][0]
+        best[g], cut[g] = min((best[s] + (ends[g] - ends[s]) * longest + bucket_cost_tokens, s) for s in range(g))
+    buckets: list[tuple[int, int]] = []
+    g = len(ends) - 1
+    while g > 0:
+        buckets.append((ends[cut[g]], ends[g]))
+        g = cut[g]
+    return buckets[::-1]
 
 
 def prefill_attention_torch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -128,7 +184,7 @@ def paged_attention(ctx: ForwardContext, layer_idx: int, query: torch.Tensor, ke
     nd = ctx.num_decodes
     if nd:
         out[:nd] = ops.decode(query[:nd], k_cache, v_cache, ctx.block_tables[:nd], ctx.decode_seq_lens,
-                              scale, sliding_window, ctx.workspace)
+                              scale, sliding_window, ctx.workspace, ctx.decode_buckets)
     start = nd
     for i in range(nd, len(ctx.query_lens)):
         q_len, ctx_len = ctx.query_lens[i], ctx.seq_lens[i]
@@ -153,18 +209,14 @@ def _backend_ops(backend: str) -> _Ops:
     if backend == "triton":
         from engine.kernels import paged_decode_attention, store_kv
 
-        def decode(q, kc, vc, bt, sl, scale, window, _ws):
+        def decode(q, kc, vc, bt, sl, scale, window, _ws, _buckets):  # one launch; no padding to bucket
             return paged_decode_attention(q, kc, vc, bt, sl, scale, window)
 
         return _Ops(store_kv=store_kv, decode=decode)
     return _TORCH_OPS
 
 
-def _decode_torch(q, kc, vc, bt, sl, scale, window, ws):
-    return decode_attention_torch(q, kc, vc, bt, sl, scale, window, ws)
-
-
-_TORCH_OPS = _Ops(store_kv=store_kv_torch, decode=_decode_torch)
+_TORCH_OPS = _Ops(store_kv=store_kv_torch, decode=decode_attention_bucketed)
 
 
 def _gather(cache: torch.Tensor, index: torch.Tensor, workspace: dict | None, name: str) -> torch.Tensor:

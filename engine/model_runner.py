@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from engine.attention import ForwardContext
+from engine.attention import ForwardContext, plan_decode_buckets
 from engine.kv_cache import PagedKVCache
 from engine.request import Request
 
@@ -39,8 +39,17 @@ class ModelRunner:
         self._workspace: dict = {}  # gather buffers reused across steps
 
     def prepare(self, scheduled: list[tuple[Request, int]]) -> StepBatch:
-        """scheduled: (request, new tokens this step), decodes (1 token) first."""
+        """scheduled: (request, new tokens this step), decodes (1 token) first.
+
+        Decodes are packed sorted by context length so that attention can
+        split them into contiguous length buckets.
+        """
         bs = self.block_size
+        num_decodes = 0
+        while num_decodes < len(scheduled) and scheduled[num_decodes][1] == 1:
+            num_decodes += 1
+        decodes = sorted(scheduled[:num_decodes], key=lambda item: item[0].num_computed_tokens)
+        scheduled = decodes + list(scheduled[num_decodes:])
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -65,9 +74,6 @@ class ModelRunner:
         block_tables = torch.zeros(len(tables), width, dtype=torch.long)
         for i, t in enumerate(tables):
             block_tables[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-        num_decodes = 0
-        while num_decodes < len(query_lens) and query_lens[num_decodes] == 1:
-            num_decodes += 1
         ctx = ForwardContext(
             kv_caches=self._layer_caches,
             slot_mapping=torch.tensor(slots, dtype=torch.long),
@@ -76,6 +82,7 @@ class ModelRunner:
             block_tables=block_tables,
             num_decodes=num_decodes,
             decode_seq_lens=torch.tensor(seq_lens[:num_decodes], dtype=torch.long),
+            decode_buckets=plan_decode_buckets(seq_lens[:num_decodes], bs) if self.backend == "torch" else None,
             backend=self.backend,
             workspace=self._workspace,
         )
