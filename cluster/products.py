@@ -72,6 +72,9 @@ class ProductConfig(_Frozen):
     max_queue_len: int = Field(64, ge=1)  # in-flight requests per ingress replica before 429
     disaggregated: bool = True
     engine: dict[str, Any] = {}
+    # KVTransferConfig fields. The gRPC transport's shared token comes from the environment variable that
+    # auth_token_env names, read by each worker when it starts; a literal auth_token is refused here so
+    # the secret never sits in a product file (or in the deployment arguments built from it).
     transfer: dict[str, Any] = {}
     prefill: Role = Role()
     decode: Role = Role()
@@ -81,6 +84,14 @@ class ProductConfig(_Frozen):
     def _name(cls, v: str) -> str:
         if not v or not all(c.isalnum() or c in "-_." for c in v):
             raise ValueError(f"product name must be non-empty [A-Za-z0-9-_.], got {v!r}")
+        return v
+
+    @field_validator("transfer")
+    @classmethod
+    def _no_secret_in_file(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if "auth_token" in v:
+            raise ValueError("transfer.auth_token would put the secret in the config: name an environment "
+                             "variable with transfer.auth_token_env instead")
         return v
 
     @model_validator(mode="after")

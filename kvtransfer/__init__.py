@@ -12,11 +12,18 @@ from __future__ import annotations
 
 from kvtransfer.config import KVTransferConfig
 from kvtransfer.connector import KVConnector, TransferStats
-from kvtransfer.errors import KVCorruptError, KVLayoutError, KVNotFoundError, KVTimeoutError, KVTransferError
+from kvtransfer.errors import (
+    KVAuthError,
+    KVCorruptError,
+    KVLayoutError,
+    KVNotFoundError,
+    KVTimeoutError,
+    KVTransferError,
+)
 from kvtransfer.handle import KVHandle
 
 __all__ = [
-    "KVConnector", "KVCorruptError", "KVHandle", "KVLayoutError", "KVNotFoundError", "KVTimeoutError",
+    "KVAuthError", "KVConnector", "KVCorruptError", "KVHandle", "KVLayoutError", "KVNotFoundError", "KVTimeoutError",
     "KVTransferConfig", "KVTransferError", "TransferStats", "make_connector",
 ]
 

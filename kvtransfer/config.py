@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Literal
 
 Transport = Literal["local", "ray", "grpc"]
@@ -16,6 +17,18 @@ class KVTransferConfig:
     lease_s: an export not fetched (or released) within this long is freed.
     fault: for tests and drills only; the exporting side injects this fault
     into what it serves, so the importer's checks are exercised for real.
+
+    Security (gRPC transport only; the Ray transport relies on the Ray cluster's own auth):
+    tls_cert_file / tls_key_file / tls_ca_file: PEM paths, all three or none. The
+    server presents cert + key; the client trusts only certificates signed by the CA
+    bundle. A connector is both server and client, so one config carries both sides.
+    tls_server_name: the name the client checks in the server certificate when it
+    differs from the host in the locator (pods dial IPs, certificates name services).
+    auth_token / auth_token_env: a secret shared by every exporter and importer of a
+    deployment (>= 16 printable ASCII characters), given directly (tests, programs) or
+    as the name of an environment variable read when the connector is made (deploy
+    configs: the secret never sits in a config file). Exporters refuse fetches
+    without it; importers send it with every fetch.
     """
 
     transport: Transport = "ray"
@@ -26,6 +39,12 @@ class KVTransferConfig:
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 0  # 0: pick a free port
     fault: Fault | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_ca_file: str | None = None
+    tls_server_name: str | None = None
+    auth_token: str | None = field(default=None, repr=False)  # a secret: kept out of logs and reprs
+    auth_token_env: str | None = None
 
     @classmethod
     def coerce(cls, value: KVTransferConfig | dict | None) -> KVTransferConfig:
@@ -39,3 +58,41 @@ class KVTransferConfig:
             raise ValueError("lease_s and timeout_s must be > 0")
         if not 1 << 10 <= self.chunk_bytes <= 64 << 20:
             raise ValueError(f"chunk_bytes must be in [1 KiB, 64 MiB], got {self.chunk_bytes}")
+        self._check_security()
+
+    @property
+    def tls(self) -> bool:
+        """True when the gRPC server and client use TLS (all three PEM files are set)."""
+        return self.tls_cert_file is not None
+
+    def resolved_token(self) -> str | None:
+        """The shared token (auth_token, or the value of the variable auth_token_env names), or None.
+
+        Raises ValueError if the named variable is unset or the token is too weak or not sendable as
+        gRPC metadata: a worker configured for a token must not fall back to running open.
+        """
+        if self.auth_token_env is None:
+            token = self.auth_token
+        else:
+            token = os.environ.get(self.auth_token_env)
+            if not token:
+                raise ValueError(f"auth_token_env: environment variable {self.auth_token_env} is unset or empty")
+        if token is not None and not (len(token) >= 16 and token.isascii() and token.isprintable()
+                                      and token == token.strip()):
+            raise ValueError("the KV transfer token must be >= 16 printable ASCII characters without "
+                             "surrounding spaces")
+        return token
+
+    def _check_security(self) -> None:
+        files = (self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
+        if any(f is not None for f in files) and not all(files):
+            raise ValueError("tls_cert_file, tls_key_file and tls_ca_file go together: set all three or none")
+        if self.auth_token is not None and self.auth_token_env is not None:
+            raise ValueError("set auth_token or auth_token_env, not both")
+        secured = self.tls or self.auth_token is not None or self.auth_token_env is not None
+        if secured and self.transport != "grpc":
+            raise ValueError(f"TLS and tokens apply to the grpc transport only, not {self.transport!r}")
+        if self.tls_server_name is not None and not self.tls:
+            raise ValueError("tls_server_name needs TLS (tls_cert_file, tls_key_file, tls_ca_file)")
+        if self.auth_token is not None:
+            self.resolved_token()  # a weak literal token fails now; an env token when the connector is made

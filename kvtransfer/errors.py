@@ -26,3 +26,7 @@ class KVLayoutError(KVTransferError):
 
 class KVNotFoundError(KVTransferError):
     """The export is unknown, was released, or its lease expired."""
+
+
+class KVAuthError(KVTransferError):
+    """The exporter refused the fetch: wrong or missing shared token, or the TLS handshake failed."""

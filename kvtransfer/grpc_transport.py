@@ -28,15 +28,23 @@ Fault "timeout": the server sends the header, then stalls the stream (sends
 nothing) until the client's deadline cancels the call, the lease ends, or the
 connector closes.
 
-Credentials (later): the server would use add_secure_port with
-grpc.ssl_server_credentials and the client grpc.secure_channel with
-grpc.ssl_channel_credentials; a per-export bearer token, minted at export and
-carried by the handle (a new KVHandle field), goes in FetchRequest.token and is
-checked with hmac.compare_digest in _serve_fetch before anything is streamed.
+Security (config.tls_*, config.auth_token / auth_token_env):
+- TLS: the server listens with grpc.ssl_server_credentials (cert + key), the
+  client dials with grpc.ssl_channel_credentials trusting only tls_ca_file, so a
+  plaintext peer cannot even complete the handshake. Without TLS files: plaintext.
+- Shared token: the client sends "authorization: Bearer <token>" call metadata
+  with every fetch; the server compares it in constant time (hmac.compare_digest)
+  before it decodes the request or looks up the export, and answers
+  UNAUTHENTICATED otherwise: a caller without the token learns nothing, and no
+  export is served or consumed. The importer maps that to KVAuthError.
+- Nothing from the network is unpickled: frames are msgpack with raw=False,
+  strict_map_key=True and ext types refused, and every field is type-checked.
+FetchRequest.token stays reserved for per-export tokens (unchecked).
 """
 
 from __future__ import annotations
 
+import hmac
 import threading
 import time
 from collections.abc import Iterator
@@ -50,19 +58,33 @@ import numpy as np
 
 from kvtransfer.config import KVTransferConfig
 from kvtransfer.connector import KVConnector
-from kvtransfer.errors import KVCorruptError, KVLayoutError, KVNotFoundError, KVTimeoutError, KVTransferError
+from kvtransfer.errors import (
+    KVAuthError,
+    KVCorruptError,
+    KVLayoutError,
+    KVNotFoundError,
+    KVTimeoutError,
+    KVTransferError,
+)
 from kvtransfer.handle import KVHandle
 
 SERVICE = "pdserve.kvtransfer.KVTransfer"
 METHOD = f"/{SERVICE}/Fetch"
 FRAME_SLACK = 256 << 10  # bytes beyond chunk_bytes a frame may take: msgpack overhead, or a header of ~7k hashes
 REQUEST_MAX_BYTES = 4 << 10
+AUTH_METADATA_KEY = "authorization"  # gRPC metadata keys are lower case
 _SERVER_THREADS = 8
 
 
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack ext type {code} is not part of the wire format")
+
+
 def _unpack(data: bytes) -> dict:
+    """A msgpack map from untrusted bytes: str/bytes keys only, no ext types (so no timestamps or custom
+    objects), container sizes bounded by len(data) (msgpack's default for unpackb). Raises ValueError."""
     try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, max_ext_len=0, ext_hook=_refuse_ext)
     except Exception as e:  # msgpack raises several types for malformed input; all mean "not a frame"
         raise ValueError(f"not msgpack: {type(e).__name__}") from e
     if not isinstance(obj, dict):
@@ -198,13 +220,42 @@ def _join(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+def _read_pem(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise KVTransferError(f"cannot read TLS file {path}: {e}") from e
+
+
+def _bearer(token: str) -> str:
+    return f"Bearer {token}"
+
+
+def _has_token(context: grpc.ServicerContext, expected: bytes) -> bool:
+    """True iff the call carries exactly one authorization value equal to `expected`.
+
+    hmac.compare_digest takes time independent of where the values differ (it reveals only
+    whether the lengths differ), so response timing does not leak the token byte by byte.
+    """
+    sent = [v for k, v in context.invocation_metadata() or () if k == AUTH_METADATA_KEY]
+    if len(sent) != 1:
+        return False
+    value = sent[0].encode() if isinstance(sent[0], str) else sent[0]
+    return hmac.compare_digest(value, expected)
+
+
 class GrpcConnector(KVConnector):
     """gRPC streaming transport. Both sides use the same class; the server starts only when needed."""
 
     transport = "grpc"
 
     def __init__(self, config: KVTransferConfig) -> None:
+        """Raises ValueError if the configured token is unset (auth_token_env) or weak."""
         super().__init__(config)
+        token = config.resolved_token()
+        self._call_metadata: tuple[tuple[str, str], ...] = ((AUTH_METADATA_KEY, _bearer(token)),) if token else ()
+        self._expected_auth: bytes | None = _bearer(token).encode() if token else None
         self._frame_limit = config.chunk_bytes + FRAME_SLACK
         self._server: grpc.Server | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -227,6 +278,7 @@ class GrpcConnector(KVConnector):
                 return self._address
             if self._closing.is_set():
                 raise KVTransferError("connector is closed")
+            credentials = self._server_credentials()  # before any resource: a bad PEM path leaks nothing
             executor = ThreadPoolExecutor(max_workers=_SERVER_THREADS, thread_name_prefix="kv-grpc")
             server = grpc.server(executor, maximum_concurrent_rpcs=4 * _SERVER_THREADS, options=[
                 ("grpc.max_send_message_length", self._frame_limit),
@@ -236,7 +288,9 @@ class GrpcConnector(KVConnector):
             handler = grpc.unary_stream_rpc_method_handler(self._serve_fetch)  # no (de)serializers: bytes
             server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Fetch": handler}),))
             try:
-                port = server.add_insecure_port(_join(self.config.grpc_host, self.config.grpc_port))
+                address = _join(self.config.grpc_host, self.config.grpc_port)
+                port = (server.add_secure_port(address, credentials) if credentials is not None
+                        else server.add_insecure_port(address))
             except RuntimeError as e:
                 executor.shutdown(wait=False)
                 raise KVTransferError(f"cannot bind {self.config.grpc_host}:{self.config.grpc_port}: {e}") from e
@@ -244,6 +298,13 @@ class GrpcConnector(KVConnector):
             self._server, self._executor = server, executor
             self._address = _join(self.config.grpc_host, port)
             return self._address
+
+    def _server_credentials(self) -> grpc.ServerCredentials | None:
+        """TLS credentials from the configured PEM files, or None for plaintext. Raises KVTransferError."""
+        if not self.config.tls:
+            return None
+        return grpc.ssl_server_credentials([(_read_pem(self.config.tls_key_file),
+                                             _read_pem(self.config.tls_cert_file))])
 
     def _stage(self, handle: KVHandle, payload: np.ndarray) -> tuple[KVHandle, _GrpcPayload]:
         header = HeaderFrame.from_handle(handle).encode()
@@ -254,7 +315,13 @@ class GrpcConnector(KVConnector):
         return replace(handle, locator=locator), _GrpcPayload(header, payload)
 
     def _serve_fetch(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        """Runs on a server thread. Errors end the RPC with a status; the server keeps serving."""
+        """Runs on a server thread. Errors end the RPC with a status; the server keeps serving.
+
+        The token is checked first: an unauthenticated call learns nothing, not even whether its
+        request frame parses or its export exists, and consumes nothing.
+        """
+        if self._expected_auth is not None and not _has_token(context, self._expected_auth):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong KV transfer token")
         try:
             req = FetchRequest.decode(request)
         except ValueError as e:
@@ -285,18 +352,28 @@ class GrpcConnector(KVConnector):
     def _stub(self, address: str) -> Any:
         with self._channels_lock:
             if address not in self._channels:
-                channel = grpc.insecure_channel(address, options=[
-                    ("grpc.max_receive_message_length", self._frame_limit),
-                    ("grpc.max_send_message_length", REQUEST_MAX_BYTES),
-                ])
+                channel = self._open_channel(address)
                 self._channels[address] = (channel, channel.unary_stream(METHOD))
             return self._channels[address][1]
+
+    def _open_channel(self, address: str) -> grpc.Channel:
+        options = [
+            ("grpc.max_receive_message_length", self._frame_limit),
+            ("grpc.max_send_message_length", REQUEST_MAX_BYTES),
+        ]
+        if not self.config.tls:
+            return grpc.insecure_channel(address, options=options)
+        if self.config.tls_server_name is not None:
+            options.append(("grpc.ssl_target_name_override", self.config.tls_server_name))
+        credentials = grpc.ssl_channel_credentials(root_certificates=_read_pem(self.config.tls_ca_file))
+        return grpc.secure_channel(address, credentials, options=options)
 
     def _fetch_payload(self, handle: KVHandle) -> np.ndarray:
         address, _, export_id = handle.locator.rpartition("/")
         if not address or export_id != handle.export_id:
             raise KVNotFoundError(f"bad locator {handle.locator!r}")
-        call = self._stub(address)(FetchRequest(export_id).encode(), timeout=self.config.timeout_s)
+        call = self._stub(address)(FetchRequest(export_id).encode(), timeout=self.config.timeout_s,
+                                   metadata=self._call_metadata)
         try:
             return self._read_stream(handle, call)
         except grpc.RpcError as e:
@@ -305,6 +382,8 @@ class GrpcConnector(KVConnector):
                 raise KVTimeoutError(f"export {export_id}: not received within {self.config.timeout_s} s") from e
             if code == grpc.StatusCode.NOT_FOUND:
                 raise KVNotFoundError(f"export {export_id}: {details}") from e
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                raise KVAuthError(f"export {export_id}: refused by the exporter: {details}") from e
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise KVCorruptError(f"export {export_id}: frame over the limit: {details}") from e
             raise KVTransferError(f"export {export_id}: gRPC {code.name}: {details}") from e
