@@ -77,7 +77,10 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
-    kv_layout: Literal["paged"] = "paged"
+    # "contiguous": one growing region of consecutive blocks per request, the
+    # incident's allocator, kept to measure against (engine/contiguous_kv_cache_manager.py).
+    kv_layout: Literal["paged", "contiguous"] = "paged"
+    contiguous_reserve: Literal["grow", "max"] = "grow"  # contiguous: grow while decoding, or reserve max at once
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     seed: int = 0
 
@@ -95,6 +98,13 @@ class EngineConfig:
         _check(self.num_kv_blocks is None or self.num_kv_blocks >= 1,
                f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         _check(self.kv_cache_bytes > 0, f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
+        _check(self.kv_layout in ("paged", "contiguous"),
+               f"kv_layout must be 'paged' or 'contiguous', got {self.kv_layout!r}")
+        _check(self.contiguous_reserve in ("grow", "max"),
+               f"contiguous_reserve must be 'grow' or 'max', got {self.contiguous_reserve!r}")
+        _check(self.kv_layout != "contiguous" or not self.enable_prefix_caching,
+               "kv_layout='contiguous' gives each request its own region, so cached prefix blocks cannot be "
+               "shared: set enable_prefix_caching=False")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -18,6 +18,7 @@ from transformers import AutoTokenizer, GenerationConfig, PretrainedConfig
 
 from engine.block_hash import extra_keys
 from engine.config import EngineConfig, SamplingParams
+from engine.contiguous_kv_cache_manager import ContiguousKVCacheManager
 from engine.kv_cache import PagedKVCache
 from engine.kv_cache_manager import KVCacheManager
 from engine.model import kv_layout, load_model
@@ -53,7 +54,7 @@ class Engine:
         else:
             self.kv_cache = PagedKVCache.from_budget(self.layout, config.kv_cache_bytes)
         self.max_model_len = context_limit(config, self.model.config)
-        self.kv = KVCacheManager(self.kv_cache.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = self._kv_manager()
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_cache, _resolve_backend(config.attention_backend))
         self.sampler = Sampler(config.seed)
@@ -62,6 +63,17 @@ class Engine:
         self._finished: list[Request] = []  # ended since the last pop_finished() or step()
         self._counters = _Counters()
         self._ids = itertools.count()
+
+    def _kv_manager(self) -> KVCacheManager | ContiguousKVCacheManager:
+        config = self.config
+        if config.kv_layout == "contiguous":
+            return ContiguousKVCacheManager(self.kv_cache.num_blocks, config.block_size, config.contiguous_reserve,
+                                            self._copy_kv_blocks)
+        return KVCacheManager(self.kv_cache.num_blocks, config.block_size, config.enable_prefix_caching)
+
+    def _copy_kv_blocks(self, src: list[int], dst: list[int]) -> None:
+        """Copy whole blocks inside the KV tensor (every layer, K and V); src and dst may overlap."""
+        self.kv_cache.write_blocks(dst, self.kv_cache.read_blocks(src))
 
     # ---- requests -------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -281,7 +293,19 @@ class Engine:
             prompt_tokens_cached=self._counters.prompt_tokens_cached,
             num_preemptions=self.scheduler.num_preemptions,
             num_generated_tokens=self._counters.generated_tokens,
+            num_admission_failures=self.scheduler.num_admission_failures,
+            num_admission_failures_free_memory=self.scheduler.num_admission_failures_free_memory,
+            num_growth_failures=self.scheduler.num_growth_failures,
+            largest_free_hole_blocks=self.kv.largest_free_hole,
+            **self._move_stats(),
         )
+
+    def _move_stats(self) -> dict[str, int | float]:
+        if not isinstance(self.kv, ContiguousKVCacheManager):  # paged: KV never moves
+            return {}
+        moves = self.kv.moves
+        return {"num_kv_moves": moves.moves, "kv_bytes_moved": moves.blocks_copied * self.layout.bytes_per_block,
+                "kv_move_seconds": moves.seconds}
 
 
 def context_limit(config: EngineConfig, hf_config: PretrainedConfig) -> int:

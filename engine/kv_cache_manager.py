@@ -35,9 +35,18 @@ class KVCacheManager:
         return self.pool.num_free_blocks
 
     @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
     def usage(self) -> float:
         """Fraction of blocks held by requests (0.0 to 1.0)."""
         return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
+
+    @property
+    def largest_free_hole(self) -> int:
+        """The most blocks one request can get now: all free ones (any free block serves any sequence)."""
+        return self.pool.num_free_blocks
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -89,6 +98,9 @@ class KVCacheManager:
         self.pool.free_blocks(reversed(request.block_table))
         request.block_table = []
         request.num_published_blocks = 0
+
+    def check_invariants(self) -> None:
+        self.pool.check_invariants()
 
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
         hashes = request.full_block_hashes(self.block_size, num_tokens)

@@ -42,3 +42,12 @@ class EngineStats:
     prompt_tokens_cached: int
     num_preemptions: int
     num_generated_tokens: int
+    # KV layout health, the incident's symptoms (see engine/scheduler.py); the
+    # move counters stay 0 for the paged layout, which never moves KV.
+    num_admission_failures: int = 0  # times the head waiting request was refused KV room
+    num_admission_failures_free_memory: int = 0  # ... while >= 25% of KV blocks were free
+    num_growth_failures: int = 0  # times a running request found no room to grow (then preemption)
+    num_kv_moves: int = 0  # contiguous regions moved to a larger hole
+    kv_bytes_moved: int = 0  # bytes of filled KV copied by those moves
+    kv_move_seconds: float = 0.0  # time spent copying them
+    largest_free_hole_blocks: int = 0  # most blocks one new request could get now (paged: all free blocks)

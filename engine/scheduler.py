@@ -9,6 +9,11 @@ the front of the waiting queue to be recomputed later. Waiting requests are
 admitted in arrival order while budget, seats and blocks last; a step that
 preempted admits nobody. No request is dropped: max_model_len never exceeds
 what the whole pool holds, so the oldest request can always finish alone.
+
+The same rules hold for both KV layouts (paged and contiguous). Counted for
+the incident's symptoms: each refusal of the head waiting request (and those
+while at least FREE_MEMORY_FRACTION of the blocks were free), and each time a
+running request found no room to grow (it led to preemption).
 """
 
 from __future__ import annotations
@@ -16,8 +21,13 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from engine.contiguous_kv_cache_manager import ContiguousKVCacheManager
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus
+
+# "Out of memory while a quarter of memory is free" (WORKLOAD.md): a refused
+# admission with at least this fraction of KV blocks free is the incident's symptom.
+FREE_MEMORY_FRACTION = 0.25
 
 
 @dataclass
@@ -32,13 +42,17 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, kv: KVCacheManager | ContiguousKVCacheManager, max_num_seqs: int,
+                 max_num_batched_tokens: int) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_admission_failures = 0
+        self.num_admission_failures_free_memory = 0  # refused while >= FREE_MEMORY_FRACTION of blocks were free
+        self.num_growth_failures = 0
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -53,13 +67,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self.kv.allocate_slots(req, n):
-                victim = self.running.pop()
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is req:
-                    break
-            else:
+            if self.kv.allocate_slots(req, n) or self._preempt_for(req, n, out):
                 out.scheduled.append((req, n))
                 budget -= n
                 i += 1
@@ -72,6 +80,7 @@ class Scheduler:
             n_import = req.pending_kv_tokens if req.pending_kv is not None else 0
             n = min(req.num_tokens - num_cached - n_import, budget)
             if not self.kv.allocate_slots(req, n_import + n, computed_blocks):
+                self._count_refusal()
                 break
             self.waiting.popleft()
             if n_import:
@@ -95,6 +104,24 @@ class Scheduler:
         request.status = status
         if free:
             self.kv.free(request)
+
+    def _preempt_for(self, req: Request, n: int, out: SchedulerOutput) -> bool:
+        """req (running) found no room for n more tokens: preempt the newest running requests until it
+        fits. Returns False when req itself had to be preempted."""
+        self.num_growth_failures += 1
+        while True:
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is req:
+                return False
+            if self.kv.allocate_slots(req, n):
+                return True
+
+    def _count_refusal(self) -> None:
+        self.num_admission_failures += 1
+        if self.kv.num_free_blocks >= FREE_MEMORY_FRACTION * self.kv.num_blocks:
+            self.num_admission_failures_free_memory += 1
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)

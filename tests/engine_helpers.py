@@ -38,4 +38,4 @@ def assert_all_free(llm: LLM) -> None:
     assert stats.num_requests_deferred == 0 and stats.num_requests_held == 0
     assert stats.num_blocks_free == stats.num_blocks_total, f"{stats.num_blocks_total - stats.num_blocks_free} leaked"
     assert not llm.engine.requests
-    llm.engine.kv.pool.check_invariants()
+    llm.engine.kv.check_invariants()  # paged: the block pool's; contiguous: the allocator's
