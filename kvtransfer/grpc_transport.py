@@ -8,7 +8,7 @@ reference to the exported bytes (no copy). An export is freed once streamed in
 full ("freed when fetched"); a stream the client abandons leaves it staged for
 a retry until release or lease expiry.
 
-Wire format, msgpack only (never pickle), each frame a map with "kind":
+Wire format, msgpack only (never pickle), each frame a map with exactly these fields (any other is malformed):
   request  {export_id: str, token: str | nil}                  <= 4 KiB
   header   {kind: "header", request_id, export_id, block_hashes: [bin], layout: map,
             dtype, shape: [int], checksum, nbytes, num_tokens, first_block}
@@ -92,11 +92,28 @@ def _unpack(data: bytes) -> dict:
     return obj
 
 
+def _only(obj: dict, allowed: frozenset[str]) -> None:
+    """ValueError if obj has a field outside `allowed`: the wire format is exact, so an extra field is a
+    peer speaking something else (or lying), never data to ignore."""
+    extra = set(obj) - allowed
+    if extra:
+        raise ValueError(f"unknown fields {sorted(str(k)[:32] for k in extra)[:8]}")
+
+
 def _need(obj: dict, key: str, kind: type | tuple[type, ...]) -> Any:
     value = obj.get(key)
     if not isinstance(value, kind) or isinstance(value, bool):
         raise ValueError(f"field {key!r} missing or not {kind}")
     return value
+
+
+_REQUEST_FIELDS = frozenset({"export_id", "token"})
+_FRAME_FIELDS = {  # kind -> the exact fields of a response frame of that kind
+    "header": frozenset({"kind", "request_id", "export_id", "block_hashes", "layout", "dtype", "shape", "checksum",
+                         "nbytes", "num_tokens", "first_block"}),
+    "data": frozenset({"kind", "seq", "data"}),
+    "end": frozenset({"kind", "frames", "nbytes"}),
+}
 
 
 @dataclass(frozen=True)
@@ -115,8 +132,7 @@ class FetchRequest:
         if len(data) > REQUEST_MAX_BYTES:
             raise ValueError("request frame too large")
         obj = _unpack(data)
-        if set(obj) - {"export_id", "token"}:
-            raise ValueError(f"unknown fields {sorted(map(str, set(obj) - {'export_id', 'token'}))}")
+        _only(obj, _REQUEST_FIELDS)
         export_id = _need(obj, "export_id", str)
         token = obj.get("token")
         if not 0 < len(export_id) <= 128 or not (token is None or isinstance(token, str)):
@@ -156,7 +172,8 @@ class HeaderFrame:
     def from_obj(cls, obj: dict) -> HeaderFrame:
         hashes = _need(obj, "block_hashes", list)
         shape = _need(obj, "shape", list)
-        if not all(isinstance(h, bytes) for h in hashes) or not all(isinstance(d, int) for d in shape):
+        if (not all(isinstance(h, bytes) for h in hashes)
+                or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)):
             raise ValueError("bad block_hashes or shape")
         return cls(_need(obj, "request_id", str), _need(obj, "export_id", str), tuple(hashes),
                    _need(obj, "layout", dict), _need(obj, "dtype", str), tuple(shape), _need(obj, "checksum", int),
@@ -199,13 +216,15 @@ def decode_frame(data: bytes) -> HeaderFrame | DataFrame | EndFrame:
     try:
         obj = _unpack(data)
         kind = obj.get("kind")
+        if isinstance(kind, str) and kind in _FRAME_FIELDS:
+            _only(obj, _FRAME_FIELDS[kind])
         if kind == "data":
             return DataFrame(_need(obj, "seq", int), _need(obj, "data", bytes))
         if kind == "header":
             return HeaderFrame.from_obj(obj)
         if kind == "end":
             return EndFrame(_need(obj, "frames", int), _need(obj, "nbytes", int))
-        raise ValueError(f"unknown frame kind {kind!r}")
+        raise ValueError(f"unknown frame kind {str(kind)[:32]!r}")
     except ValueError as e:
         raise KVCorruptError(f"malformed frame: {e}") from e
 
