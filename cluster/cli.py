@@ -1,4 +1,4 @@
-"""The `pdserve` command line: `up`, `status`, `down`, and an offline `demo`."""
+"""The `pdserve` command line: `up`, `status`, `down`, an offline `demo`, and `bench` (bench/load_bench.py)."""
 
 from __future__ import annotations
 
@@ -180,6 +180,13 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    """Load-test an OpenAI-compatible endpoint on this machine (bench/load_bench.py)."""
+    from bench.load_bench import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated LLM serving on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--model", default=None, help="local Hugging Face folder (default: built-in tiny model)")
     demo.add_argument("--max-tokens", type=int, default=32)
     demo.set_defaults(func=_demo)
+    from bench.load_bench import add_arguments as add_bench_arguments
+
+    bench = sub.add_parser("bench", help="load-test an OpenAI-compatible endpoint on 127.0.0.1 (pdserve, vllm serve)")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,141 @@
+"""`pdserve bench`: the two-product mix against an OpenAI-compatible endpoint on this machine.
+
+    pdserve bench --base-url http://127.0.0.1:8000/v1 --rate 2 --duration 120 --scale 0.1 --out out/pdserve
+    pdserve bench --base-url http://127.0.0.1:8001/v1 --model small ...          # vllm serve: one model
+
+The same seed gives the same requests against every server (bench/workload.py). Products come from
+--products-dir (system prompts, SLOs); pdserve serves one model name per product and adds the
+product's system prompt itself, so with model names equal to product names (the default) the
+client sends the user message only; for any other server it sends the system prompt too.
+--quick: a small bounded run (tiny lengths, 32 requests, 4 in flight, < 1 minute).
+
+This module imports only the standard library at import time: `pdserve --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+from pathlib import Path
+from typing import Any
+
+DEFAULT_URL = "http://127.0.0.1:8000/v1"
+PRODUCTS_DIR = Path(__file__).resolve().parent.parent / "deploy" / "products"
+QUICK = {"duration": 30.0, "requests": 32, "concurrency": 4, "scale": 0.05, "drain": 20.0}
+DEFAULTS = {"duration": 120.0, "requests": None, "concurrency": 8, "scale": 1.0, "drain": 60.0}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", default=DEFAULT_URL, help="OpenAI base URL; host must be 127.0.0.1 or localhost")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "EMPTY"), help="Bearer key for every product")
+    p.add_argument("--product-key", action="append", default=[], metavar="PRODUCT=KEY", help="a product's own key")
+    p.add_argument("--model", default=None, help="one served model name for every product (e.g. vllm serve's)")
+    p.add_argument("--model-map", action="append", default=[], metavar="PRODUCT=MODEL",
+                   help="served model name of a product (default: the product's name, as pdserve serves it)")
+    p.add_argument("--system-prompt", choices=("auto", "client", "server"), default="auto",
+                   help="who adds the product's system prompt; auto: the server when model names are product "
+                        "names (pdserve), else the client")
+    load = p.add_mutually_exclusive_group()
+    load.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals, requests per second")
+    load.add_argument("--concurrency", type=int, default=None, help="closed loop: requests in flight (default 8)")
+    p.add_argument("--requests", type=int, default=None, help="send at most this many requests")
+    p.add_argument("--duration", type=float, default=None, help="stop sending after this many seconds (default 120)")
+    p.add_argument("--drain", type=float, default=None, help="seconds to let the last requests finish (default 60)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=None, help="multiply user prompt and output lengths (default 1)")
+    p.add_argument("--mix", action="append", default=[], metavar="PRODUCT=WEIGHT", help="share of requests (1:1)")
+    p.add_argument("--slo", action="append", default=[], metavar="PRODUCT=TTFT_S,ITL_S",
+                   help="override a product's SLO (default: its products-dir config)")
+    p.add_argument("--products-dir", default=str(PRODUCTS_DIR), help="product configs: system prompts and SLOs")
+    p.add_argument("--out", default="bench-out/load", help="directory for results.json/.md, requests.jsonl, PNG")
+    p.add_argument("--quick", action="store_true", help="small bounded run for CI: " + str(QUICK))
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by `args`; print the tables; 0 when at least one request succeeded."""
+    from bench.load_client import ChatSender, Endpoint, require_local
+
+    require_local(args.base_url)  # before any work: a refused URL fails fast
+    plan = plan_from_args(args)
+    keys = _pairs(args.product_key, "--product-key")
+    endpoint = Endpoint(base_url=args.base_url, models=plan["models"], api_keys=keys, default_api_key=args.api_key,
+                        include_system=plan["include_system"])
+    result = asyncio.run(_drive(plan, ChatSender(endpoint), progress=not args.no_progress))
+    return _report(args, plan, result)
+
+
+def plan_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Quick/default values where options were not given; the workload, arrival, limits, models, SLOs."""
+    from bench.load_dispatch import Limits
+    from bench.workload import Concurrency, Poisson, default_mix
+    from cluster.products import SLO, load_products
+
+    base = QUICK if args.quick else DEFAULTS
+    value = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
+    arrival = Poisson(args.rate) if args.rate is not None else Concurrency(value["concurrency"])
+    weights = {k: float(v) for k, v in _pairs(args.mix, "--mix").items()} or None
+    mix = default_mix(weights=weights, scale=value["scale"], products_dir=args.products_dir)
+    names = [p.name for p in mix.products]
+    models = {name: args.model or name for name in names} | _pairs(args.model_map, "--model-map")
+    include_system = {"client": True, "server": False}.get(args.system_prompt,
+                                                           any(models[n] != n for n in names))
+    configs = load_products(args.products_dir)
+    slos = {name: configs[name].slo if name in configs else SLO() for name in names}
+    for name, spec in _pairs(args.slo, "--slo").items():
+        ttft, itl = (float(x) for x in spec.split(","))
+        slos[name] = SLO(ttft_s=ttft, itl_s=itl)
+    limits = Limits(duration_s=value["duration"], max_requests=value["requests"], drain_s=value["drain"])
+    return {"mix": mix, "arrival": arrival, "limits": limits, "models": models, "include_system": include_system,
+            "slos": slos, "seed": args.seed}
+
+
+async def _drive(plan: dict[str, Any], sender: Any, progress: bool) -> Any:
+    from tqdm import tqdm
+
+    from bench.load_dispatch import run_load
+    from bench.workload import chat_requests
+
+    requests = chat_requests(plan["mix"], plan["arrival"], plan["seed"])
+    bar = tqdm(total=plan["limits"].max_requests, unit="req", disable=not progress, desc="bench")
+    failed = 0
+
+    def done(record: Any) -> None:
+        nonlocal failed
+        failed += not record.ok
+        bar.update(1)
+        bar.set_postfix(errors=failed, refresh=False)
+
+    try:
+        return await run_load(requests, plan["arrival"], plan["limits"], sender, on_record=done)
+    finally:
+        bar.close()
+        await sender.aclose()
+
+
+def _report(args: argparse.Namespace, plan: dict[str, Any], result: Any) -> int:
+    from bench.load_report import write_report
+    from bench.load_stats import summarize
+
+    summary = summarize(result.records, plan["slos"], result.wall_s)
+    settings = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "base_url": args.base_url,
+                "models": plan["models"], "system_prompt_sent": plan["include_system"],
+                "arrival": repr(plan["arrival"]), "seed": plan["seed"], "scale": plan["mix"].scale,
+                "mix": {p.name: p.weight for p in plan["mix"].products}, "limits": repr(plan["limits"]),
+                "slos": {k: v.model_dump() for k, v in plan["slos"].items()}}
+    paths = write_report(summary, result.records, settings, args.out)
+    print(paths["results.md"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0 if any(r.ok for r in result.records) else 1
+
+
+def _pairs(items: list[str], option: str) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"{option} takes KEY=VALUE, got {item!r}")
+        pairs[key] = value
+    return pairs
