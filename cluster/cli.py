@@ -187,6 +187,12 @@ def _bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _incident(args: argparse.Namespace) -> int:
+    from bench.incident import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated LLM serving on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -209,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="load-test an OpenAI-compatible endpoint on 127.0.0.1 (pdserve, vllm serve)")
     add_bench_arguments(bench)
     bench.set_defaults(func=_bench)
+    from bench.incident import add_arguments as add_incident_arguments
+
+    incident = sub.add_parser("incident", help="contiguous vs paged KV: real-engine replay + GPU-scale simulation")
+    add_incident_arguments(incident)
+    incident.set_defaults(func=_incident)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -66,9 +66,10 @@ class Growth(enum.Enum):
     FAILED = "failed"
 
 
-def admission_size(need: int, ceiling: int, reserve: Reserve) -> int:
-    """Blocks to reserve when a request is admitted: `need` now, or the `ceiling` with reserve="max"."""
-    return max(need, ceiling) if reserve == "max" else max(need, 1)
+def admission_size(known: int, ceiling: int, reserve: Reserve) -> int:
+    """Blocks to reserve when a request is admitted: with "grow", `known` (its tokens so far and the
+    next one), with "max", its `ceiling` (prompt + max_tokens). All in blocks."""
+    return ceiling if reserve == "max" else min(known, ceiling)
 
 
 def grown_size(current: int, need: int, ceiling: int) -> int:

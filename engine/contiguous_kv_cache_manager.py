@@ -134,8 +134,8 @@ class ContiguousKVCacheManager:
     def _admission_blocks(self, request: Request, need: int) -> int:
         # "grow" admits with room for every token known now (a recomputed request's
         # outputs included) plus the next one, so the first decode does not regrow at once.
-        known = min(self.blocks_needed(request.num_tokens + 1), self._ceiling(request))
-        return admission_size(max(need, known), self._ceiling(request), self.reserve)
+        known = self.blocks_needed(request.num_tokens + 1)
+        return max(need, admission_size(known, self._ceiling(request), self.reserve))
 
     def _grow(self, request: Request, region: Region, need: int) -> bool:
         old_start = region.start

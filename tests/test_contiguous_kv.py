@@ -118,6 +118,7 @@ def test_sizing_policies() -> None:
     assert grown_size(2, 5, 100) == 5  # at least what is needed now
     assert grown_size(1, 2, 100) == 2  # at least one more block
     assert admission_size(3, 10, "grow") == 3
+    assert admission_size(12, 10, "grow") == 10  # a ceiling is a ceiling
     assert admission_size(3, 10, "max") == 10
 
 
