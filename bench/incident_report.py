@@ -140,7 +140,7 @@ def answer(replay: Mapping[str, Mapping[str, float]], sim: Mapping[str, Mapping[
                  f"prefix caching alone runs {prefix['mean_seqs_x']:.2f}x and keeps "
                  f"{prefix['held_over_reserved']:.0%}.")
     lines.append(_both_sentence(eff))
-    lines.append(_latency_sentence(eff))
+    lines.append(_latency_sentence(eff, sim))
     lines.append(_sim_symptom_sentence(sim))
     return lines
 
@@ -154,11 +154,15 @@ def _both_sentence(eff: Mapping[str, Mapping[str, float]]) -> str:
             f"{both['completed_x']:.2f}x the requests (best single change: {best_completed:.2f}x), {verdict}.")
 
 
-def _latency_sentence(eff: Mapping[str, Mapping[str, float]]) -> str:
+def _latency_sentence(eff: Mapping[str, Mapping[str, float]], sim: Mapping[str, Mapping[str, float]]) -> str:
     parts = [f"{label} {e['itl_p99_x']:.2f}x ({e['preemptions']:,.0f} preemptions)" for label, e in eff.items()]
-    return ("P99 inter-token latency against the incident's stack (preemption gaps included): " + ", ".join(parts)
-            + ". More sequences in flight read more KV per step, so a layout that holds more can be slower per "
-            "token; preemptions (a sequence recomputed after waiting) set the tail.")
+    text = ("P99 inter-token latency against the incident's stack (a preempted sequence's wait counts as one "
+            "gap): " + ", ".join(parts) + ".")
+    p50 = ratio(sim["paged"]["itl_p50_s"], sim[BASELINE]["itl_p50_s"])
+    if p50 > 1:
+        text += (f" The median is {p50:.2f}x the incident stack's with paging: it holds more sequences, and each "
+                 "decode step reads the KV of all of them.")
+    return text
 
 
 def _sim_symptom_sentence(sim: Mapping[str, Mapping[str, float]]) -> str:
@@ -167,9 +171,10 @@ def _sim_symptom_sentence(sim: Mapping[str, Mapping[str, float]]) -> str:
         return (f"The simulation reproduces the symptom too: {base['refusals_free_memory']:,.0f} refusals while "
                 f">= {FREE_FRACTION:.0%} was free ({base['requests_refused_free_memory']:,.0f} requests).")
     return (f"In the simulation no refusal happened with >= {FREE_FRACTION:.0%} free (at most "
-            f"{_pct(base['free_fraction_at_refusal_max'])} was free at a refusal of the incident's stack): at 80 GB "
-            "a request needs well under 1% of the arena, so fragmentation shows as memory stranded in small "
-            "holes, region moves and preemptions rather than as refusals.")
+            f"{_pct(base['free_fraction_at_refusal_max'])} was free at a refusal of the incident's stack): the "
+            f"largest request needs {base['largest_request_fraction']:.2%} of the arena, so there "
+            "fragmentation shows as memory stranded in small holes, region moves and preemptions rather than as "
+            "refusals.")
 
 
 def targets(replay: Mapping[str, Mapping[str, float]], sim: Mapping[str, Mapping[str, float]]) -> list[str]:

@@ -273,9 +273,15 @@ class Simulation:
         self.run_data.counters.update(self.counts, requests_refused_free_memory=len(self.refused_free),
                                       ttft_p50_s=_quantile(self.ttft, 0.5), ttft_p99_s=_quantile(self.ttft, 0.99),
                                       arrived=next_request, still_waiting=len(self.waiting),
+                                      largest_request_fraction=self._largest_request_fraction(),
                                       free_fraction_at_refusal_p50=_quantile(self.free_at_refusal, 0.5),
                                       free_fraction_at_refusal_max=max(self.free_at_refusal, default=math.nan))
         return self.run_data
+
+    def _largest_request_fraction(self) -> float:
+        """The largest request's whole footprint (prompt + output) as a fraction of the arena."""
+        tokens = max((r.prompt_tokens + r.output_tokens for r in self.requests), default=0)
+        return -(-tokens // self.gpu.block_size) / self.gpu.num_blocks
 
     def _own_blocks(self, tokens: int) -> int:
         """Blocks a sequence needs for `tokens` tokens of context, less the shared prefix held once."""
