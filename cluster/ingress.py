@@ -5,8 +5,9 @@ check its API key, apply its chat template with its system prompt, tokenize,
 check limits, then stream from the product's DecodeServer deployment and turn
 StepOutputs into OpenAI JSON or server-sent events. Every refusal happens
 before any engine work and in OpenAI's error shape:
-400 malformed JSON / too long, 422 wrong types, 401 bad key, 404 unknown
-model, 429 queue full (with Retry-After), 503 no healthy replica.
+400 malformed JSON / too long, 413 body over MAX_BODY_BYTES, 422 wrong types,
+401 bad key, 404 unknown model, 429 queue full (with Retry-After), 503 no
+healthy replica.
 """
 
 # Serve's ingress decorator serializes the class when it is defined, by value: every module-level
@@ -53,6 +54,10 @@ from engine.model import load_config
 from engine.tiny_model import path as builtin_model_path
 
 log = logging.getLogger(__name__)
+
+# Far above any prompt a product accepts (its context limit is checked after tokenizing), low enough that a
+# huge body is refused before it is buffered whole, parsed and tokenized.
+MAX_BODY_BYTES = 8 << 20
 
 app = FastAPI(title="pdserve", description="OpenAI-compatible API of a disaggregated LLM cluster")
 
@@ -137,12 +142,31 @@ def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
     return replace(params, seed=seed)
 
 
+async def _read_body(request: Request) -> bytes:
+    """The raw body; 413 once it passes MAX_BODY_BYTES (declared or actual), without buffering the rest."""
+    too_large = APIError(413, f"request body over {MAX_BODY_BYTES} bytes", code="body_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _json_body(request: Request) -> dict:
-    raw = await request.body()
+    raw = await _read_body(request)
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise APIError(400, f"malformed JSON body: {exc}", code="invalid_json") from exc
+        # \ud800-style escapes decode to lone surrogates, which are not text: the tokenizer would raise
+        # TypeError (a 500) on them. Re-encoding finds them; it costs one pass over an accepted body.
+        json.dumps(body, ensure_ascii=False).encode()
+    except (UnicodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nesting too deep
+        raise APIError(400, f"malformed JSON body: {type(exc).__name__}: {str(exc)[:200]}",
+                       code="invalid_json") from exc
     if not isinstance(body, dict):
         raise APIError(400, "the JSON body must be an object", code="invalid_json")
     return body
