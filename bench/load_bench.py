@@ -18,8 +18,17 @@ import argparse
 import asyncio
 import datetime
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # annotations only: importing these at run time would slow `pdserve --help`
+    from bench.load_client import ChatSender
+    from bench.load_dispatch import Limits, LoadResult
+    from bench.load_stats import RequestRecord
+    from bench.workload import Arrival, ChatMix
+    from cluster.products import SLO
 
 DEFAULT_URL = "http://127.0.0.1:8000/v1"
 PRODUCTS_DIR = Path(__file__).resolve().parent.parent / "deploy" / "products"
@@ -54,24 +63,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+@dataclass(frozen=True)
+class BenchPlan:
+    """Everything a run needs, resolved from the options (quick or default values where none were given)."""
+
+    mix: ChatMix
+    arrival: Arrival
+    limits: Limits
+    models: Mapping[str, str]  # product -> served model name
+    include_system: bool  # the client sends the system prompt (the server does not add it)
+    slos: Mapping[str, SLO]
+    seed: int
+
+    def settings(self) -> dict[str, Any]:
+        """JSON-ready description of the run, for the report."""
+        return {"models": dict(self.models), "system_prompt_sent": self.include_system, "arrival": repr(self.arrival),
+                "seed": self.seed, "scale": self.mix.scale, "mix": {p.name: p.weight for p in self.mix.products},
+                "limits": repr(self.limits), "slos": {k: v.model_dump() for k, v in self.slos.items()}}
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by `args`; print the tables; 0 when at least one request succeeded."""
     from bench.load_client import ChatSender, Endpoint, require_local
 
     require_local(args.base_url)  # before any work: a refused URL fails fast
+    started = datetime.datetime.now().isoformat(timespec="seconds")
     plan = plan_from_args(args)
     keys = _pairs(args.product_key, "--product-key")
-    endpoint = Endpoint(base_url=args.base_url, models=plan["models"], api_keys=keys, default_api_key=args.api_key,
-                        include_system=plan["include_system"])
+    endpoint = Endpoint(base_url=args.base_url, models=plan.models, api_keys=keys, default_api_key=args.api_key,
+                        include_system=plan.include_system)
     result = asyncio.run(_drive(plan, ChatSender(endpoint), progress=not args.no_progress))
-    return _report(args, plan, result)
+    return _report(args, plan, result, started)
 
 
-def plan_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Quick/default values where options were not given; the workload, arrival, limits, models, SLOs."""
+def plan_from_args(args: argparse.Namespace) -> BenchPlan:
+    """The workload, arrival process, limits, model names and SLOs the options ask for."""
     from bench.load_dispatch import Limits
     from bench.workload import Concurrency, Poisson, default_mix
-    from cluster.products import SLO, load_products
+    from cluster.products import load_products
 
     base = QUICK if args.quick else DEFAULTS
     value = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
@@ -83,52 +112,58 @@ def plan_from_args(args: argparse.Namespace) -> dict[str, Any]:
     include_system = {"client": True, "server": False}.get(args.system_prompt,
                                                            any(models[n] != n for n in names))
     configs = load_products(args.products_dir)
-    slos = {name: configs[name].slo if name in configs else SLO() for name in names}
-    for name, spec in _pairs(args.slo, "--slo").items():
-        ttft, itl = (float(x) for x in spec.split(","))
-        slos[name] = SLO(ttft_s=ttft, itl_s=itl)
+    slos = {name: configs[name].slo for name in names} | _slos(args.slo)
     limits = Limits(duration_s=value["duration"], max_requests=value["requests"], drain_s=value["drain"])
-    return {"mix": mix, "arrival": arrival, "limits": limits, "models": models, "include_system": include_system,
-            "slos": slos, "seed": args.seed}
+    return BenchPlan(mix=mix, arrival=arrival, limits=limits, models=models, include_system=include_system,
+                     slos=slos, seed=args.seed)
 
 
-async def _drive(plan: dict[str, Any], sender: Any, progress: bool) -> Any:
+async def _drive(plan: BenchPlan, sender: ChatSender, progress: bool) -> LoadResult:
     from tqdm import tqdm
 
     from bench.load_dispatch import run_load
     from bench.workload import chat_requests
 
-    requests = chat_requests(plan["mix"], plan["arrival"], plan["seed"])
-    bar = tqdm(total=plan["limits"].max_requests, unit="req", disable=not progress, desc="bench")
+    requests = chat_requests(plan.mix, plan.arrival, plan.seed)
+    bar = tqdm(total=plan.limits.max_requests, unit="req", disable=not progress, desc="bench")
     failed = 0
 
-    def done(record: Any) -> None:
+    def done(record: RequestRecord) -> None:
         nonlocal failed
         failed += not record.ok
         bar.update(1)
         bar.set_postfix(errors=failed, refresh=False)
 
     try:
-        return await run_load(requests, plan["arrival"], plan["limits"], sender, on_record=done)
+        return await run_load(requests, plan.arrival, plan.limits, sender, on_record=done)
     finally:
         bar.close()
         await sender.aclose()
 
 
-def _report(args: argparse.Namespace, plan: dict[str, Any], result: Any) -> int:
-    from bench.load_report import write_report
+def _report(args: argparse.Namespace, plan: BenchPlan, result: LoadResult, started: str) -> int:
+    from bench.load_report import RESULTS_MD, write_report
     from bench.load_stats import summarize
 
-    summary = summarize(result.records, plan["slos"], result.wall_s)
-    settings = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "base_url": args.base_url,
-                "models": plan["models"], "system_prompt_sent": plan["include_system"],
-                "arrival": repr(plan["arrival"]), "seed": plan["seed"], "scale": plan["mix"].scale,
-                "mix": {p.name: p.weight for p in plan["mix"].products}, "limits": repr(plan["limits"]),
-                "slos": {k: v.model_dump() for k, v in plan["slos"].items()}}
+    summary = summarize(result.records, plan.slos, result.wall_s)
+    settings = {"started": started, "base_url": args.base_url, **plan.settings()}
     paths = write_report(summary, result.records, settings, args.out)
-    print(paths["results.md"].read_text())
+    print(paths[RESULTS_MD].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0 if any(r.ok for r in result.records) else 1
+
+
+def _slos(specs: list[str]) -> dict[str, SLO]:
+    from cluster.products import SLO
+
+    slos = {}
+    for name, spec in _pairs(specs, "--slo").items():
+        try:
+            ttft, itl = (float(x) for x in spec.split(","))
+        except ValueError:
+            raise SystemExit(f"--slo takes PRODUCT=TTFT_S,ITL_S (seconds), got {name}={spec}") from None
+        slos[name] = SLO(ttft_s=ttft, itl_s=itl)
+    return slos
 
 
 def _pairs(items: list[str], option: str) -> dict[str, str]:

@@ -76,7 +76,7 @@ class ChatSender:
         base = {"request_id": request.request_id, "product": request.product, "sent_s": start - t0}
         try:
             stream = await self._client(request.product).chat.completions.create(**self._body(request))
-            timing = _StreamTiming(start)
+            timing = StreamTiming(start)
             async for chunk in stream:
                 timing.observe(chunk)
         except openai.APIStatusError as exc:
@@ -102,7 +102,7 @@ class ChatSender:
         }
 
 
-class _StreamTiming:
+class StreamTiming:
     """Chunk arrival times of one stream; usage from its last chunk when the server sends it."""
 
     def __init__(self, start: float) -> None:

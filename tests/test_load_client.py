@@ -10,11 +10,12 @@ import json
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from bench.load_bench import add_arguments, plan_from_args
-from bench.load_client import Endpoint, require_local
+from bench.load_client import Endpoint, StreamTiming, require_local
 from bench.load_dispatch import Limits, run_load
 from bench.load_report import CDF_PNG, REQUESTS_JSONL, RESULTS_JSON, RESULTS_MD, write_report
 from bench.load_stats import ALL, CANCELLED, CLIENT_ERROR, OK, RequestRecord, meets_slo, percentiles, summarize
@@ -87,6 +88,37 @@ def test_summary_counts_add_up_and_rates_use_the_wall_time() -> None:
         summarize(records, slos, wall_s=0.0)
 
 
+# ---- timing one stream -------------------------------------------------------------------------------------
+
+def _chunk(content: str | None = None, usage: SimpleNamespace | None = None) -> SimpleNamespace:
+    choices = [] if usage is not None else [SimpleNamespace(delta=SimpleNamespace(content=content))]
+    return SimpleNamespace(choices=choices, usage=usage)
+
+
+def _timed(chunks: list[SimpleNamespace], gap_s: float = 0.01) -> RequestRecord:
+    timing = StreamTiming(time.perf_counter())
+    for chunk in chunks:
+        time.sleep(gap_s)
+        timing.observe(chunk)
+    return timing.record({"request_id": "r", "product": "a", "sent_s": 0.0})
+
+
+def test_stream_timing_starts_at_the_first_content_and_counts_usage_tokens() -> None:
+    details = SimpleNamespace(cached_tokens=16)
+    usage = SimpleNamespace(completion_tokens=7, prompt_tokens=30, prompt_tokens_details=details)
+    record = _timed([_chunk(""), _chunk(""), _chunk("a"), _chunk("b"), _chunk("cd"), _chunk(usage=usage)])
+    assert record.ok and record.output_tokens == 7 and (record.prompt_tokens, record.cached_tokens) == (30, 16)
+    assert record.ttft_s >= 0.025  # two role-only chunks came first: not tokens
+    assert len(record.itl_s) == 2 and all(gap >= 0.005 for gap in record.itl_s)
+    assert record.e2e_s >= record.ttft_s + sum(record.itl_s)
+
+
+def test_stream_timing_counts_chunks_without_usage_and_flags_empty_streams() -> None:
+    record = _timed([_chunk("a"), _chunk("b"), _chunk("c")], gap_s=0.0)
+    assert record.ok and record.output_tokens == 3 and record.prompt_tokens is None
+    assert _timed([_chunk("")], gap_s=0.0).outcome == "stream_error"
+
+
 # ---- where load may go --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("url", ["http://10.1.2.3:8000/v1", "http://example.com/v1", "https://api.openai.com/v1",
@@ -114,14 +146,16 @@ def _args(*argv: str) -> argparse.Namespace:
 
 def test_system_prompt_goes_where_the_server_does_not_add_it() -> None:
     pdserve = plan_from_args(_args("--quick"))
-    assert pdserve["models"] == {"support-chat": "support-chat", "report-gen": "report-gen"}
-    assert pdserve["include_system"] is False  # pdserve's products add their own
+    assert pdserve.models == {"support-chat": "support-chat", "report-gen": "report-gen"}
+    assert pdserve.include_system is False  # pdserve's products add their own
     vllm = plan_from_args(_args("--quick", "--model", "small"))
-    assert vllm["models"] == {"support-chat": "small", "report-gen": "small"} and vllm["include_system"] is True
-    assert plan_from_args(_args("--quick", "--system-prompt", "client"))["include_system"] is True
+    assert vllm.models == {"support-chat": "small", "report-gen": "small"} and vllm.include_system is True
+    assert plan_from_args(_args("--quick", "--system-prompt", "client")).include_system is True
     mapped = plan_from_args(_args("--model-map", "report-gen=big", "--slo", "report-gen=5,0.5", "--rate", "3"))
-    assert mapped["models"]["report-gen"] == "big" and mapped["slos"]["report-gen"] == SLO(ttft_s=5, itl_s=0.5)
-    assert mapped["arrival"] == Poisson(3.0) and pdserve["arrival"] == Concurrency(4)
+    assert mapped.models["report-gen"] == "big" and mapped.slos["report-gen"] == SLO(ttft_s=5, itl_s=0.5)
+    assert mapped.slos["support-chat"] == SLO(ttft_s=1.0, itl_s=0.2)  # deploy/products/support-chat.yaml
+    assert mapped.arrival == Poisson(3.0) and pdserve.arrival == Concurrency(4)
+    assert (pdserve.limits.max_requests, pdserve.mix.scale) == (32, 0.05) and mapped.limits.max_requests is None
 
 
 # ---- dispatch, against a fake server ------------------------------------------------------------------------
