@@ -4,9 +4,15 @@ Workers know nothing of the cluster (arrows point down); these subclasses add
 what a Serve deployment of them needs: a MetricsReporter pushing the worker's
 stats to the metrics hub, labelled with the product, started by the first
 health check (Serve calls it every few seconds from the replica's event loop).
+A replica's worker id is its Serve replica id (`SERVE_REPLICA::app#deployment#id`,
+also its actor name in the "serve" namespace), so a metrics source names the
+replica an operator would inspect or kill.
 """
 
 from __future__ import annotations
+
+from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from cluster.metrics import (
     KV_TRANSFER_SECONDS,
@@ -22,8 +28,17 @@ from decode_workers.server import DecodeServer
 from prefill_workers.server import PrefillServer
 
 
+def _replica_worker_id() -> str | None:
+    """The Serve replica id when running inside a replica, else None (plain actor or test)."""
+    try:
+        return serve.get_replica_context().replica_id.to_full_id_str()
+    except RayServeException:  # not inside a replica
+        return None
+
+
 class PrefillDeployment(PrefillServer):
     def __init__(self, *args, product: str = "default", **kwargs) -> None:
+        kwargs.setdefault("worker_id", _replica_worker_id())
         super().__init__(*args, **kwargs)
         self.product = product
         self._reporter = MetricsReporter(self.worker_id, ROLE_PREFILL, product, self._snapshot)
@@ -38,6 +53,7 @@ class PrefillDeployment(PrefillServer):
 
 class DecodeDeployment(DecodeServer):
     def __init__(self, *args, product: str = "default", **kwargs) -> None:
+        kwargs.setdefault("worker_id", _replica_worker_id())
         super().__init__(*args, **kwargs)
         self.product = product
         self._transfer_seconds = Histogram.for_metric(KV_TRANSFER_SECONDS)

@@ -464,7 +464,8 @@ class OpenAIIngress:
             while live:
                 index, out = await queue.get()
                 if isinstance(out, BaseException):
-                    yield _sse_line(oai.error_body(_describe(out), "server_error", "worker_failed"))
+                    yield _sse_line(oai.error_body(f"worker failed mid-request: {_describe(out)}", "server_error",
+                                                   "worker_failed"))
                     break
                 text = detoks[index].add(out["new_token_ids"])
                 if out["finished"]:

@@ -230,6 +230,7 @@ class SourceInfo:
     role: str
     age_s: float
     live: bool  # reported within stale_after_s and not forgotten: its gauges count
+    gauges: dict[str, float] = field(default_factory=dict)  # its latest gauges (bare names)
 
 
 # ---- recording inside a replica ---------------------------------------------------------------------
@@ -433,7 +434,7 @@ class MetricsHub:
 
     def sources(self) -> list[SourceInfo]:
         now = self._clock()
-        return [SourceInfo(sid, product, s.role, now - s.last_seen, self._live(s, now))
+        return [SourceInfo(sid, product, s.role, now - s.last_seen, self._live(s, now), dict(s.snapshot.gauges))
                 for (sid, product), s in sorted(self._sources.items())]
 
     def render(self) -> str:

@@ -190,6 +190,17 @@ class Engine:
         req = self.held[request_id]
         return None if req.generator is None else req.generator.get_state().numpy().tobytes()
 
+    def read_cached_blocks(self, block_hashes: list[bytes]) -> torch.Tensor:
+        """A copy of the blocks of the leading run of block_hashes still in the prefix cache
+        ([num_layers, 2, n, block_size, Hkv, D]; n may be 0). Touches no ref count or LRU order."""
+        ids = []
+        for block_hash in block_hashes:
+            block = self.kv.pool.get_cached_block(block_hash)
+            if block is None:
+                break
+            ids.append(block.block_id)
+        return self.kv_cache.read_blocks(ids)
+
     def release_held(self, request_id: str) -> bool:
         """Free the blocks of a finished hold_kv request. Idempotent; True if something was freed."""
         req = self.held.pop(request_id, None)

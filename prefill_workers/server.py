@@ -27,7 +27,7 @@ import torch
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig, SamplingParams
 from engine.outputs import EngineStats
-from kvtransfer import KVTransferConfig, make_connector
+from kvtransfer import KVHandle, KVTransferConfig, make_connector
 from prefill_workers.protocol import PrefillRequest, PrefillResult
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class PrefillServer:
         self._directory_ref = directory
         self._directory_namespace = directory_namespace
         self._fetched = self._published = self._directory_errors = 0
+        self._pinned: set[bytes] = set()  # hashes this worker warmed: re-pinned if the directory restarts
         self._background: set[asyncio.Task] = set()
         self._reaper: asyncio.Task | None = None
 
@@ -88,13 +89,11 @@ class PrefillServer:
             raise
         num_cached = (num_local + num_from_directory) * self.block_size
         try:
-            handle, export = await self._export(request, req.num_prompt_tokens, hashes,
-                                                publish_from=num_local + num_from_directory)
+            handle, full_hashes = await self._export(request, req.num_prompt_tokens)
             sampler_state = await self.engine.call(lambda e: e.sampler_state(rid))
         finally:
             await self.engine.call(lambda e: e.release_held(rid))
-        if export is not None:
-            self._spawn(self._publish(*export))
+        self._spawn(self._publish(full_hashes))
         return PrefillResult(
             request_id=rid, first_token=first.new_token_ids[0],
             first_logprobs=first.new_logprobs[0] if first.new_logprobs else None,
@@ -127,6 +126,7 @@ class PrefillServer:
         await asyncio.gather(*self._background)  # the publish of what this call computed
         hashes = list(result.kv.block_hashes)
         if pin:
+            self._pinned.update(hashes)
             await directory.pin.remote(hashes)
         return await directory.contains.remote(hashes)
 
@@ -171,10 +171,11 @@ class PrefillServer:
         self._fetched += n
         return n
 
-    async def _export(self, request: PrefillRequest, prompt_len: int, hashes: list[bytes], publish_from: int):
-        """Export blocks [skip_blocks, end) for the caller; return (handle, blocks to publish or None)."""
+    async def _export(self, request: PrefillRequest, prompt_len: int) -> tuple[KVHandle, list[bytes]]:
+        """Export blocks [skip_blocks, end) for the caller; return its handle and the prompt's full-block
+        hashes (what to offer the directory afterwards)."""
         rid, skip = request.request_id, request.skip_blocks
-        skip = min(skip, prompt_len // self.block_size, len(hashes))
+        skip = min(skip, prompt_len // self.block_size)
         blocks = await self.engine.call(lambda e: e.read_held_blocks(rid, skip))
         num_full = prompt_len // self.block_size  # full prompt blocks, the last one may be all-prompt too
         full_hashes = (await self.engine.call(lambda e: list(e.held[rid].full_block_hashes(
@@ -182,20 +183,27 @@ class PrefillServer:
         handle = await asyncio.to_thread(
             self.connector.export, rid, blocks, self.layout, first_block=skip,
             num_tokens=prompt_len - skip * self.block_size, block_hashes=full_hashes[skip:])
-        start = max(publish_from, skip)
-        if start >= num_full or self._directory() is None:
-            return handle, None
-        return handle, (full_hashes[start:num_full], blocks[:, :, start - skip: num_full - skip])
+        return handle, full_hashes
 
-    async def _publish(self, hashes: list[bytes], blocks: torch.Tensor) -> None:
-        """Hand newly computed full blocks to the directory, which owns them from now on."""
+    async def _publish(self, hashes: list[bytes]) -> None:
+        """Offer a prompt's full blocks to the directory: it gets the ones it lacks (it owns them from
+        then on), read from this worker's prefix cache. Every prompt is offered, not only newly computed
+        blocks: after a directory restart this is how it is refilled (and warmed prompts re-pinned)."""
         directory = self._directory()
+        if directory is None or not hashes:
+            return
         try:
             known = await directory.contains.remote(hashes)
-            if known < len(hashes):
-                array = _as_numpy(blocks[:, :, known:].contiguous())
-                await directory.publish.remote(hashes[known:], array, False)
-                self._published += len(hashes) - known
+            if known == len(hashes):
+                return
+            blocks = await self.engine.call(lambda e: e.read_cached_blocks(hashes[known:]))
+            n = blocks.shape[2]
+            if n:
+                await directory.publish.remote(hashes[known:known + n], _as_numpy(blocks), False)
+                self._published += n
+            repin = [h for h in hashes[known:known + n] if h in self._pinned]
+            if repin:  # the directory restarted and lost its pins
+                await directory.pin.remote(repin)
         except Exception as exc:
             self._directory_errors += 1
             log.warning("prefix directory publish failed: %r", exc)

@@ -12,10 +12,12 @@ from prefill_workers.server import PrefillServer
 TIMEOUT_S = 120
 
 
-def start_prefill(transfer: dict | None = None, engine: dict | None = None, directory: bool = True,
+def start_prefill(transfer: dict | None = None, engine: dict | None = None, directory: bool | str = True,
                   resources: dict | None = None, worker_id: str | None = None):
+    """directory: True for the cluster's directory, a name for another one, False for none."""
     actor = ray.remote(num_cpus=0.5, max_concurrency=64, resources=resources or {})(PrefillServer)
-    return actor.remote(engine, transfer, DIRECTORY_NAME if directory else None, worker_id=worker_id)
+    name = DIRECTORY_NAME if directory is True else directory or None
+    return actor.remote(engine, transfer, name, worker_id=worker_id)
 
 
 def start_decode(prefill, transfer: dict | None = None, engine: dict | None = None, resources: dict | None = None):

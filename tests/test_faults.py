@@ -1,0 +1,278 @@
+"""Faults on a running cluster lose no request silently and leak no KV block.
+
+A second Serve application ("faults", under /faults on the session's HTTP
+proxy) gets its own products so that killing its replicas disturbs no other
+test: "faults" (one prefill replica, two decode replicas, a small token
+budget so a long prefill spans many steps) and "faults-corrupt" (its
+prefill side corrupts every KV export it serves: the transfer-fault drill).
+Replicas are killed the way an operator (or a crashed node) would: the Serve
+replica actor, found by the id it reports its metrics under.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
+
+import openai
+import pytest
+import ray
+from ray import serve
+
+from cluster.app import DEFAULT_PRODUCTS_DIR, build_app
+from cluster.invariants import wait_cluster_idle
+from cluster.metrics import NUM_REQUESTS_RUNNING, get_hub
+from cluster.prefix_directory import NAMESPACE, PrefixDirectory
+from cluster.products import Autoscaling, load_products
+from engine.config import SamplingParams
+from tests.cluster_helpers import assert_idle, generate, kill_all, start_decode, start_prefill
+from tests.engine_helpers import random_prompts
+from tests.test_http_api import _metrics
+
+APP = "faults"
+PRODUCT = "faults"
+CORRUPT = "faults-corrupt"
+TIMEOUT_S = 120
+
+
+def _fixed(replicas: int) -> Autoscaling:
+    return Autoscaling(min_replicas=replicas, max_replicas=replicas, initial_replicas=replicas)
+
+
+@pytest.fixture(scope="module")
+def faults_url(pdserve_url: str):
+    base = load_products(DEFAULT_PRODUCTS_DIR)["support-chat"]
+    engine = {**base.engine, "max_num_batched_tokens": 16}
+    faults = base.model_copy(update={
+        "name": PRODUCT, "cache_salt": PRODUCT, "max_output_tokens": 2048, "engine": engine,
+        "prefill": base.prefill.model_copy(update={"autoscaling": _fixed(1)}),
+        "decode": base.decode.model_copy(update={"autoscaling": _fixed(2)}),
+    })
+    corrupt = base.model_copy(update={
+        "name": CORRUPT, "cache_salt": CORRUPT, "transfer": {**base.transfer, "fault": "corrupt", "lease_s": 2},
+        "prefill": base.prefill.model_copy(update={"autoscaling": _fixed(1)}),
+        "decode": base.decode.model_copy(update={"autoscaling": _fixed(1)}),
+    })
+    serve.run(build_app({PRODUCT: faults, CORRUPT: corrupt}), name=APP, route_prefix=f"/{APP}")
+    yield f"{pdserve_url}/{APP}"
+    serve.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def client(faults_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{faults_url}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT_S)
+
+
+def _chat(client: openai.OpenAI, content: str, max_tokens: int, model: str = PRODUCT, stream: bool = False):
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": content}], max_tokens=max_tokens, temperature=0,
+        stream=stream, extra_body={"ignore_eos": True},
+        **({"stream_options": {"include_usage": True}} if stream else {}))
+
+
+def _stream_tokens(client: openai.OpenAI, content: str, max_tokens: int, started: threading.Event) -> int:
+    """Completion tokens of a streamed request (from its usage chunk); raises on a stream error event."""
+    tokens = 0
+    for chunk in _chat(client, content, max_tokens, stream=True):
+        started.set()
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return tokens
+
+
+def _sources(role: str, product: str = PRODUCT):
+    hub = get_hub()
+    return [s for s in ray.get(hub.sources.remote(), timeout=TIMEOUT_S)
+            if s.role == role and s.product == product and s.live]
+
+
+def _wait_for_running_replica(role: str, timeout_s: float = 30) -> str:
+    """The id of a live replica of `role` that reports a running request (reports come every ~1 s)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        busy = [s for s in _sources(role) if s.gauges.get(NUM_REQUESTS_RUNNING, 0) > 0]
+        if busy:
+            return max(busy, key=lambda s: s.gauges[NUM_REQUESTS_RUNNING]).source_id
+        time.sleep(0.2)
+    raise AssertionError(f"no {role} replica reported a running request")
+
+
+def _wait_until_prefilling(timeout_s: float = 30) -> str:
+    """The prefill replica's id once it runs a request. Asked directly, not through the 1 s metrics
+    push: at 16 tokens per step the prefill lasts well under a second more."""
+    handle = serve.get_deployment_handle(f"{PRODUCT}-prefill", app_name=APP)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        stats = handle.stats.remote().result(timeout_s=TIMEOUT_S)
+        if stats.engine.num_requests_running:
+            return stats.worker_id
+        time.sleep(0.01)
+    raise AssertionError("the request never reached the prefill replica")
+
+
+def _kill_replica(replica_id: str) -> None:
+    # A Serve replica's actor is named by its full replica id in the "serve" namespace.
+    ray.kill(ray.get_actor(replica_id, namespace="serve"), no_restart=True)
+
+
+def _wait_replaced(deployment: str, dead: str, replicas: int) -> None:
+    """Serve runs `replicas` healthy replicas of the deployment again, none of them the dead one."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        status = serve.status().applications[APP].deployments[deployment]
+        running = status.replica_states.get("RUNNING", 0)
+        alive = {name for name in _named_replicas(deployment)}
+        if status.status == "HEALTHY" and running == replicas and dead not in alive and len(alive) == replicas:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{deployment} was not replaced: {serve.status().applications[APP].deployments}")
+
+
+def _named_replicas(deployment: str) -> list[str]:
+    prefix = f"SERVE_REPLICA::{APP}#{deployment}#"
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "serve" and a["name"].startswith(prefix)]
+
+
+def _assert_idle(products: tuple[str, ...] = (PRODUCT, CORRUPT)) -> None:
+    problems = wait_cluster_idle(get_hub(), timeout_s=30, products=products)
+    assert not problems, problems
+
+
+def test_decode_replica_death_mid_stream(client: openai.OpenAI) -> None:
+    n_streams, length = 4, 1200
+    started = [threading.Event() for _ in range(n_streams)]
+    with ThreadPoolExecutor(max_workers=n_streams + 1) as pool:
+        streams = [pool.submit(_stream_tokens, client, f"stream {i}", length, started[i]) for i in range(n_streams)]
+        for event in started:
+            assert event.wait(TIMEOUT_S), "a stream never started"
+        plain = pool.submit(_chat, client, "not streamed", length)
+        time.sleep(1.5)  # the plain request is running too by now
+        victim = _wait_for_running_replica("decode")
+        running_on_victim = next(s.gauges[NUM_REQUESTS_RUNNING] for s in _sources("decode")
+                                 if s.source_id == victim)
+        _kill_replica(victim)
+        outcomes = [f.exception(timeout=TIMEOUT_S) or f.result() for f in [*streams, plain]]
+    failed = [o for o in outcomes if isinstance(o, BaseException)]
+    completed = [o for o in outcomes if not isinstance(o, BaseException)]
+    # Requests on the dead replica end with a clean error; the others are untouched and complete.
+    assert len(failed) == running_on_victim and 0 < len(failed) < len(outcomes), outcomes
+    for err in failed:
+        assert isinstance(err, openai.APIError), repr(err)
+        if isinstance(err, openai.APIStatusError):  # the non-streamed one: 503
+            assert err.status_code == 503, err
+        # streams: an SSE error event in OpenAI's error shape, then the stream ended
+        assert err.body["code"] == "worker_failed" and err.body["type"] == "server_error", err.body
+        assert "worker failed mid-request" in err.message, err.message
+    for o in completed:
+        tokens = o if isinstance(o, int) else o.usage.completion_tokens
+        assert tokens == length
+    _wait_replaced(f"{PRODUCT}-decode", victim, replicas=2)
+    assert _chat(client, "after the replacement", 5).usage.completion_tokens == 5
+    _assert_idle()
+
+
+def test_prefill_replica_death_mid_request_costs_only_latency(client: openai.OpenAI, faults_url: str) -> None:
+    prompt = "Summarise this log line by line. " + " ".join(f"line {i}: disk quota ok." for i in range(300))
+    before = _metrics(faults_url)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(_chat, client, prompt, 8)
+        victim = _wait_until_prefilling()
+        _kill_replica(victim)
+        faulted = future.result(timeout=TIMEOUT_S)
+    _wait_replaced(f"{PRODUCT}-prefill", victim, replicas=1)
+    again = _chat(client, prompt, 8)  # a normal run of the same greedy request
+    assert faulted.choices[0].message.content == again.choices[0].message.content
+    assert faulted.usage.completion_tokens == 8
+    label = (("product", PRODUCT),)
+    deadline = time.monotonic() + 10
+    while _metrics(faults_url).get(("pdserve:recomputed_prefills_total", label), 0) <= before.get(
+            ("pdserve:recomputed_prefills_total", label), 0):
+        assert time.monotonic() < deadline, "the fallback prefill was not counted"
+        time.sleep(0.5)
+    _assert_idle()
+
+
+def test_transfer_faults_are_recomputed_counted_and_leave_no_export(client: openai.OpenAI, faults_url: str) -> None:
+    label = (("product", CORRUPT),)
+    name = "pdserve:kv_transfer_failures_total"
+    before = _metrics(faults_url).get((name, label), 0)
+    first = _chat(client, "a corrupted transfer, twice", 6, model=CORRUPT)
+    second = _chat(client, "a corrupted transfer, twice", 6, model=CORRUPT)
+    assert first.choices[0].message.content == second.choices[0].message.content
+    deadline = time.monotonic() + 10
+    while _metrics(faults_url).get((name, label), 0) < before + 2:
+        assert time.monotonic() < deadline, "transfer failures not counted"
+        time.sleep(0.5)
+    _assert_idle((CORRUPT,))  # includes kv_exports_alive == 0 on the prefill side
+
+
+def test_client_disconnect_frees_blocks_on_both_sides(faults_url: str) -> None:
+    body = {"model": PRODUCT, "messages": [{"role": "user", "content": "a long answer I will not wait for"}],
+            "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    label = (("product", PRODUCT),)
+    url = urlsplit(faults_url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=TIMEOUT_S)
+    try:
+        conn.request("POST", f"{url.path}/v1/chat/completions", body=json.dumps(body),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        for _ in range(5):  # a few SSE lines: the request is decoding
+            resp.readline()
+        deadline = time.monotonic() + 10
+        while _metrics(faults_url).get(("pdserve:kv_cache_usage_perc", label), 0) == 0:
+            assert time.monotonic() < deadline, "the request never showed in /metrics"
+            time.sleep(0.3)
+    finally:
+        conn.close()  # the client goes away mid-stream
+    deadline = time.monotonic() + 15
+    while True:
+        now = _metrics(faults_url)
+        if now[("pdserve:kv_cache_usage_perc", label)] == 0 and now[("pdserve:num_requests_running", label)] == 0:
+            break
+        assert time.monotonic() < deadline, "blocks still held after the client left"
+        time.sleep(0.3)
+    _assert_idle()
+
+
+def test_directory_death_degrades_then_refills_and_repins(ray_local) -> None:
+    """A directory of its own (the session app's stays untouched); Ray restarts it empty after the kill."""
+    name = "faults-directory"
+    directory = ray.remote(num_cpus=0, max_restarts=-1)(PrefixDirectory).options(
+        name=name, namespace=NAMESPACE, lifetime="detached").remote(64 << 20)
+    prefill = start_prefill(directory=name)
+    decode = start_decode(prefill)
+    fresh_prefill = fresh_decode = None
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    system = random_prompts([220], 8192, seed=40)[0]
+    system_blocks = 220 // 16
+    try:
+        assert ray.get(prefill.warm_prefix.remote(system), timeout=TIMEOUT_S) == system_blocks
+        reference = generate(decode, system + [11, 12, 13], greedy)["token_ids"]
+        ray.kill(directory, no_restart=False)  # dies now; Ray restarts it with nothing in it
+        # Serving continues (prefix reuse falls back to the worker's own cache) with the same output.
+        assert generate(decode, system + [11, 12, 13], greedy)["token_ids"] == reference
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:  # the next request through the system prompt refills and re-pins it
+            generate(decode, system + [int(time.monotonic() * 1000) % 8000 + 3], greedy)
+            stats = ray.get(directory.stats.remote(), timeout=TIMEOUT_S)
+            if stats.pinned_entries == system_blocks:
+                break
+            assert time.monotonic() < deadline, f"directory not refilled: {stats}"
+            time.sleep(0.5)
+        # A worker that never saw the system prompt now fetches it instead of computing it again.
+        fresh_prefill = start_prefill(directory=name)
+        fresh_decode = start_decode(fresh_prefill)
+        prompt = system + [21, 22, 23, 24]
+        assert generate(fresh_decode, prompt, greedy)["token_ids"] == generate(decode, prompt, greedy)["token_ids"]
+        fresh = ray.get(fresh_prefill.stats.remote(), timeout=TIMEOUT_S)
+        assert fresh.directory_blocks_fetched == system_blocks
+        assert fresh.engine.prompt_tokens_computed == len(prompt) - system_blocks * 16
+        assert_idle([prefill, fresh_prefill], [decode, fresh_decode])
+    finally:
+        kill_all(prefill, decode, *(a for a in (fresh_prefill, fresh_decode) if a is not None), directory)
