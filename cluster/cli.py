@@ -132,13 +132,18 @@ def _status(args: argparse.Namespace) -> int:
         if app is None:
             print("application: not deployed")
             return 1
-        print(f"application: {app.status.value}")
+        print(f"application: {_label(app.status)}")
         for name, dep in sorted(app.deployments.items()):
-            replicas = ", ".join(f"{state.value} {n}" for state, n in dep.replica_states.items())
-            print(f"  {name:28s} {dep.status.value:10s} replicas: {replicas}")
-        return 0 if app.status == "RUNNING" else 1
+            replicas = ", ".join(f"{_label(state)} {n}" for state, n in dep.replica_states.items())
+            print(f"  {name:28s} {_label(dep.status):10s} replicas: {replicas}")
+        return 0 if _label(app.status) == "RUNNING" else 1
     finally:
         ray.shutdown()
+
+
+def _label(status: Any) -> str:
+    """Serve statuses are str enums in some Ray versions and plain strings in others."""
+    return str(getattr(status, "value", status))
 
 
 def _down(args: argparse.Namespace) -> int:
