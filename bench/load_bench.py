@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     keys = _pairs(args.product_key, "--product-key")
     endpoint = Endpoint(base_url=args.base_url, models=plan.models, api_keys=keys, default_api_key=args.api_key,
                         include_system=plan.include_system)
-    result = asyncio.run(_drive(plan, ChatSender(endpoint), progress=not args.no_progress))
+    result = asyncio.run(run_plan(plan, ChatSender(endpoint), progress=not args.no_progress))
     return _report(args, plan, result, started)
 
 
@@ -118,7 +118,8 @@ def plan_from_args(args: argparse.Namespace) -> BenchPlan:
                      slos=slos, seed=args.seed)
 
 
-async def _drive(plan: BenchPlan, sender: ChatSender, progress: bool) -> LoadResult:
+async def run_plan(plan: BenchPlan, sender: ChatSender, progress: bool) -> LoadResult:
+    """Send the plan's requests through `sender` (closed afterwards); every request's record."""
     from tqdm import tqdm
 
     from bench.load_dispatch import run_load
