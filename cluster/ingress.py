@@ -351,7 +351,7 @@ class OpenAIIngress:
         results = {}
         for name, product in self._products.items():
             prefill = self._prefills.get(name)
-            if prefill is None or not product.system_prefix:
+            if prefill is None or not product.system_prefix or not product.config.prefix_caching:
                 continue
             results[name] = await prefill.warm_prefix.remote(product.system_prefix, product.config.salt)
         return results

@@ -103,6 +103,11 @@ class ProductConfig(_Frozen):
         return self
 
     @property
+    def prefix_caching(self) -> bool:
+        """engine.enable_prefix_caching: the engines' block-hash caches and the cluster directory."""
+        return self.engine_config().enable_prefix_caching
+
+    @property
     def salt(self) -> str:
         return self.cache_salt or self.name
 

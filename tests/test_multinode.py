@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import ray
+from ray._private.utils import get_ray_address_file
 from ray.cluster_utils import Cluster
 
 from engine.config import SamplingParams
@@ -18,6 +20,10 @@ from tests.engine_helpers import hf_greedy, random_prompts
 def two_node_cluster(_ray_session):
     if ray.is_initialized():
         ray.shutdown()  # this test needs its own cluster shape; the next local-Ray test restarts one
+    # Cluster records its address in Ray's default temp dir (not the head's temp_dir), which a fresh
+    # machine does not have yet; the record is removed afterwards so nothing later connects to it.
+    address_file = Path(get_ray_address_file(None))
+    address_file.parent.mkdir(parents=True, exist_ok=True)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": False, "temp_dir": f"/tmp/pdserve-ray-mn-{os.getpid()}"})
     cluster.add_node(num_cpus=2, resources={"prefill_node": 1})
@@ -27,6 +33,8 @@ def two_node_cluster(_ray_session):
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+    if address_file.exists() and address_file.read_text() == cluster.address:
+        address_file.unlink()
 
 
 @pytest.mark.parametrize("transport", ["ray", "grpc"])

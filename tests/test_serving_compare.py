@@ -1,0 +1,76 @@
+"""bench/serving_compare.py: variants are the product files with one override merged in, counters parse
+from the cluster's /metrics text, and the tables compare two runs. The runs themselves need a whole
+cluster twice; BENCHMARKS.md has them (the cluster paths they use are tested in test_http_api and
+test_disaggregated)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from bench.load_stats import OK, RequestRecord, summarize
+from bench.serving_compare import COMPARISONS, VariantResult, merge, parse_counters, report, write_variant
+from cluster.metrics import PREFIX
+from cluster.products import SLO, load_products
+
+PRODUCTS = Path(__file__).resolve().parent.parent / "deploy" / "products"
+
+
+def test_merge_nests_and_replaces() -> None:
+    base = {"engine": {"block_size": 16, "num_threads": 1}, "disaggregated": True, "api_keys": ["a"]}
+    out = merge(base, {"engine": {"enable_prefix_caching": False}, "disaggregated": False, "api_keys": []})
+    assert out == {"engine": {"block_size": 16, "num_threads": 1, "enable_prefix_caching": False},
+                   "disaggregated": False, "api_keys": []}
+    assert base["engine"] == {"block_size": 16, "num_threads": 1}  # the input is not changed
+
+
+def test_every_variant_is_a_valid_deployment(tmp_path: Path) -> None:
+    for comparison, variants in COMPARISONS.items():
+        for label, override in variants:
+            config = write_variant(PRODUCTS, override, tmp_path / comparison / label.replace(" ", "-"))
+            app = yaml.safe_load(config.read_text())["applications"][0]
+            products = load_products(app["args"]["products_dir"])
+            assert set(products) == set(load_products(PRODUCTS))
+            for product in products.values():
+                if label == "prefix cache off":
+                    assert not product.prefix_caching
+                elif label == "colocated":
+                    assert not product.disaggregated and product.prefix_caching
+                else:
+                    assert product.disaggregated and product.prefix_caching
+
+
+def test_parse_counters_sums_per_product() -> None:
+    text = "\n".join([
+        f"# TYPE {PREFIX}prompt_tokens_computed counter",
+        f'{PREFIX}prompt_tokens_computed_total{{product="support-chat"}} 120.0',
+        f'{PREFIX}prompt_tokens_computed_total{{product="report-gen"}} 30.0',
+        f"# TYPE {PREFIX}prompt_tokens_cached counter",
+        f'{PREFIX}prompt_tokens_cached_total{{product="support-chat"}} 448.0',
+        f"# TYPE {PREFIX}num_requests_running gauge",
+        f'{PREFIX}num_requests_running{{product="support-chat"}} 3.0',
+        "",
+    ])
+    counters = parse_counters(text)
+    assert counters["prompt_tokens_computed"] == {"support-chat": 120.0, "report-gen": 30.0}
+    assert counters["prompt_tokens_cached"] == {"support-chat": 448.0}
+    assert counters["generation_tokens"] == {}
+
+
+def _record(product: str, ttft: float, gaps: list[float]) -> RequestRecord:
+    return RequestRecord(request_id="r", product=product, sent_s=0.0, outcome=OK, ttft_s=ttft,
+                         e2e_s=ttft + sum(gaps), itl_s=tuple(gaps), output_tokens=len(gaps) + 1)
+
+
+def test_report_puts_both_variants_and_their_ratio_side_by_side() -> None:
+    slos = {"chat": SLO(ttft_s=1.0, itl_s=0.2)}
+    slow = summarize([_record("chat", 0.4, [0.1] * 9)], slos, wall_s=10.0)
+    fast = summarize([_record("chat", 0.2, [0.05] * 9)], slos, wall_s=10.0)
+    counters = {"prompt_tokens_computed": {"chat": 100.0}, "prompt_tokens_cached": {"chat": 0.0}}
+    results = [VariantResult("colocated", slow, counters, counters),
+               VariantResult("disaggregated", fast, counters, counters)]
+    text = report("placement", results, "python -m bench.serving_compare placement")
+    assert "| chat | colocated | 1 / 1 | 400 / 400 | 100 / 100 |" in text
+    assert "| chat | 2.00x | 2.00x | 2.00x | 2.00x | 1.00x | 1.00x |" in text
+    assert "| chat | colocated | 100 | 0 | 100 |" in text
