@@ -39,10 +39,23 @@ from bench.load_client import ChatSender, Endpoint, require_local
 from bench.load_report import write_report
 from bench.load_stats import ALL, ProductSummary, RunSummary, summarize
 
-# Variants per comparison: (label, override merged into every product file). The first is the baseline.
+_ONE_REPLICA = {"autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+# Variants per comparison: (label, override merged into every product file; its "per_product" list, if
+# any, is merged into the product files in name order, one each). The first variant is the baseline.
 COMPARISONS: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
     "prefix": (("prefix cache off", {"engine": {"enable_prefix_caching": False}}), ("prefix cache on", {})),
+    # Every process may run on every core: on a 2-core box prefill and decode still share the cores.
     "placement": (("colocated", {"disaggregated": False}), ("disaggregated", {})),
+    # The same two cores split the way each placement would use separate devices: colocated gives each
+    # product's engine a core; disaggregated gives the prefill engines one core and the decode engines
+    # the other. One replica per role, so the split is exactly this.
+    "placement-pinned": (
+        ("colocated, a core per product", {
+            "disaggregated": False, "decode": _ONE_REPLICA,
+            "per_product": [{"decode": {"cpu_affinity": [0]}}, {"decode": {"cpu_affinity": [1]}}]}),
+        ("disaggregated, prefill core 0, decode core 1", {
+            "prefill": {**_ONE_REPLICA, "cpu_affinity": [0]}, "decode": {**_ONE_REPLICA, "cpu_affinity": [1]}}),
+    ),
 }
 COUNTERS = ("prompt_tokens_computed", "prompt_tokens_cached", "generation_tokens")
 
@@ -64,13 +77,18 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
-def write_variant(products_dir: Path, override: Mapping[str, Any], into: Path) -> Path:
-    """Copy every product file of products_dir into `into` with `override` merged in; returns a Serve
-    config deploying them."""
+def write_variant(products_dir: Path, override: Mapping[str, Any], into: Path, model: str | None = None) -> Path:
+    """Copy every product file of products_dir into `into` with `override` merged in (and `model`, a
+    folder, replacing theirs when given); returns a Serve config deploying them."""
     products = into / "products"
     products.mkdir(parents=True)
-    for path in sorted(products_dir.glob("*.yaml")):
-        (products / path.name).write_text(yaml.safe_dump(merge(yaml.safe_load(path.read_text()), override)))
+    common = {k: v for k, v in override.items() if k != "per_product"}
+    per_product = override.get("per_product") or [{}]
+    for i, path in enumerate(sorted(products_dir.glob("*.yaml"))):
+        data = merge(merge(yaml.safe_load(path.read_text()), common), per_product[i % len(per_product)])
+        if model is not None:
+            data["model"] = model
+        (products / path.name).write_text(yaml.safe_dump(data))
     config = into / "serve.yaml"
     config.write_text(yaml.safe_dump({
         "http_options": {"host": "127.0.0.1", "port": 8000},
@@ -195,15 +213,19 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of each local Ray")
+    parser.add_argument("--serve-model", default=None,
+                        help="serve this model in every product instead of theirs: a built-in name (tiny, small) "
+                             "or a local Hugging Face folder")
     parser.set_defaults(out="bench-out/compare")
     args = parser.parse_args(argv)
     require_local(f"http://127.0.0.1:{args.port}/v1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    model = _model_folder(args.serve_model) if args.serve_model else None
     results = []
     with tempfile.TemporaryDirectory(prefix="pdserve-compare-") as tmp:
         for label, override in COMPARISONS[args.comparison]:
-            config = write_variant(Path(args.products_dir), override, Path(tmp) / _slug(label))
+            config = write_variant(Path(args.products_dir), override, Path(tmp) / _slug(label), model)
             results.append(run_variant(label, config, args, out))
     command = "python -m bench.serving_compare " + " ".join(argv if argv is not None else sys.argv[1:])
     text = report(args.comparison, results, command)
@@ -213,6 +235,15 @@ def main(argv: list[str] | None = None) -> int:
           "products": {k: _plain(v) for k, v in r.summary.products.items()}} for r in results], indent=2, default=str))
     print(text)
     return 0 if all(r.summary.products[ALL].ok for r in results) else 1
+
+
+def _model_folder(name: str) -> str:
+    """A local folder as is; otherwise a built-in model's name, built on first use."""
+    if Path(name).is_dir():
+        return str(Path(name).resolve())
+    from engine.tiny_model import path
+
+    return path(name)
 
 
 def _plain(p: ProductSummary) -> dict[str, Any]:

@@ -62,11 +62,11 @@ def build_app(products: dict[str, ProductConfig], ingress_replicas: int = 1) -> 
         if product.disaggregated:
             prefill = serve.deployment(PrefillDeployment).options(
                 **_deployment_options(f"{name}-prefill", product.prefill, PrefixAffinityRouter),
-            ).bind(engine, transfer, directory, product=name)
+            ).bind(engine, transfer, directory, product=name, cpu_affinity=product.prefill.cpu_affinity)
             prefills[name] = prefill
         decoders[name] = serve.deployment(DecodeDeployment).options(
             **_deployment_options(f"{name}-decode", product.decode, KVHeadroomRouter),
-        ).bind(engine, transfer, prefill, product=name)
+        ).bind(engine, transfer, prefill, product=name, cpu_affinity=product.decode.cpu_affinity)
     return serve.deployment(OpenAIIngress).options(
         name="ingress", num_replicas=ingress_replicas, ray_actor_options={"num_cpus": 0.1},
         max_ongoing_requests=1024, health_check_period_s=2.0,

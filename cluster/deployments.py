@@ -11,6 +11,9 @@ replica an operator would inspect or kill.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
@@ -36,8 +39,28 @@ def _replica_worker_id() -> str | None:
         return None
 
 
+def pin_to_cores(cores: Sequence[int]) -> None:
+    """Run every thread of this process, and the threads it starts later, on `cores` (Linux).
+
+    Called before the engine starts, so torch's threads inherit it. Raises ValueError when none of
+    `cores` is available to this process (a config error better seen at start than as a slow replica).
+    """
+    if not cores:
+        return
+    allowed = set(cores) & os.sched_getaffinity(0)
+    if not allowed:
+        raise ValueError(f"cpu_affinity {sorted(cores)}: none of these cores is available "
+                         f"(this process may use {sorted(os.sched_getaffinity(0))})")
+    for tid in os.listdir("/proc/self/task"):  # sched_setaffinity(0) would pin the calling thread only
+        try:
+            os.sched_setaffinity(int(tid), allowed)
+        except ProcessLookupError:  # the thread ended meanwhile
+            continue
+
+
 class PrefillDeployment(PrefillServer):
-    def __init__(self, *args, product: str = "default", **kwargs) -> None:
+    def __init__(self, *args, product: str = "default", cpu_affinity: Sequence[int] = (), **kwargs) -> None:
+        pin_to_cores(cpu_affinity)
         kwargs.setdefault("worker_id", _replica_worker_id())
         super().__init__(*args, **kwargs)
         self.product = product
@@ -52,7 +75,8 @@ class PrefillDeployment(PrefillServer):
 
 
 class DecodeDeployment(DecodeServer):
-    def __init__(self, *args, product: str = "default", **kwargs) -> None:
+    def __init__(self, *args, product: str = "default", cpu_affinity: Sequence[int] = (), **kwargs) -> None:
+        pin_to_cores(cpu_affinity)
         kwargs.setdefault("worker_id", _replica_worker_id())
         super().__init__(*args, **kwargs)
         self.product = product

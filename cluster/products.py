@@ -58,6 +58,16 @@ class Role(_Frozen):
     num_gpus: float = Field(0, ge=0)
     max_ongoing_requests: int = Field(64, ge=1)
     resources: dict[str, float] = {}
+    # CPU cores (ids) this role's replicas run on; empty: any. On CPU hosts this is how prefill and
+    # decode get separate hardware, as separate GPUs give them on GPU nodes.
+    cpu_affinity: tuple[int, ...] = ()
+
+    @field_validator("cpu_affinity")
+    @classmethod
+    def _cores(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(c < 0 for c in v):
+            raise ValueError(f"cpu_affinity takes core ids >= 0, got {list(v)}")
+        return v
 
 
 class ProductConfig(_Frozen):

@@ -33,12 +33,24 @@ def test_every_variant_is_a_valid_deployment(tmp_path: Path) -> None:
             products = load_products(app["args"]["products_dir"])
             assert set(products) == set(load_products(PRODUCTS))
             for product in products.values():
-                if label == "prefix cache off":
-                    assert not product.prefix_caching
-                elif label == "colocated":
-                    assert not product.disaggregated and product.prefix_caching
-                else:
-                    assert product.disaggregated and product.prefix_caching
+                assert product.prefix_caching == (label != "prefix cache off")
+                assert product.disaggregated == (not label.startswith("colocated"))
+
+
+def test_pinned_placements_split_the_cores_as_labelled(tmp_path: Path) -> None:
+    (colocated, colocated_override), (disaggregated, disaggregated_override) = COMPARISONS["placement-pinned"]
+    one = load_products(write_variant(PRODUCTS, colocated_override, tmp_path / "c").parent / "products")
+    assert sorted(p.decode.cpu_affinity for p in one.values()) == [(0,), (1,)]  # a core per product
+    two = load_products(write_variant(PRODUCTS, disaggregated_override, tmp_path / "d").parent / "products")
+    assert {(p.prefill.cpu_affinity, p.decode.cpu_affinity) for p in two.values()} == {((0,), (1,))}
+    for product in [*one.values(), *two.values()]:
+        assert product.decode.autoscaling.max_replicas == 1
+
+
+def test_serve_model_replaces_every_products_model(tmp_path: Path) -> None:
+    config = write_variant(PRODUCTS, {}, tmp_path / "v", model=str(tmp_path))
+    for product in load_products(config.parent / "products").values():
+        assert product.model == str(tmp_path)
 
 
 def test_parse_counters_sums_per_product() -> None:
