@@ -56,6 +56,17 @@ COMPARISONS: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
         ("disaggregated, prefill core 0, decode core 1", {
             "prefill": {**_ONE_REPLICA, "cpu_affinity": [0]}, "decode": {**_ONE_REPLICA, "cpu_affinity": [1]}}),
     ),
+    # As above, but the disaggregated split gives the long-output product's decode a core of its own:
+    # report-gen decode on core 1; both prefills and support-chat's decode on core 0. (Product files in
+    # name order: report-gen, support-chat.)
+    "placement-report-core": (
+        ("colocated, a core per product", {
+            "disaggregated": False, "decode": _ONE_REPLICA,
+            "per_product": [{"decode": {"cpu_affinity": [1]}}, {"decode": {"cpu_affinity": [0]}}]}),
+        ("disaggregated, report-gen decode alone on core 1", {
+            "prefill": {**_ONE_REPLICA, "cpu_affinity": [0]}, "decode": _ONE_REPLICA,
+            "per_product": [{"decode": {"cpu_affinity": [1]}}, {"decode": {"cpu_affinity": [0]}}]}),
+    ),
 }
 COUNTERS = ("prompt_tokens_computed", "prompt_tokens_cached", "generation_tokens")
 

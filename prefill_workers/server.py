@@ -93,7 +93,10 @@ class PrefillServer:
             sampler_state = await self.engine.call(lambda e: e.sampler_state(rid))
         finally:
             await self.engine.call(lambda e: e.release_held(rid))
-        self._spawn(self._publish(full_hashes))
+        # Publish on reuse: only the blocks this worker found in its own cache, i.e. prefixes seen at
+        # least twice. A prompt's unique blocks would cost a copy into the object store and engine time
+        # for nothing: nobody else asks for them (measured: BENCHMARKS.md, prefix cache off vs on).
+        self._spawn(self._publish(full_hashes[:num_local]))
         return PrefillResult(
             request_id=rid, first_token=first.new_token_ids[0],
             first_logprobs=first.new_logprobs[0] if first.new_logprobs else None,
@@ -123,10 +126,11 @@ class PrefillServer:
         directory = self._directory()
         if directory is None:
             return 0
-        await asyncio.gather(*self._background)  # the publish of what this call computed
         hashes = list(result.kv.block_hashes)
         if pin:
             self._pinned.update(hashes)
+        await self._publish(hashes)  # all of them: a warmed prompt is shared by definition
+        if pin:
             await directory.pin.remote(hashes)
         return await directory.contains.remote(hashes)
 
@@ -186,9 +190,9 @@ class PrefillServer:
         return handle, full_hashes
 
     async def _publish(self, hashes: list[bytes]) -> None:
-        """Offer a prompt's full blocks to the directory: it gets the ones it lacks (it owns them from
-        then on), read from this worker's prefix cache. Every prompt is offered, not only newly computed
-        blocks: after a directory restart this is how it is refilled (and warmed prompts re-pinned)."""
+        """Offer a run of a prompt's full blocks (from its first) to the directory: it gets the ones it
+        lacks (it owns them from then on), read from this worker's prefix cache. Blocks already known are
+        offered again: after a directory restart this is how it is refilled (and warmed prompts re-pinned)."""
         directory = self._directory()
         if directory is None or not hashes:
             return

@@ -94,6 +94,30 @@ def test_system_prompt_computed_once_per_cluster(ray_local, directory) -> None:
         kill_all(*prefills, *decodes)
 
 
+def test_directory_gets_prefixes_seen_twice_not_every_prompt(ray_local, directory) -> None:
+    prefills = [start_prefill(worker_id=f"q{i}") for i in range(2)]
+    decodes = [start_decode(p) for p in prefills]
+    try:
+        once, twice = random_prompts([100, 100], 8192, seed=35)
+        generate(decodes[0], once, GREEDY)
+        generate(decodes[0], twice, GREEDY)
+        assert ray.get(directory.stats.remote(), timeout=TIMEOUT_S).entries == 0  # unique so far: kept local
+        generate(decodes[0], twice + [5, 6, 7], GREEDY)  # its 6 full blocks are now a reused prefix
+        deadline = time.monotonic() + TIMEOUT_S
+        while ray.get(directory.stats.remote(), timeout=TIMEOUT_S).entries < 100 // 16:  # published after
+            assert time.monotonic() < deadline, "reused prefix never reached the directory"
+            time.sleep(0.2)
+        # ... so the other worker fetches it instead of computing it, and still never sees `once`.
+        generate(decodes[1], twice + [8, 9], GREEDY)
+        other = ray.get(prefills[1].stats.remote(), timeout=TIMEOUT_S)
+        assert other.directory_blocks_fetched == 100 // 16
+        assert other.engine.prompt_tokens_computed == 102 - (100 // 16) * 16
+        assert ray.get(directory.stats.remote(), timeout=TIMEOUT_S).entries == 100 // 16
+        assert_idle(prefills, decodes)
+    finally:
+        kill_all(*prefills, *decodes)
+
+
 def test_decode_worker_holding_the_prefix_receives_fewer_bytes(ray_local, directory) -> None:
     prefill = start_prefill()
     decode = start_decode(prefill)

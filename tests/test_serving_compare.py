@@ -47,6 +47,15 @@ def test_pinned_placements_split_the_cores_as_labelled(tmp_path: Path) -> None:
         assert product.decode.autoscaling.max_replicas == 1
 
 
+def test_report_core_placement_gives_report_decode_a_core_of_its_own(tmp_path: Path) -> None:
+    (_, colocated), (_, disaggregated) = COMPARISONS["placement-report-core"]
+    one = load_products(write_variant(PRODUCTS, colocated, tmp_path / "c").parent / "products")
+    assert {n: p.decode.cpu_affinity for n, p in one.items()} == {"report-gen": (1,), "support-chat": (0,)}
+    two = load_products(write_variant(PRODUCTS, disaggregated, tmp_path / "d").parent / "products")
+    cores = {(n, role): getattr(p, role).cpu_affinity for n, p in two.items() for role in ("prefill", "decode")}
+    assert [k for k, v in cores.items() if v == (1,)] == [("report-gen", "decode")]
+
+
 def test_serve_model_replaces_every_products_model(tmp_path: Path) -> None:
     config = write_variant(PRODUCTS, {}, tmp_path / "v", model=str(tmp_path))
     for product in load_products(config.parent / "products").values():
