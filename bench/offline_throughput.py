@@ -450,7 +450,8 @@ def _vllm_child(args: argparse.Namespace, system: str, tmp: str, result_path: st
             "warmup": [_warmup_prompt(cfg["vocab_size"], 32), _warmup_prompt(cfg["vocab_size"], 20)[::-1]],
             "kv_blocks": kv_bytes // (kv_bytes_per_token(cfg) * VLLM_BLOCK_TOKENS), "block_size": VLLM_BLOCK_TOKENS,
             "max_num_seqs": args.max_num_seqs or len(reqs), "max_num_batched_tokens": args.max_num_batched_tokens,
-            "prefix_caching": system == "vllm", "max_model_len": max(r.prompt_len + r.max_tokens for r in reqs) + 16}
+            "prefix_caching": system == "vllm", "max_model_len": max(r.prompt_len + r.max_tokens for r in reqs) + 16,
+            "echo": {"system": system, "workload": workload_digest(reqs), "threads": args.threads}}
     spec_path = os.path.join(tmp, "spec.json")
     Path(spec_path).write_text(json.dumps(spec))
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine in the child itself: its RSS is measured

@@ -5,7 +5,7 @@ virtual environment (so this file imports only the standard library and vllm, ne
 
 SPEC: {"model": folder, "prompts": [[token ids]], "max_tokens": [n], "warmup": [[token ids]],
        "kv_blocks": vLLM blocks (of block_size tokens), "block_size": tokens, "max_num_seqs": n,
-       "max_num_batched_tokens": n, "prefix_caching": bool, "max_model_len": tokens}
+       "max_num_batched_tokens": n, "prefix_caching": bool, "max_model_len": tokens, "echo": {...}}
 RESULT: the fields offline_throughput's children report (seconds, tokens, MiB), plus every request's
 output token ids. Greedy, EOS ignored: each request makes exactly its max_tokens. The engine runs in
 this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by the caller), so ru_maxrss covers it.
@@ -51,6 +51,7 @@ def main(spec_path: str, result_path: str) -> None:
         "max_num_batched_tokens": spec["max_num_batched_tokens"], "rss_after_load_mib": rss_loaded,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "vllm_version": __import__("vllm").__version__, "tokens": tokens,
+        **spec.get("echo", {}),  # the caller's own bookkeeping (system, workload digest, threads)
     }
     open(result_path, "w").write(json.dumps(result))
 
