@@ -87,13 +87,11 @@ def decode_attention_torch(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     mask = positions[None, :] < seq_lens[:, None]
     if sliding_window is not None:
         mask &= positions[None, :] > (seq_lens[:, None] - 1 - sliding_window)
-    # GQA folded into query rows: the G query heads of a KV head are G queries against it. SDPA's own
-    # enable_gqa expands K/V to every query head first (1.2x slower here: BENCHMARKS.md, offline section).
-    folded = query.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = F.scaled_dot_product_attention(
-        folded, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :], scale=scale,
+        query.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=num_heads != num_kv_heads,
     )
-    return out.reshape(batch, num_heads, head_dim)
+    return out.squeeze(2)
 
 
 def decode_attention_bucketed(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
