@@ -37,3 +37,32 @@ def test_demo_runs_offline(capsys) -> None:
 
     assert main(["demo", "--max-tokens", "4"]) == 0
     assert "prompt tokens computed" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(STARTUP_TIMEOUT_S + 180)
+def test_detached_up_status_down(tmp_path) -> None:
+    """`up --detach` returns once serving; `status` reports every deployment RUNNING; `down` stops it all."""
+    import os
+    import subprocess
+
+    port = free_port()
+    env = {**os.environ, "PDSERVE_CACHE_DIR": str(tmp_path)}  # its own state file, not the user's
+
+    def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([cli("pdserve"), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+    up = run("up", "--detach", "--port", str(port), timeout=STARTUP_TIMEOUT_S)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert (tmp_path / "up.json").exists()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        assert chat(client, deadline=time.monotonic() + 60).status_code == 200
+        status = run("status")
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert "application: RUNNING" in status.stdout
+        assert status.stdout.count("RUNNING") >= 6  # the app, the ingress and both roles of both products
+    finally:
+        down = run("down")
+    assert down.returncode == 0 and "pdserve stopped" in down.stdout, down.stdout + down.stderr
+    assert not (tmp_path / "up.json").exists()
+    assert run("status").returncode != 0  # nothing left to report on
