@@ -88,17 +88,29 @@ def _up(args: argparse.Namespace) -> int:
 def _up_detached(args: argparse.Namespace) -> int:
     """Start a Ray head that outlives this command, deploy, record it for `status` and `down`."""
     started_head = False
-    if not args.address:
+    address = args.address
+    if not address:
         subprocess.run(["ray", "start", "--head", "--disable-usage-stats", "--include-dashboard=false",
                         f"--num-cpus={args.num_cpus}", f"--temp-dir={DETACHED_TEMP_DIR}"], check=True,
                        env={**os.environ, **LOCAL_ENV})
         started_head = True
-    url = _deploy(args, {"address": args.address or "auto", "namespace": "pdserve", "log_to_driver": False})
+        address = _started_head_address()
+    url = _deploy(args, {"address": address, "namespace": "pdserve", "log_to_driver": False})
     STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
-    STATE_FILE.write_text(json.dumps({"url": url, "address": args.address or "auto", "started_head": started_head,
+    STATE_FILE.write_text(json.dumps({"url": url, "address": address, "started_head": started_head,
                                       "since": time.time()}))
     print("detached: `pdserve status` shows it, `pdserve down` stops it.")
     return 0
+
+
+def _started_head_address() -> str:
+    """The GCS address of the head `ray start --temp-dir=DETACHED_TEMP_DIR` just started, from the file it
+    writes there. Not "auto": that resolves through Ray's default temp dir and may name another cluster
+    on this machine (a test session, a user's own Ray), which `up` would then deploy to and `down` stop."""
+    record = Path(DETACHED_TEMP_DIR) / "ray_current_cluster"
+    if not record.exists():
+        raise SystemExit(f"ray start did not record its address in {record}")
+    return record.read_text().strip()
 
 
 def _shutdown() -> None:
