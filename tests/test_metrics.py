@@ -259,6 +259,11 @@ def test_reporter_without_a_hub_never_raises() -> None:
 
 
 # ---- over Ray -------------------------------------------------------------------------------------------
+async def _bounded(ref, timeout_s: float = 60.0):
+    """Await an actor call, failing in seconds rather than hanging the suite when the actor never answers."""
+    return await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout_s)
+
+
 def test_reporter_pushes_to_the_hub_actor(ray_local) -> None:
     name = f"pdserve-metrics-test-{uuid.uuid4().hex[:8]}"
     hub = m.get_or_create_hub(name=name)
@@ -280,20 +285,20 @@ def test_reporter_pushes_to_the_hub_actor(ray_local) -> None:
             reporter.start()
             await asyncio.sleep(0.3)
             assert await reporter.flush()
-            before = await hub.render.remote()
+            before = await _bounded(hub.render.remote())
             # The hub dies and Ray restarts it empty: the reporter finds it again and fills it back in.
             ray.kill(hub, no_restart=False)
-            deadline = time.monotonic() + 15.0
+            deadline = time.monotonic() + 60.0  # a restart on a loaded 2-core CI box can take a while
             while time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
                 try:
-                    if await hub.sources.remote():
+                    if await _bounded(hub.sources.remote(), 10.0):
                         break
-                except ray.exceptions.RayActorError:  # still restarting
+                except (ray.exceptions.RayActorError, TimeoutError):  # still restarting
                     pass
-            after = await hub.render.remote()
+            after = await _bounded(hub.render.remote())
             await reporter.stop()  # final push, then forget: gauges go, counters stay
-            return before, after, await hub.sources.remote(), await hub.render.remote()
+            return before, after, await _bounded(hub.sources.remote()), await _bounded(hub.render.remote())
 
         before, after, sources, stopped = asyncio.run(run())
         for text in (before, after):
