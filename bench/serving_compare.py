@@ -2,7 +2,7 @@
 
     python -m bench.serving_compare prefix    --rate 1 --duration 120 --scale 0.25 --out results/prefix
     python -m bench.serving_compare placement --rate 1 --duration 120 --scale 0.25 --out results/placement
-    python -m bench.serving_compare placement --quick --out /tmp/placement    # < 2 minutes, what CI runs
+    python -m bench.serving_compare placement --quick --out /tmp/placement    # a few minutes: a smoke run
 
 `prefix`: prefix caching on (each engine's block-hash cache plus the cluster directory, system prompts
 pinned at start) vs off (`engine.enable_prefix_caching: false`, no directory). Reported: prompt tokens
@@ -28,7 +28,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ from bench.load_bench import add_arguments, plan_from_args, run_plan
 from bench.load_client import ChatSender, Endpoint, require_local
 from bench.load_report import write_report
 from bench.load_stats import ALL, ProductSummary, RunSummary, summarize
+from bench.offline_throughput import model_path
+from cluster.metrics import PREFIX
 
 _ONE_REPLICA = {"autoscaling": {"min_replicas": 1, "max_replicas": 1}}
 # Variants per comparison: (label, override merged into every product file; its "per_product" list, if
@@ -122,7 +124,7 @@ def parse_counters(text: str) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {name: {} for name in COUNTERS}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            bare = sample.name.removeprefix("pdserve:").removesuffix("_total")
+            bare = sample.name.removeprefix(PREFIX).removesuffix("_total")
             if bare in out and sample.name.endswith("_total"):
                 product = sample.labels.get("product", ALL)
                 out[bare][product] = out[bare].get(product, 0.0) + sample.value
@@ -187,9 +189,8 @@ def latency_table(results: list[VariantResult]) -> str:
 def ratio_table(results: list[VariantResult]) -> str:
     """Baseline / other for each latency (above 1: the second variant is faster) and other / baseline for rates."""
     base, other = results[0], results[1]
-    lines = ["| product | TTFT P50 | TTFT P99 | ITL P50 | ITL P99 | output tok/s | goodput |",
-             "|---|---|---|---|---|---|---|"]
-    lines[0] = lines[0].replace("| product |", f"| product ({base.label} / {other.label}; rates inverted) |")
+    lines = [f"| product ({base.label} / {other.label}; rates inverted) | TTFT P50 | TTFT P99 | ITL P50 | ITL P99 "
+             "| output tok/s | goodput |", "|---|---|---|---|---|---|---|"]
     for product in base.summary.products:
         a, b = base.summary.products[product], other.summary.products[product]
         lines.append(f"| {product} | {_ratio(a.ttft.p50, b.ttft.p50)} | {_ratio(a.ttft.p99, b.ttft.p99)} | "
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     require_local(f"http://127.0.0.1:{args.port}/v1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = _model_folder(args.serve_model) if args.serve_model else None
+    model = model_path(args.serve_model) if args.serve_model else None
     results = []
     with tempfile.TemporaryDirectory(prefix="pdserve-compare-") as tmp:
         for label, override in COMPARISONS[args.comparison]:
@@ -243,24 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "compare.md").write_text(text)
     (out / "compare.json").write_text(json.dumps(
         [{"label": r.label, "counters": r.counters, "warm_counters": r.warm_counters,
-          "products": {k: _plain(v) for k, v in r.summary.products.items()}} for r in results], indent=2, default=str))
+          "products": {k: asdict(v) for k, v in r.summary.products.items()}} for r in results], indent=2, default=str))
     print(text)
     return 0 if all(r.summary.products[ALL].ok for r in results) else 1
-
-
-def _model_folder(name: str) -> str:
-    """A local folder as is; otherwise a built-in model's name, built on first use."""
-    if Path(name).is_dir():
-        return str(Path(name).resolve())
-    from engine.tiny_model import path
-
-    return path(name)
-
-
-def _plain(p: ProductSummary) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(p)
 
 
 if __name__ == "__main__":
