@@ -95,3 +95,20 @@ def test_report_puts_both_variants_and_their_ratio_side_by_side() -> None:
     assert "| chat | colocated | 1 / 1 | 400 / 400 | 100 / 100 |" in text
     assert "| chat | 2.00x | 2.00x | 2.00x | 2.00x | 1.00x | 1.00x |" in text
     assert "| chat | colocated | 100 | 0 | 100 |" in text
+
+
+def test_prefix_caching_off_deploys_prefill_without_the_directory(tmp_path: Path) -> None:
+    """The "prefix cache off" variant turns off the cluster layer too: its prefill deployments get no
+    directory to look up or publish to. (Reads the bound arguments through Serve's Application object.)"""
+    from cluster.app import build_app
+    from cluster.prefix_directory import DIRECTORY_NAME
+
+    def directories(override: dict) -> set:
+        config = write_variant(PRODUCTS, override, tmp_path / str(len(list(tmp_path.iterdir()))))
+        ingress = build_app(load_products(config.parent / "products"))._bound_deployment
+        prefills = ingress.init_args[2]
+        return {app._bound_deployment.init_args[2] for app in prefills.values()}
+
+    (_, off), (_, on) = COMPARISONS["prefix"]
+    assert directories(off) == {None}
+    assert directories(on) == {DIRECTORY_NAME}
