@@ -260,9 +260,13 @@ def test_directory_death_degrades_then_refills_and_repins(ray_local) -> None:
         deadline = time.monotonic() + TIMEOUT_S
         while True:  # the next request through the system prompt refills and re-pins it
             generate(decode, system + [int(time.monotonic() * 1000) % 8000 + 3], greedy)
-            stats = ray.get(directory.stats.remote(), timeout=TIMEOUT_S)
-            if stats.pinned_entries == system_blocks:
-                break
+            try:
+                stats = ray.get(directory.stats.remote(), timeout=TIMEOUT_S)
+            except ray.exceptions.ActorUnavailableError as restarting:  # a slow box may still be restarting it
+                stats = restarting
+            else:
+                if stats.pinned_entries == system_blocks:
+                    break
             assert time.monotonic() < deadline, f"directory not refilled: {stats}"
             time.sleep(0.5)
         # A worker that never saw the system prompt now fetches it instead of computing it again.
