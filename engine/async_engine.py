@@ -6,8 +6,9 @@ event loop keeps streaming and new arrivals moving while a batch computes
 
 Invariant: only the loop thread touches the Engine. Callers send it closures
 (`call`) that run between steps; results come back as asyncio futures.
-Streams get one StepOutput per step in which their request got a token, the
-last one with `finished` set. A consumer that stops early (cancelled, client
+Streams get a StepOutput per step in which their request got a token, the
+last one with `finished` set; a consumer that falls behind reads the waiting
+ones merged into one (all tokens since its last read). A consumer that stops early (cancelled, client
 gone) aborts its request, which frees its blocks before the next step.
 """
 
@@ -18,7 +19,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from engine.config import EngineConfig, SamplingParams
@@ -49,6 +50,7 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     sent: int = 0
+    error: BaseException | None = None  # taken from the queue while merging; raised next
 
 
 class EngineDeadError(RuntimeError):
@@ -119,9 +121,10 @@ class AsyncEngine:
         finished = False
         try:
             while True:
-                item = await stream.queue.get()
+                item = stream.error or await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                item = _coalesce(item, stream)
                 yield item
                 if item.finished:
                     finished = True
@@ -208,6 +211,21 @@ class AsyncEngine:
             except queue.Empty:
                 return
             cmd.loop.call_soon_threadsafe(_set_exception, cmd.future, EngineDeadError("engine loop stopped"))
+
+
+def _coalesce(first: StepOutput, stream: _Stream) -> StepOutput:
+    """Merge the outputs already waiting behind `first` into one (a consumer that fell behind
+    gets one message with every token since its last read, not one message per step).
+    An error found behind them is kept on the stream: the merged tokens go out first, then it raises."""
+    out = first
+    while not out.finished and not stream.queue.empty():
+        nxt = stream.queue.get_nowait()
+        if isinstance(nxt, BaseException):
+            stream.error = nxt
+            break
+        logprobs = None if out.new_logprobs is None else out.new_logprobs + (nxt.new_logprobs or [])
+        out = replace(nxt, new_token_ids=out.new_token_ids + nxt.new_token_ids, new_logprobs=logprobs)
+    return out
 
 
 def _set_result(future: asyncio.Future, result: Any) -> None:

@@ -17,6 +17,10 @@ through one batched padded gather + SDPA, so short contexts are not padded to
 the longest one. Sequences with several new tokens (prefill chunks) are
 handled one by one, because a step holds few of them and each is large
 enough to keep SDPA busy.
+
+Backends for decodes: "torch" (the bucketed gather + SDPA above), "cpu" (a C
+kernel reading blocks in place, engine/cpu_attention.py), "triton" (CUDA,
+engine/kernels). Prefill chunks always take the torch path.
 """
 
 from __future__ import annotations
@@ -206,6 +210,13 @@ class _Ops:
 
 
 def _backend_ops(backend: str) -> _Ops:
+    if backend == "cpu":
+        from engine.cpu_attention import paged_decode_attention
+
+        def decode_cpu(q, kc, vc, bt, sl, scale, window, _ws, _buckets):  # reads blocks in place: no buckets
+            return paged_decode_attention(q, kc, vc, bt, sl, scale, window)
+
+        return _Ops(store_kv=store_kv_torch, decode=decode_cpu)
     if backend == "triton":
         from engine.kernels import paged_decode_attention, store_kv
 

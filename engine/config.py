@@ -76,7 +76,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
-    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    attention_backend: Literal["auto", "torch", "cpu", "triton"] = "auto"  # auto: triton on CUDA, else cpu, else torch
     # "contiguous": one growing region of consecutive blocks per request, the
     # incident's allocator, kept to measure against (engine/contiguous_kv_cache_manager.py).
     kv_layout: Literal["paged", "contiguous"] = "paged"

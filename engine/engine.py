@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoTokenizer, GenerationConfig, PretrainedConfig
 
+from engine import cpu_attention
 from engine.block_hash import extra_keys
 from engine.config import EngineConfig, SamplingParams
 from engine.contiguous_kv_cache_manager import ContiguousKVCacheManager
-from engine.kv_cache import PagedKVCache
+from engine.kv_cache import KVLayout, PagedKVCache
 from engine.kv_cache_manager import KVCacheManager
 from engine.model import kv_layout, load_model
 from engine.model_runner import ModelRunner
@@ -56,7 +57,7 @@ class Engine:
         self.max_model_len = context_limit(config, self.model.config)
         self.kv = self._kv_manager()
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.kv_cache, _resolve_backend(config.attention_backend))
+        self.runner = ModelRunner(self.model, self.kv_cache, _resolve_backend(config.attention_backend, self.layout))
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, Request] = {}  # unfinished requests, deferred ones included
         self.held: dict[str, Request] = {}  # finished hold_kv requests whose blocks are kept
@@ -349,7 +350,13 @@ def _builtin_model_path() -> str:
     return path("tiny")
 
 
-def _resolve_backend(name: str) -> str:
+def _resolve_backend(name: str, layout: KVLayout) -> str:
+    """auto: the Triton kernels on CUDA; on the CPU the C kernel where it fits and builds, else torch."""
     if name == "auto":
-        return "triton" if torch.cuda.is_available() else "torch"
+        if torch.cuda.is_available():
+            return "triton"
+        return "cpu" if cpu_attention.supports(layout.dtype, layout.head_dim) and cpu_attention.available() else "torch"
+    if name == "cpu" and not (cpu_attention.supports(layout.dtype, layout.head_dim) and cpu_attention.available()):
+        raise ValueError(f"attention_backend 'cpu' needs float32, head_dim % 16 == 0 and a C compiler; "
+                         f"got {layout.dtype}, head_dim {layout.head_dim}")
     return name

@@ -31,6 +31,33 @@ def random_prompts(lengths: list[int], vocab: int, seed: int, prefix: list[int] 
     return [(prefix or []) + torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
+def random_paged_batch(seq_lens: list[int], block_size: int, num_kv_heads: int, group: int, head_dim: int,
+                       dtype: torch.dtype = torch.float32, seed: int = 0):
+    """Random query, caches and a scattered block table for the given context lengths (decode shapes).
+
+    Every sequence gets its blocks from one random permutation of the cache, so
+    tables are non-sequential and shared by no two sequences; rows are padded
+    with block 0 plus one spare column, like the engine's. The whole cache is
+    random, so reading any slot past a sequence's end (or before its window)
+    changes the result. Returns query [B, Hkv * group, D], k_cache, v_cache
+    [num_blocks, block_size, Hkv, D], block_tables [B, max_blocks + 1], seq_lens [B].
+    """
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [(n + block_size - 1) // block_size for n in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 3  # a few never-referenced blocks
+    perm = torch.randperm(num_blocks, generator=gen)
+    table = torch.zeros(len(seq_lens), max(blocks_per_seq) + 1, dtype=torch.int64)
+    used = 0
+    for i, nb in enumerate(blocks_per_seq):
+        table[i, :nb] = perm[used:used + nb]
+        used += nb
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen).to(dtype)
+    v_cache = torch.randn(shape, generator=gen).to(dtype)
+    query = torch.randn(len(seq_lens), num_kv_heads * group, head_dim, generator=gen).to(dtype)
+    return query, k_cache, v_cache, table, torch.tensor(seq_lens, dtype=torch.int64)
+
+
 def assert_all_free(llm: LLM) -> None:
     """After every request ended: no request state, every block back in the pool."""
     stats = llm.stats()

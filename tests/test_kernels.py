@@ -22,6 +22,7 @@ import torch
 from engine.attention import ForwardContext, decode_attention_torch, paged_attention, store_kv_torch
 from engine.kernels import paged_decode_attention, store_kv
 from engine.kernels.paged_attention import TILE_N
+from tests.engine_helpers import random_paged_batch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_KV_HEADS = 2
@@ -30,27 +31,7 @@ HEAD_DIM = 16  # the smallest head_dim a tl.dot compiles for without padding
 
 def _paged_batch(seq_lens: list[int], block_size: int, group: int, head_dim: int = HEAD_DIM,
                  dtype: torch.dtype = torch.float32, seed: int = 0):
-    """Random query, caches and a scattered block table for the given context lengths.
-
-    Every sequence gets its blocks from one random permutation of the cache, so
-    tables are non-sequential and shared by no two sequences; rows are padded
-    with block 0 like the engine's. The whole cache is random, so reading any
-    slot past a sequence's end (or before its window) changes the result.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    blocks_per_seq = [(n + block_size - 1) // block_size for n in seq_lens]
-    num_blocks = sum(blocks_per_seq) + 3  # a few never-referenced blocks
-    perm = torch.randperm(num_blocks, generator=gen)
-    table = torch.zeros(len(seq_lens), max(blocks_per_seq) + 1, dtype=torch.int64)
-    used = 0
-    for i, nb in enumerate(blocks_per_seq):
-        table[i, :nb] = perm[used:used + nb]
-        used += nb
-    shape = (num_blocks, block_size, NUM_KV_HEADS, head_dim)
-    k_cache = torch.randn(shape, generator=gen).to(dtype)
-    v_cache = torch.randn(shape, generator=gen).to(dtype)
-    query = torch.randn(len(seq_lens), NUM_KV_HEADS * group, head_dim, generator=gen).to(dtype)
-    return query, k_cache, v_cache, table, torch.tensor(seq_lens, dtype=torch.int64)
+    return random_paged_batch(seq_lens, block_size, NUM_KV_HEADS, group, head_dim, dtype, seed)
 
 
 def _lens_for(block_size: int) -> list[int]:

@@ -1,0 +1,72 @@
+"""AsyncEngine streams: a consumer that falls behind gets the waiting tokens in one message."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engine import LLM, EngineConfig, SamplingParams
+from engine.async_engine import AsyncEngine, EngineDeadError, StepOutput
+from tests.engine_helpers import random_prompts
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = AsyncEngine(EngineConfig())
+    yield eng
+    eng.shutdown()
+
+
+def _output(rid: str, tokens: list[int], total: int, finished: bool = False) -> StepOutput:
+    return StepOutput(rid, tokens, None, 5, 0, total, finished, "length" if finished else None)
+
+
+def test_lagging_consumer_gets_every_waiting_token_in_one_message(engine) -> None:
+    prompt = random_prompts([40], 8192, seed=3)[0]
+    expected = LLM().generate([prompt], GREEDY)[0].outputs[0].token_ids
+
+    async def run() -> list[StepOutput]:
+        stream = engine.generate(prompt, GREEDY, "lagging")
+        outs = [await stream.__anext__()]  # the first token, then stop reading until the request is done
+        while await engine.call(lambda e: e.has_unfinished_requests()):
+            await asyncio.sleep(0.01)
+        outs += [out async for out in stream]
+        return outs
+
+    outs = asyncio.run(run())
+    assert len(outs) == 2, [o.new_token_ids for o in outs]
+    assert outs[0].new_token_ids + outs[1].new_token_ids == expected
+    assert outs[1].finished and outs[1].finish_reason == "length" and outs[1].num_output_tokens == 12
+
+
+def test_error_behind_waiting_tokens_raises_after_them(engine) -> None:
+    async def run() -> tuple[list[StepOutput], BaseException | None]:
+        stream = engine.open_stream("failing")
+        stream.queue.put_nowait(_output("failing", [7], 1))
+        stream.queue.put_nowait(_output("failing", [8, 9], 3))
+        stream.queue.put_nowait(EngineDeadError("step failed"))
+        outs: list[StepOutput] = []
+        try:
+            async for out in engine.iterate("failing", stream):
+                outs.append(out)
+        except EngineDeadError as exc:
+            return outs, exc
+        return outs, None
+
+    outs, error = asyncio.run(run())
+    assert [o.new_token_ids for o in outs] == [[7, 8, 9]] and outs[0].num_output_tokens == 3
+    assert isinstance(error, EngineDeadError)
+
+
+def test_merging_stops_at_the_finished_output(engine) -> None:
+    async def run() -> list[StepOutput]:
+        stream = engine.open_stream("done")
+        for out in (_output("done", [1], 1), _output("done", [2], 2, finished=True)):
+            stream.queue.put_nowait(out)
+        return [out async for out in engine.iterate("done", stream)]
+
+    outs = asyncio.run(run())
+    assert len(outs) == 1 and outs[0].new_token_ids == [1, 2] and outs[0].finished

@@ -1,0 +1,91 @@
+"""The C paged decode attention kernel (engine/cpu_attention.py) against the torch path."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from engine import LLM, EngineConfig, SamplingParams, cpu_attention
+from engine.attention import decode_attention_torch
+from engine.engine import _resolve_backend
+from engine.kv_cache import KVLayout
+from tests.engine_helpers import assert_all_free, hf_greedy, random_paged_batch, random_prompts
+
+pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="no C compiler on this machine")
+
+
+def _paged_batch(seq_lens: list[int], block_size: int, num_kv_heads: int, group: int, head_dim: int, seed: int = 0):
+    return random_paged_batch(seq_lens, block_size, num_kv_heads, group, head_dim, seed=seed)
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 32])
+@pytest.mark.parametrize(("num_kv_heads", "group", "head_dim"), [(4, 3, 64), (2, 1, 128), (1, 8, 16)])
+@pytest.mark.parametrize("window", [None, 5, 40])
+def test_matches_the_torch_path(block_size: int, num_kv_heads: int, group: int, head_dim: int,
+                                window: int | None) -> None:
+    lens = [1, block_size, 3 * block_size + 2, 70, 2 * block_size - 1, 129]
+    q, kc, vc, table, seq_lens = _paged_batch(lens, block_size, num_kv_heads, group, head_dim)
+    expected = decode_attention_torch(q, kc, vc, table, seq_lens, 0.125, window)
+    got = cpu_attention.paged_decode_attention(q, kc, vc, table, seq_lens, 0.125, window)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_two_threads_give_the_same_result() -> None:
+    q, kc, vc, table, seq_lens = _paged_batch(list(range(1, 300, 7)), 16, 4, 3, 64, seed=1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_attention.paged_decode_attention(q, kc, vc, table, seq_lens, 0.125)
+        torch.set_num_threads(2)
+        two = cpu_attention.paged_decode_attention(q, kc, vc, table, seq_lens, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)  # each sequence is computed whole by one thread: bit-identical
+
+
+def test_refuses_what_it_does_not_handle() -> None:
+    q, kc, vc, table, seq_lens = _paged_batch([5, 9], 16, 2, 2, 32)
+    with pytest.raises(TypeError, match="float32"):
+        cpu_attention.paged_decode_attention(q.bfloat16(), kc.bfloat16(), vc.bfloat16(), table, seq_lens, 0.1)
+    q, kc, vc, table, seq_lens = _paged_batch([5, 9], 16, 2, 2, 24)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        cpu_attention.paged_decode_attention(q, kc, vc, table, seq_lens, 0.1)
+    assert not cpu_attention.supports("bfloat16", 64) and not cpu_attention.supports("float32", 24)
+
+
+def test_auto_picks_it_on_the_cpu_and_falls_back_where_it_does_not_fit() -> None:
+    fits = KVLayout(num_layers=2, num_kv_heads=4, head_dim=64, block_size=16, dtype="float32")
+    assert _resolve_backend("auto", fits) == "cpu"
+    half = KVLayout(num_layers=2, num_kv_heads=4, head_dim=64, block_size=16, dtype="bfloat16")
+    assert _resolve_backend("auto", half) == "torch"
+    with pytest.raises(ValueError, match="attention_backend 'cpu'"):
+        _resolve_backend("cpu", half)
+
+
+def test_a_failed_build_leaves_the_torch_path(monkeypatch, tmp_path, caplog) -> None:
+    monkeypatch.setenv("PDSERVE_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with caplog.at_level(logging.WARNING, logger="engine.cpu_attention"):
+        assert cpu_attention.load.__wrapped__() is None
+    assert "torch path" in caplog.text
+    assert not list(tmp_path.iterdir())  # no half-written library left behind
+
+
+def test_builds_into_an_empty_cache(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("PDSERVE_KERNEL_CACHE", str(tmp_path))
+    assert cpu_attention.load.__wrapped__() is not None
+    assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
+
+
+def test_engine_on_the_cpu_kernel_equals_transformers() -> None:
+    llm = LLM(attention_backend="cpu", kv_cache_bytes=8 << 20)
+    assert llm.engine.runner.backend == "cpu"
+    prompts = random_prompts([5, 17, 40, 33], llm.engine.vocab_size, seed=7)
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    outs = llm.generate(prompts, params)
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.outputs[0].token_ids == hf_greedy(llm.engine.model_path, prompt, 20)[0]
+    assert_all_free(llm)
+    assert EngineConfig(attention_backend="cpu").attention_backend == "cpu"
