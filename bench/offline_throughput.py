@@ -18,6 +18,8 @@ spreads over all of them):
 - hf-sorted:  the same, batches sorted by (max_tokens, prompt length), so padding
               and over-generation are minimal: the strongest fair baseline.
 - pdserve-noprefix: pdserve with prefix caching off.
+- pdserve-torch-attention: pdserve with decode attention on the torch path (bucketed
+              gather + SDPA) instead of the C kernel: what the kernel buys.
 - vllm, vllm-noprefix: vLLM's offline LLM.generate() (prefix caching on / off) on the
               same token ids, KV budget and batch limits, run by bench/vllm_offline.py in
               vLLM's own virtual environment ($VLLM_VENV, default ~/.venvs/vllm-cpu; make it
@@ -53,7 +55,7 @@ from typing import Any
 from bench.workload import WorkloadRequest, offline_mix
 
 SYSTEMS = ("pdserve", "hf-arrival", "hf-sorted")
-OPTIONAL_SYSTEMS = ("pdserve-noprefix", "vllm", "vllm-noprefix")
+OPTIONAL_SYSTEMS = ("pdserve-noprefix", "pdserve-torch-attention", "vllm", "vllm-noprefix")
 ALL_SYSTEMS = SYSTEMS + OPTIONAL_SYSTEMS
 BASELINES = ("hf-arrival", "hf-sorted", *OPTIONAL_SYSTEMS)
 VLLM_BLOCK_TOKENS = 128  # vLLM's CPU block size (PLATFORM.md)
@@ -155,12 +157,12 @@ def _pin_threads(n: int) -> None:
 
 
 def _pdserve_llm(args: argparse.Namespace, path: str, reqs: list[WorkloadRequest], cfg: dict[str, Any],
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, attention_backend: str = "auto"):
     from engine import LLM
 
     return LLM(path, kv_cache_bytes=_kv_bytes(args, reqs, cfg),
                max_num_seqs=args.max_num_seqs or len(reqs), max_num_batched_tokens=args.max_num_batched_tokens,
-               enable_prefix_caching=prefix_caching)
+               enable_prefix_caching=prefix_caching, attention_backend=attention_backend)
 
 
 def _kv_bytes(args: argparse.Namespace, reqs: list[WorkloadRequest], cfg: dict[str, Any]) -> int:
@@ -173,11 +175,11 @@ def _warmup_prompt(vocab_size: int, n: int) -> list[int]:
 
 
 def run_pdserve(args: argparse.Namespace, path: str, reqs: list[WorkloadRequest], cfg: dict[str, Any],
-                profile: bool = False, prefix_caching: bool = True) -> dict[str, Any]:
+                profile: bool = False, prefix_caching: bool = True, attention_backend: str = "auto") -> dict[str, Any]:
     from engine import SamplingParams
 
     t0 = time.perf_counter()
-    llm = _pdserve_llm(args, path, reqs, cfg, prefix_caching)
+    llm = _pdserve_llm(args, path, reqs, cfg, prefix_caching, attention_backend)
     load_s = time.perf_counter() - t0
     warm = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     llm.generate([_warmup_prompt(cfg["vocab_size"], 32), _warmup_prompt(cfg["vocab_size"], 20)[::-1]], warm)
@@ -413,6 +415,8 @@ def child_main(args: argparse.Namespace) -> None:
         result = run_pdserve(args, path, reqs, cfg)
     elif args.child == "pdserve-noprefix":
         result = run_pdserve(args, path, reqs, cfg, prefix_caching=False)
+    elif args.child == "pdserve-torch-attention":
+        result = run_pdserve(args, path, reqs, cfg, attention_backend="torch")
     elif args.child == "pdserve-profile":
         result = run_pdserve(args, path, reqs, cfg, profile=True)
     elif args.child in ("hf-arrival", "hf-sorted"):
@@ -540,6 +544,7 @@ def agreement(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 def markdown(args: argparse.Namespace, meta: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
     names = {"pdserve": "pdserve (paged KV, prefix cache, continuous batching)",
              "pdserve-noprefix": "pdserve, prefix caching off",
+             "pdserve-torch-attention": "pdserve, decode attention on the torch path (gather + SDPA)",
              "vllm": "vLLM CPU LLM.generate(), prefix caching on",
              "vllm-noprefix": "vLLM CPU LLM.generate(), prefix caching off",
              "hf-arrival": f"transformers generate(), padded batches of {args.hf_batch_size}, arrival order",
