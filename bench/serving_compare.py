@@ -69,6 +69,17 @@ COMPARISONS: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
             "prefill": {**_ONE_REPLICA, "cpu_affinity": [0]}, "decode": _ONE_REPLICA,
             "per_product": [{"decode": {"cpu_affinity": [1]}}, {"decode": {"cpu_affinity": [0]}}]}),
     ),
+    # Both products on one engine pool (`pool: shared`), as one GPU pool serves several products. Colocated:
+    # two engines, each prefilling and decoding requests of both products. Disaggregated: a prefill engine
+    # on core 0 and a decode engine on core 1.
+    "pool": (
+        ("colocated pool, two engines", {
+            "pool": "shared", "disaggregated": False, "prefill": _ONE_REPLICA,
+            "decode": {"autoscaling": {"min_replicas": 2, "max_replicas": 2}}}),
+        ("disaggregated pool, prefill core 0, decode core 1", {
+            "pool": "shared", "prefill": {**_ONE_REPLICA, "cpu_affinity": [0]},
+            "decode": {**_ONE_REPLICA, "cpu_affinity": [1]}}),
+    ),
 }
 COUNTERS = ("prompt_tokens_computed", "prompt_tokens_cached", "generation_tokens")
 

@@ -1,7 +1,8 @@
 """Builds the Ray Serve application from the product configs.
 
-Per product: a PrefillServer deployment (prefix-affinity routed) and a
-DecodeServer deployment (KV-headroom routed), each with its own autoscaling.
+Per pool (a product's own, or one that several products name): a
+PrefillServer deployment (prefix-affinity routed) and a DecodeServer
+deployment (KV-headroom routed), each with its own autoscaling.
 One OpenAI ingress in front routes by the request's `model`. The prefix
 directory and the metrics hub are named actors the workers find by name.
 
@@ -21,7 +22,7 @@ from ray.serve.config import RequestRouterConfig
 from cluster.deployments import DecodeDeployment, PrefillDeployment
 from cluster.ingress import OpenAIIngress
 from cluster.prefix_directory import DIRECTORY_NAME
-from cluster.products import ProductConfig, Role, load_products
+from cluster.products import ProductConfig, Role, load_products, pools
 from cluster.routing import KVHeadroomRouter, PrefixAffinityRouter
 
 DEFAULT_PRODUCTS_DIR = Path(__file__).resolve().parent.parent / "deploy" / "products"
@@ -53,7 +54,8 @@ def _deployment_options(name: str, role: Role, router: type, health_period_s: fl
 
 def build_app(products: dict[str, ProductConfig], ingress_replicas: int = 1) -> Application:
     decoders, prefills = {}, {}
-    for name, product in products.items():
+    for name, members in pools(products).items():
+        product = members[0]  # the pool's products agree on everything the deployments are built from
         engine = product.engine_config().__dict__.copy()
         transfer = product.transfer_config().__dict__.copy()
         prefill = None
@@ -63,10 +65,13 @@ def build_app(products: dict[str, ProductConfig], ingress_replicas: int = 1) -> 
             prefill = serve.deployment(PrefillDeployment).options(
                 **_deployment_options(f"{name}-prefill", product.prefill, PrefixAffinityRouter),
             ).bind(engine, transfer, directory, product=name, cpu_affinity=product.prefill.cpu_affinity)
-            prefills[name] = prefill
-        decoders[name] = serve.deployment(DecodeDeployment).options(
+        decoder = serve.deployment(DecodeDeployment).options(
             **_deployment_options(f"{name}-decode", product.decode, KVHeadroomRouter),
         ).bind(engine, transfer, prefill, product=name, cpu_affinity=product.decode.cpu_affinity)
+        for member in members:
+            decoders[member.name] = decoder
+            if prefill is not None:
+                prefills[member.name] = prefill
     return serve.deployment(OpenAIIngress).options(
         name="ingress", num_replicas=ingress_replicas, ray_actor_options={"num_cpus": 0.1},
         max_ongoing_requests=1024, health_check_period_s=2.0,

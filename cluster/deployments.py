@@ -2,7 +2,7 @@
 
 Workers know nothing of the cluster (arrows point down); these subclasses add
 what a Serve deployment of them needs: a MetricsReporter pushing the worker's
-stats to the metrics hub, labelled with the product, started by the first
+stats to the metrics hub, labelled with the product (the pool, for products sharing one), started by the first
 health check (Serve calls it every few seconds from the replica's event loop).
 A replica's worker id is its Serve replica id (`SERVE_REPLICA::app#deployment#id`,
 also its actor name in the "serve" namespace), so a metrics source names the

@@ -88,12 +88,15 @@ class ProductConfig(_Frozen):
     transfer: dict[str, Any] = {}
     prefill: Role = Role()
     decode: Role = Role()
+    # Products naming the same pool share one prefill and one decode deployment (one engine pool, as
+    # several products share one GPU pool); each keeps its cache salt, so their prefix caches stay apart.
+    pool: str | None = None
 
-    @field_validator("name")
+    @field_validator("name", "pool")
     @classmethod
-    def _name(cls, v: str) -> str:
-        if not v or not all(c.isalnum() or c in "-_." for c in v):
-            raise ValueError(f"product name must be non-empty [A-Za-z0-9-_.], got {v!r}")
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and (not v or not all(c.isalnum() or c in "-_." for c in v)):
+            raise ValueError(f"product and pool names must be non-empty [A-Za-z0-9-_.], got {v!r}")
         return v
 
     @field_validator("transfer")
@@ -116,6 +119,11 @@ class ProductConfig(_Frozen):
     def prefix_caching(self) -> bool:
         """engine.enable_prefix_caching: the engines' block-hash caches and the cluster directory."""
         return self.engine_config().enable_prefix_caching
+
+    @property
+    def pool_name(self) -> str:
+        """The deployments serving this product: its own unless it names a shared pool."""
+        return self.pool or self.name
 
     @property
     def salt(self) -> str:
@@ -152,4 +160,27 @@ def load_products(directory: str | Path) -> dict[str, ProductConfig]:
         products[product.name] = product
     if not products:
         raise ValueError(f"no product configs (*.yaml) in {directory}")
+    pools(products)
     return products
+
+
+# What the engines of a pool are made from: products sharing a pool must agree on all of it.
+POOL_FIELDS = ("model", "engine", "transfer", "disaggregated", "prefill", "decode")
+
+
+def pools(products: dict[str, ProductConfig]) -> dict[str, list[ProductConfig]]:
+    """Products grouped by pool_name, in order. Raises ValueError when a pool's products disagree on
+    POOL_FIELDS or a pool name is also another product's own deployment name."""
+    grouped: dict[str, list[ProductConfig]] = {}
+    for product in products.values():
+        grouped.setdefault(product.pool_name, []).append(product)
+    for pool, members in grouped.items():
+        if pool in products and products[pool].pool_name != pool:
+            raise ValueError(f"pool {pool!r} has the name of product {pool!r}, which is in another pool")
+        first = members[0]
+        for other in members[1:]:
+            differ = [f for f in POOL_FIELDS if getattr(other, f) != getattr(first, f)]
+            if differ:
+                raise ValueError(f"products {first.name!r} and {other.name!r} share pool {pool!r} but differ in "
+                                 f"{', '.join(differ)}: a pool has one engine configuration")
+    return grouped

@@ -151,7 +151,40 @@ def prefill_attention_torch(query: torch.Tensor, key: torch.Tensor, value: torch
 
     The queries are the last Tq positions of the context (a prompt chunk after
     cached or earlier-chunk tokens). Returns [Tq, H, D].
+
+    Query heads are grouped under their KV head ([Hkv, G, Tq, D]) and K/V are
+    broadcast over the group with stride 0, so GQA costs no copy. A chunk after
+    cached tokens is two flash calls, the cached part unmasked and the chunk
+    causal, merged by their log-sum-exps: an explicit [Tq, Tk] mask sends SDPA
+    down a path ~2x slower on the CPU (bench numbers in BENCHMARKS.md).
     """
+    num_q, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    if sliding_window is not None or _FLASH_WITH_LSE is None:
+        return _prefill_attention_masked(query, key, value, context_len, scale, sliding_window)
+    groups = num_heads // num_kv_heads
+    q = query.reshape(num_q, num_kv_heads, groups, head_dim).permute(1, 2, 0, 3)  # [Hkv, G, Tq, D]
+    k, v = key.transpose(0, 1)[:, None], value.transpose(0, 1)[:, None]  # [Hkv, 1, Tk, D]
+    cached = context_len - num_q
+
+    def flash(start: int, end: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (num_kv_heads, groups, end - start, head_dim)
+        out, lse = _FLASH_WITH_LSE(q, k[:, :, start:end].expand(shape), v[:, :, start:end].expand(shape),
+                                   0.0, causal, scale=scale)[:2]
+        return out, lse
+
+    out, lse = flash(cached, context_len, True)
+    if cached:
+        out_cached, lse_cached = flash(0, cached, False)
+        top = torch.maximum(lse, lse_cached)
+        w_new, w_cached = torch.exp(lse - top).unsqueeze(-1), torch.exp(lse_cached - top).unsqueeze(-1)
+        out = (out * w_new + out_cached * w_cached) / (w_new + w_cached)
+    return out.permute(2, 0, 1, 3).reshape(num_q, num_heads, head_dim)
+
+
+def _prefill_attention_masked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, context_len: int,
+                              scale: float, sliding_window: int | None) -> torch.Tensor:
+    """prefill_attention_torch with an explicit mask: sliding windows, and torch builds without the op."""
     num_q, num_heads, _ = query.shape
     groups = num_heads // key.shape[1]
     if groups > 1:  # torch's CPU flash kernel takes neither GQA nor 3-D inputs: expand, add a batch dim
@@ -169,6 +202,11 @@ def prefill_attention_torch(query: torch.Tensor, key: torch.Tensor, value: torch
         attn_mask=mask, is_causal=use_causal_flag, scale=scale,
     )[0]
     return out.transpose(0, 1)
+
+
+# torch's CPU flash attention, which also returns the log-sum-exp per query row (SDPA's public API
+# does not); (query, key, value, dropout_p, is_causal, *, attn_mask=None, scale=None) -> (out, lse).
+_FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:

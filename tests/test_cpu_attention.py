@@ -89,3 +89,4 @@ def test_engine_on_the_cpu_kernel_equals_transformers() -> None:
         assert out.outputs[0].token_ids == hf_greedy(llm.engine.model_path, prompt, 20)[0]
     assert_all_free(llm)
     assert EngineConfig(attention_backend="cpu").attention_backend == "cpu"
+
