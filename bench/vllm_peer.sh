@@ -77,8 +77,8 @@ wait_ready() {  # up to 10 minutes: first start compiles and profiles
 # pdserve shaped like the peer: one product named like vLLM's model, no server-side system prompt (the
 # client sends it, as to vLLM), one colocated engine using both cores.
 serve_pdserve() {
-  local dir
-  dir="$(mktemp -d /tmp/pdserve-peer.XXXXXX)"
+  PEER_DIR="$(mktemp -d /tmp/pdserve-peer.XXXXXX)"  # global: the EXIT trap runs after this function returns
+  local dir="$PEER_DIR"
   mkdir "$dir/products"
   cat >"$dir/products/$MODEL_NAME.yaml" <<YAML
 name: $MODEL_NAME
@@ -96,7 +96,7 @@ YAML
 applications:
   - {name: pdserve, route_prefix: /, import_path: "cluster.app:app_builder", args: {products_dir: $dir/products}}
 YAML
-  trap 'pdserve down; rm -rf "$dir"' EXIT
+  trap 'pdserve down; rm -rf "$PEER_DIR"' EXIT
   pdserve up --detach --config "$dir/serve.yaml" --port "$PORT"
   pdserve bench --base-url "http://127.0.0.1:$PORT/v1" --model "$MODEL_NAME" --out "$OUT" "$@"
 }
