@@ -171,7 +171,7 @@ def prefill_attention_torch(query: torch.Tensor, key: torch.Tensor, value: torch
         shape = (num_kv_heads, groups, end - start, head_dim)
         out, lse = _FLASH_WITH_LSE(q, k[:, :, start:end].expand(shape), v[:, :, start:end].expand(shape),
                                    0.0, causal, scale=scale)[:2]
-        return out, lse
+        return out, lse  # the op also returns workspace tensors the merge does not need
 
     out, lse = flash(cached, context_len, True)
     if cached:

@@ -352,11 +352,14 @@ def _builtin_model_path() -> str:
 
 def _resolve_backend(name: str, layout: KVLayout) -> str:
     """auto: the Triton kernels on CUDA; on the CPU the C kernel where it fits and builds, else torch."""
+    if name == "auto" and torch.cuda.is_available():
+        return "triton"
+    if name not in ("auto", "cpu"):
+        return name
+    kernel_fits = cpu_attention.supports(layout.dtype, layout.head_dim) and cpu_attention.available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return "triton"
-        return "cpu" if cpu_attention.supports(layout.dtype, layout.head_dim) and cpu_attention.available() else "torch"
-    if name == "cpu" and not (cpu_attention.supports(layout.dtype, layout.head_dim) and cpu_attention.available()):
+        return "cpu" if kernel_fits else "torch"
+    if not kernel_fits:
         raise ValueError(f"attention_backend 'cpu' needs float32, head_dim % 16 == 0 and a C compiler; "
                          f"got {layout.dtype}, head_dim {layout.head_dim}")
     return name
