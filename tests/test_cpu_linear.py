@@ -1,0 +1,79 @@
+"""oneDNN linear layers with packed weights (engine/cpu_linear.py) against nn.Linear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from engine import LLM, SamplingParams, cpu_linear
+from engine.engine import _resolve_linear_backend
+from tests.engine_helpers import assert_all_free, hf_greedy, random_prompts
+
+pytestmark = pytest.mark.skipif(not cpu_linear.supports(torch.float32), reason="torch built without oneDNN")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 96), (5, 96), (2, 7, 96), (300, 96)])
+def test_matches_nn_linear_in_float32(bias: bool, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 80, bias=bias)
+    x = torch.randn(*shape)
+    expected = linear(x)
+    got = cpu_linear.PackedLinear(linear)(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_matches_nn_linear_in_bfloat16() -> None:
+    torch.manual_seed(1)
+    linear = nn.Linear(128, 64, bias=True).to(torch.bfloat16)
+    x = torch.randn(6, 128, dtype=torch.bfloat16)
+    got = cpu_linear.PackedLinear(linear)(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), linear(x).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_accepts_a_strided_input() -> None:
+    linear = nn.Linear(32, 16)
+    x = torch.randn(4, 64)[:, ::2]  # a view with stride 2, as slicing a packed row gives
+    torch.testing.assert_close(cpu_linear.PackedLinear(linear)(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_pack_linears_replaces_every_linear_and_nothing_else() -> None:
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.LayerNorm(8),
+                          nn.Sequential(nn.Linear(8, 4, bias=False), nn.ReLU()))
+    x = torch.randint(0, 10, (3,))
+    expected = model(x)
+    assert cpu_linear.pack_linears(model) == 2
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    assert isinstance(model[0], nn.Embedding) and isinstance(model[2], nn.LayerNorm)
+    # The dense weights went with the modules: only embedding and norm parameters remain.
+    assert sum(p.numel() for p in model.parameters()) == 10 * 8 + 2 * 8
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    assert cpu_linear.pack_linears(model) == 0  # packing twice is a no-op
+
+
+def test_resolution() -> None:
+    assert _resolve_linear_backend("auto", "float32") == "onednn"
+    assert _resolve_linear_backend("auto", "float16") == "torch"  # oneDNN does not pack float16 here
+    assert _resolve_linear_backend("torch", "float32") == "torch"
+    with pytest.raises(ValueError, match="linear_backend 'onednn'"):
+        _resolve_linear_backend("onednn", "float16")
+    with pytest.raises(ValueError, match="linear_backend must be"):
+        LLM(linear_backend="mkl")
+
+
+def test_engine_on_packed_linears_equals_transformers_and_the_torch_path() -> None:
+    packed = LLM(kv_cache_bytes=8 << 20)
+    plain = LLM(kv_cache_bytes=8 << 20, linear_backend="torch")
+    assert packed.engine.linear_backend == "onednn" and plain.engine.linear_backend == "torch"
+    assert any(isinstance(m, cpu_linear.PackedLinear) for m in packed.engine.model.modules())
+    assert not any(isinstance(m, cpu_linear.PackedLinear) for m in plain.engine.model.modules())
+    prompts = random_prompts([3, 21, 64, 40], packed.engine.vocab_size, seed=11)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    got = [o.outputs[0].token_ids for o in packed.generate(prompts, params)]
+    assert got == [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
+    assert got == [hf_greedy(packed.engine.model_path, p, 16)[0] for p in prompts]
+    assert_all_free(packed)
+    assert_all_free(plain)
