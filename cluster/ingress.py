@@ -58,6 +58,11 @@ log = logging.getLogger(__name__)
 # Far above any prompt a product accepts (its context limit is checked after tokenizing), low enough that a
 # huge body is refused before it is buffered whole, parsed and tokenized.
 MAX_BODY_BYTES = 8 << 20
+# A refused body up to this size is read to its end and dropped before the 413 goes out. Answering while the
+# client is still sending makes the server close a socket with unread data, which sends a TCP reset, and the
+# reset can reach the client before it has read the 413: it then sees "connection reset" instead of the
+# answer. Bodies declared larger still get the 413 at once (reading them would be the attack).
+DRAIN_REFUSED_BYTES = 4 * MAX_BODY_BYTES
 
 app = FastAPI(title="pdserve", description="OpenAI-compatible API of a disaggregated LLM cluster")
 
@@ -143,17 +148,23 @@ def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
 
 
 async def _read_body(request: Request) -> bytes:
-    """The raw body; 413 once it passes MAX_BODY_BYTES (declared or actual), without buffering the rest."""
+    """The raw body; 413 once it passes MAX_BODY_BYTES (declared or actual), keeping no byte past the limit.
+
+    A refused body is still read to its end (and dropped) up to DRAIN_REFUSED_BYTES, see there.
+    """
     too_large = APIError(413, f"request body over {MAX_BODY_BYTES} bytes", code="body_too_large")
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+    if declared.isdigit() and int(declared) > DRAIN_REFUSED_BYTES:
         raise too_large
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise too_large
-        chunks.append(chunk)
+        if size <= MAX_BODY_BYTES:
+            chunks.append(chunk)
+        elif size > DRAIN_REFUSED_BYTES:
+            break
+    if size > MAX_BODY_BYTES:
+        raise too_large
     return b"".join(chunks)
 
 

@@ -60,4 +60,19 @@ def pack_linears(model: nn.Module) -> int:
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, PackedLinear(module))
+    if targets:
+        _own_remaining_parameters(model)
     return len(targets)
+
+
+def _own_remaining_parameters(model: nn.Module) -> None:
+    """Copy the parameters left (embeddings, norms) out of the checkpoint file's memory mapping.
+
+    transformers loads safetensors through one mapping per file; while any
+    parameter still views it, the file's pages that packing read stay mapped
+    and counted in the process's RSS beside the packed copies (~1x the linear
+    weights again). The remaining parameters are small, so copying them costs
+    little and releases the mapping.
+    """
+    for param in model.parameters():
+        param.data = param.data.clone()

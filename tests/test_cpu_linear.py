@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import gc
+
+import psutil
 import pytest
 import torch
 from torch import nn
 
-from engine import LLM, SamplingParams, cpu_linear
+from engine import LLM, SamplingParams, cpu_linear, tiny_model
 from engine.engine import _resolve_linear_backend
 from tests.engine_helpers import assert_all_free, hf_greedy, random_prompts
 
@@ -77,3 +80,19 @@ def test_engine_on_packed_linears_equals_transformers_and_the_torch_path() -> No
     assert got == [hf_greedy(packed.engine.model_path, p, 16)[0] for p in prompts]
     assert_all_free(packed)
     assert_all_free(plain)
+
+
+def _mappings_of(folder: str) -> int:
+    gc.collect()
+    return sum(1 for m in psutil.Process().memory_maps(grouped=False) if m.path.startswith(folder))
+
+
+def test_packing_releases_the_checkpoint_mapping() -> None:
+    """Packed copies replace the dense weights in memory: the safetensors file is no longer mapped."""
+    path = tiny_model.path("tiny")
+    before = _mappings_of(path)
+    plain = LLM(path, kv_cache_bytes=4 << 20, linear_backend="torch")
+    assert _mappings_of(path) == before + 1  # the dense model views its checkpoint file
+    packed = LLM(path, kv_cache_bytes=4 << 20)
+    assert _mappings_of(path) == before + 1  # only the plain engine's mapping remains
+    del plain, packed

@@ -15,8 +15,10 @@ Runs are derandomized (the same examples every run) and bounded (< 90 s here).
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.ingress import MAX_BODY_BYTES
+from cluster.ingress import DRAIN_REFUSED_BYTES, MAX_BODY_BYTES
 from tests.test_http_api import REPORT_KEY, _assert_error, _metrics, _post, _settled_metrics
 
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,
@@ -195,8 +197,35 @@ def test_huge_bodies(pdserve_url: str) -> None:
         status, body, _ = _post(url, _json({**CHAT, "messages": [{"role": "user", "content": "word " * 200_000}]}))
         _assert_refused(status, body)
         assert body["error"]["code"] == "context_length_exceeded"
+        # No declared length (chunked): counted as it arrives, refused the same way.
+        status, body = _raw_post(url, {"Transfer-Encoding": "chunked"}, (over[i:i + 65536]
+                                                                         for i in range(0, len(over), 65536)))
+        assert status == 413 and body["error"]["code"] == "body_too_large"
+        # A declared length past what the server reads of a refused body: refused before any of it is sent.
+        status, body = _raw_post(url, {"Content-Length": str(DRAIN_REFUSED_BYTES + 1)}, None)
+        assert status == 413 and body["error"]["code"] == "body_too_large"
 
     _assert_no_engine_work(pdserve_url, batch)
+
+
+def _raw_post(url: str, headers: dict[str, str], chunks: Any) -> tuple[int, dict]:
+    """POST with exactly these framing headers; chunks None sends the headers alone and waits for the answer."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+    try:
+        conn.putrequest("POST", parts.path)
+        conn.putheader("Content-Type", "application/json")
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        if chunks is not None:
+            for chunk in chunks:
+                conn.send(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+            conn.send(b"0\r\n\r\n")
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
 
 
 PRINTABLE = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40)
