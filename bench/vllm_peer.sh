@@ -16,6 +16,7 @@
 #   SERVER [vllm]                    `pdserve`: serve the same folder from pdserve instead, shaped like
 #                                    the vLLM peer (one colocated engine for both products, 2 torch
 #                                    threads, the same KV budget and batch limits): the fair pairing
+#   PDSERVE_THREADS [2]              SERVER=pdserve: the engine's torch threads
 #
 # The same seed sends the same requests as to pdserve. vLLM has no products: both are served as
 # model `small`, and the client sends each product's system prompt itself (pdserve adds it server
@@ -31,6 +32,7 @@ PORT="${VLLM_PORT:-8001}"
 KV_BYTES="${KV_BYTES:-134217728}"
 MAX_NUM_SEQS="${MAX_NUM_SEQS:-32}"
 MAX_NUM_BATCHED_TOKENS="${MAX_NUM_BATCHED_TOKENS:-1024}"
+PDSERVE_THREADS="${PDSERVE_THREADS:-2}"
 OUT="${OUT:-bench-out/${SERVER:-vllm}-peer}"
 VLLM_BLOCK_TOKENS=128  # vLLM's CPU block size (PLATFORM.md)
 MODEL_NAME=small
@@ -89,7 +91,7 @@ max_output_tokens: 2048
 max_queue_len: 256
 disaggregated: false
 engine: {block_size: 16, kv_cache_bytes: $KV_BYTES, max_num_seqs: $MAX_NUM_SEQS,
-         max_num_batched_tokens: $MAX_NUM_BATCHED_TOKENS, num_threads: 2}
+         max_num_batched_tokens: $MAX_NUM_BATCHED_TOKENS, num_threads: $PDSERVE_THREADS}
 decode: {num_cpus: 1, max_ongoing_requests: 256, autoscaling: {min_replicas: 1, max_replicas: 1}}
 YAML
   cat >"$dir/serve.yaml" <<YAML

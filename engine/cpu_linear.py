@@ -28,14 +28,17 @@ class PackedLinear(nn.Module):
     -> y [..., out_features]; results differ from MKL's only by summation order.
     """
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
+        self.out_features, self.in_features = weight.shape
         # Plain attributes, not parameters: the packed tensor has no strides and
         # must not be visited by .to(), state_dict() or parameter counting.
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
-        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        self.bias = None if bias is None else bias.detach()
+
+    @classmethod
+    def of(cls, linear: nn.Linear) -> PackedLinear:
+        return cls(linear.weight, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
@@ -44,25 +47,87 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class PackedGatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)), transformers' gated MLP (Llama, Qwen2, Mistral...), with gate and up
+    as one packed GEMM of 2 x intermediate outputs: one pass over x and one longer weight stream
+    instead of two (1.1-1.3x on that GEMM at decode's row counts, BENCHMARKS.md)."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        gate, up = mlp.gate_proj, mlp.up_proj
+        self.intermediate = gate.out_features
+        bias = None if gate.bias is None else torch.cat([gate.bias, up.bias])
+        self.gate_up = PackedLinear(torch.cat([gate.weight, up.weight]), bias)
+        self.down_proj = PackedLinear.of(mlp.down_proj)
+        self.act_fn = mlp.act_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+GATED_MLP_CHILDREN = {"gate_proj", "up_proj", "down_proj", "act_fn"}
+
+
+def _fuse_gated_mlp(mlp: nn.Module) -> PackedGatedMLP | None:
+    """The fused form of `mlp` if it is a gated MLP and computes the same function, else None.
+
+    Shape alone (children named gate/up/down_proj and act_fn) does not prove the
+    forward is down(act(gate) * up), so one random input checks it; a module
+    that differs keeps its own forward (its linears are still packed one by one).
+    """
+    children = dict(mlp.named_children())
+    if set(children) != GATED_MLP_CHILDREN or not all(
+            type(children[n]) is nn.Linear for n in ("gate_proj", "up_proj", "down_proj")):
+        return None
+    if (mlp.gate_proj.bias is None) != (mlp.up_proj.bias is None) or not supports(mlp.gate_proj.weight.dtype):
+        return None
+    fused = PackedGatedMLP(mlp)
+    weight = mlp.gate_proj.weight
+    x = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+    with torch.no_grad():
+        expected, got = mlp(x).float(), fused(x).float()
+    tol = 1e-4 if weight.dtype == torch.float32 else 3e-2
+    return fused if torch.allclose(got, expected, rtol=tol, atol=tol * expected.abs().max().item()) else None
+
+
 def supports(dtype: torch.dtype) -> bool:
     """oneDNN is in this torch build and packs this weight dtype."""
     return dtype in PACKABLE_DTYPES and torch.backends.mkldnn.is_available()
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Replace every CPU nn.Linear under `model` with a PackedLinear; returns how many.
+    """Replace every CPU nn.Linear under `model` with a PackedLinear, fusing gated MLPs' gate and up
+    projections (PackedGatedMLP); returns how many nn.Linear were replaced.
 
     Only layers whose weight is on the CPU in a packable dtype are replaced, so
     a model that is partly elsewhere keeps those parts unchanged.
     """
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, PackedGatedMLP) or not name:
+            continue
+        fused = _fuse_gated_mlp(module) if _on_cpu(module) else None
+        if fused is not None:
+            _replace(model, name, fused)
+            replaced += 3
     targets = [(name, module) for name, module in model.named_modules()
-               if type(module) is nn.Linear and module.weight.device.type == "cpu" and supports(module.weight.dtype)]
+               if type(module) is nn.Linear and _on_cpu(module) and supports(module.weight.dtype)]
     for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, PackedLinear(module))
-    if targets:
+        _replace(model, name, PackedLinear.of(module))
+    replaced += len(targets)
+    if replaced:
         _own_remaining_parameters(model)
-    return len(targets)
+    return replaced
+
+
+def _on_cpu(module: nn.Module) -> bool:
+    return all(p.device.type == "cpu" for p in module.parameters())
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
 
 
 def _own_remaining_parameters(model: nn.Module) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 
 from engine import LLM, SamplingParams, cpu_linear, tiny_model
 from engine.engine import _resolve_linear_backend
-from tests.engine_helpers import assert_all_free, hf_greedy, random_prompts
+from tests.engine_helpers import assert_all_free, hf_greedy, hf_model, random_prompts
 
 pytestmark = pytest.mark.skipif(not cpu_linear.supports(torch.float32), reason="torch built without oneDNN")
 
@@ -23,7 +23,7 @@ def test_matches_nn_linear_in_float32(bias: bool, shape: tuple[int, ...]) -> Non
     linear = nn.Linear(96, 80, bias=bias)
     x = torch.randn(*shape)
     expected = linear(x)
-    got = cpu_linear.PackedLinear(linear)(x)
+    got = cpu_linear.PackedLinear.of(linear)(x)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -32,7 +32,7 @@ def test_matches_nn_linear_in_bfloat16() -> None:
     torch.manual_seed(1)
     linear = nn.Linear(128, 64, bias=True).to(torch.bfloat16)
     x = torch.randn(6, 128, dtype=torch.bfloat16)
-    got = cpu_linear.PackedLinear(linear)(x)
+    got = cpu_linear.PackedLinear.of(linear)(x)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), linear(x).float(), rtol=2e-2, atol=2e-2)
 
@@ -40,7 +40,7 @@ def test_matches_nn_linear_in_bfloat16() -> None:
 def test_accepts_a_strided_input() -> None:
     linear = nn.Linear(32, 16)
     x = torch.randn(4, 64)[:, ::2]  # a view with stride 2, as slicing a packed row gives
-    torch.testing.assert_close(cpu_linear.PackedLinear(linear)(x), linear(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu_linear.PackedLinear.of(linear)(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
 def test_pack_linears_replaces_every_linear_and_nothing_else() -> None:
@@ -55,6 +55,45 @@ def test_pack_linears_replaces_every_linear_and_nothing_else() -> None:
     assert sum(p.numel() for p in model.parameters()) == 10 * 8 + 2 * 8
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
     assert cpu_linear.pack_linears(model) == 0  # packing twice is a no-op
+
+
+class _SwappedMLP(nn.Module):
+    """Shaped like a gated MLP but computing act(up) * gate: must not be fused as one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(16, 24, bias=False), nn.Linear(16, 24, bias=False)
+        self.down_proj, self.act_fn = nn.Linear(24, 16, bias=False), nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.up_proj(x)) * self.gate_proj(x))
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-qwen2", "tiny-mistral"])
+def test_gated_mlps_are_fused_and_compute_the_same(name: str) -> None:
+    model = hf_model(tiny_model.path(name))
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(5, model.config.hidden_size)
+    with torch.no_grad():
+        expected = mlp(x)
+    linears = sum(type(m) is nn.Linear for m in model.modules())
+    assert cpu_linear.pack_linears(model) == linears
+    fused = model.model.layers[0].mlp
+    assert isinstance(fused, cpu_linear.PackedGatedMLP)
+    assert fused.gate_up.out_features == 2 * model.config.intermediate_size
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_mlp_of_the_same_shape_but_another_function_is_not_fused() -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(_SwappedMLP())
+    x = torch.randn(4, 16)
+    expected = model(x)
+    assert cpu_linear.pack_linears(model) == 3
+    assert isinstance(model[0], _SwappedMLP)  # kept its own forward, with its three linears packed
+    assert all(isinstance(getattr(model[0], n), cpu_linear.PackedLinear) for n in ("gate_proj", "up_proj", "down_proj"))
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_resolution() -> None:
