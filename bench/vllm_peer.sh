@@ -17,6 +17,7 @@
 #                                    the vLLM peer (one colocated engine for both products, 2 torch
 #                                    threads, the same KV budget and batch limits): the fair pairing
 #   PDSERVE_THREADS [2]              SERVER=pdserve: the engine's torch threads
+#   PDSERVE_AFFINITY []              SERVER=pdserve: cores for the engine replica, comma-separated
 #
 # The same seed sends the same requests as to pdserve. vLLM has no products: both are served as
 # model `small`, and the client sends each product's system prompt itself (pdserve adds it server
@@ -33,6 +34,8 @@ KV_BYTES="${KV_BYTES:-134217728}"
 MAX_NUM_SEQS="${MAX_NUM_SEQS:-32}"
 MAX_NUM_BATCHED_TOKENS="${MAX_NUM_BATCHED_TOKENS:-1024}"
 PDSERVE_THREADS="${PDSERVE_THREADS:-2}"
+PDSERVE_AFFINITY="${PDSERVE_AFFINITY:-}"
+PDSERVE_DECODE_EXTRA="${PDSERVE_AFFINITY:+, cpu_affinity: [$PDSERVE_AFFINITY]}"
 OUT="${OUT:-bench-out/${SERVER:-vllm}-peer}"
 VLLM_BLOCK_TOKENS=128  # vLLM's CPU block size (PLATFORM.md)
 MODEL_NAME=small
@@ -92,7 +95,7 @@ max_queue_len: 256
 disaggregated: false
 engine: {block_size: 16, kv_cache_bytes: $KV_BYTES, max_num_seqs: $MAX_NUM_SEQS,
          max_num_batched_tokens: $MAX_NUM_BATCHED_TOKENS, num_threads: $PDSERVE_THREADS}
-decode: {num_cpus: 1, max_ongoing_requests: 256, autoscaling: {min_replicas: 1, max_replicas: 1}}
+decode: {num_cpus: 1, max_ongoing_requests: 256, autoscaling: {min_replicas: 1, max_replicas: 1}$PDSERVE_DECODE_EXTRA}
 YAML
   cat >"$dir/serve.yaml" <<YAML
 applications:
