@@ -51,7 +51,8 @@ def _time_shape(out_f: int, in_f: int, threads: int, repeats: int) -> list[dict]
     rows = []
     for m in ROWS:
         x = torch.randn(m, in_f)
-        torch.testing.assert_close(packed[0](x), F.linear(x, weights[0]), rtol=1e-4, atol=1e-4)
+        # sums of in_f products of unit normals (magnitude ~sqrt(in_f)): float32 rounding, not a mismatch
+        torch.testing.assert_close(packed[0](x), F.linear(x, weights[0]), rtol=1e-4, atol=1e-3)
         t_mkl = _median_seconds(lambda: [F.linear(x, w) for w in weights], repeats)  # noqa: B023
         t_dnn = _median_seconds(lambda: [p(x) for p in packed], repeats)  # noqa: B023
         rows.append({"threads": threads, "shape": f"{out_f}x{in_f}", "rows": m,

@@ -18,6 +18,8 @@
 #                                    threads, the same KV budget and batch limits): the fair pairing
 #   PDSERVE_THREADS [2]              SERVER=pdserve: the engine's torch threads
 #   PDSERVE_AFFINITY []              SERVER=pdserve: cores for the engine replica, comma-separated
+#   PDSERVE_REPLICAS [1]             SERVER=pdserve: engine replicas, each with KV_BYTES / this (the
+#                                    same budget in all) and PDSERVE_THREADS threads
 #
 # The same seed sends the same requests as to pdserve. vLLM has no products: both are served as
 # model `small`, and the client sends each product's system prompt itself (pdserve adds it server
@@ -35,6 +37,7 @@ MAX_NUM_SEQS="${MAX_NUM_SEQS:-32}"
 MAX_NUM_BATCHED_TOKENS="${MAX_NUM_BATCHED_TOKENS:-1024}"
 PDSERVE_THREADS="${PDSERVE_THREADS:-2}"
 PDSERVE_AFFINITY="${PDSERVE_AFFINITY:-}"
+PDSERVE_REPLICAS="${PDSERVE_REPLICAS:-1}"
 PDSERVE_DECODE_EXTRA="${PDSERVE_AFFINITY:+, cpu_affinity: [$PDSERVE_AFFINITY]}"
 OUT="${OUT:-bench-out/${SERVER:-vllm}-peer}"
 VLLM_BLOCK_TOKENS=128  # vLLM's CPU block size (PLATFORM.md)
@@ -93,9 +96,10 @@ default_max_tokens: 64
 max_output_tokens: 2048
 max_queue_len: 256
 disaggregated: false
-engine: {block_size: 16, kv_cache_bytes: $KV_BYTES, max_num_seqs: $MAX_NUM_SEQS,
+engine: {block_size: 16, kv_cache_bytes: $((KV_BYTES / PDSERVE_REPLICAS)), max_num_seqs: $MAX_NUM_SEQS,
          max_num_batched_tokens: $MAX_NUM_BATCHED_TOKENS, num_threads: $PDSERVE_THREADS}
-decode: {num_cpus: 1, max_ongoing_requests: 256, autoscaling: {min_replicas: 1, max_replicas: 1}$PDSERVE_DECODE_EXTRA}
+decode: {num_cpus: 1, max_ongoing_requests: 256,
+         autoscaling: {min_replicas: $PDSERVE_REPLICAS, max_replicas: $PDSERVE_REPLICAS}$PDSERVE_DECODE_EXTRA}
 YAML
   cat >"$dir/serve.yaml" <<YAML
 applications:

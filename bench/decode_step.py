@@ -1,0 +1,101 @@
+"""Micro-benchmark: one engine's decode step time, alone and beside bursty co-runners.
+
+A serving replica shares its cores with the processes around it (the HTTP
+proxy, the ingress, Ray's own threads, the load client), which wake up for a
+moment per token. This measures what such neighbours cost the engine: the
+`small` model decoding `--seqs` sequences (`--prompt-len` random tokens each,
+greedy), median milliseconds per pure decode step over `--steps` steps, alone and
+while `--co-runners` processes each spin for `--busy-ms` then
+sleep for `--idle-ms` (bounded: they stop with the measurement).
+
+    python -m bench.decode_step --threads 1,2 --seqs 4 --co-runners 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import random
+import statistics
+import time
+
+from engine import LLM, SamplingParams
+from engine.tiny_model import path as model_path
+
+
+def _co_runner(busy_s: float, idle_s: float, stop: mp.Event) -> None:
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < busy_s:
+            pass
+        time.sleep(idle_s)
+
+
+def step_times_ms(llm: LLM, seqs: int, prompt_len: int, steps: int) -> list[float]:
+    """Times of `steps` decode steps of `seqs` sequences (after their prefill), in milliseconds."""
+    rng = random.Random(0)
+    vocab = llm.engine.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
+    engine = llm.engine
+    for _ in range(seqs):
+        engine.add_request([rng.randrange(3, vocab) for _ in range(prompt_len)], params)
+    while any(r.num_output_tokens == 0 for r in engine.requests.values()):  # prefill (chunked or not)
+        engine.step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        engine.step()
+        times.append((time.perf_counter() - t0) * 1000)
+    for rid in list(engine.requests):
+        engine.abort_request(rid)
+    engine.step()
+    return times
+
+
+def measure(threads: int, args: argparse.Namespace, co_runners: int) -> float:
+    llm = LLM(model_path(args.model), num_threads=threads, kv_cache_bytes=256 << 20,
+              linear_backend=args.linear_backend)
+    step_times_ms(llm, args.seqs, args.prompt_len, 5)  # warm-up
+    stop = mp.Event()
+    procs = [mp.Process(target=_co_runner, args=(args.busy_ms / 1000, args.idle_ms / 1000, stop), daemon=True)
+             for _ in range(co_runners)]
+    for p in procs:
+        p.start()
+    try:
+        return statistics.median(step_times_ms(llm, args.seqs, args.prompt_len, args.steps))
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.terminate()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="small")
+    p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
+    p.add_argument("--linear-backend", default="auto", choices=("auto", "torch", "onednn"))
+    p.add_argument("--seqs", type=int, default=4)
+    p.add_argument("--prompt-len", type=int, default=300)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--co-runners", type=int, default=2)
+    p.add_argument("--busy-ms", type=float, default=1.0)
+    p.add_argument("--idle-ms", type=float, default=4.0)
+    p.add_argument("--repeats", type=int, default=3, help="alone/crowded pairs; the table shows medians")
+    args = p.parse_args()
+    print(f"linear_backend {args.linear_backend}; decode step of {args.seqs} sequences ({args.prompt_len}-token "
+          f"prompts), median over {args.steps} steps and {args.repeats} repeats; "
+          f"co-runners: {args.co_runners} x ({args.busy_ms} ms busy, {args.idle_ms} ms idle)")
+    print("| torch threads | alone ms | with co-runners ms | slowdown |\n|---:|---:|---:|---:|")
+    for threads in (int(t) for t in args.threads.split(",")):
+        alone, crowded = [], []
+        for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits both alike
+            alone.append(measure(threads, args, 0))
+            crowded.append(measure(threads, args, args.co_runners))
+        a, c = statistics.median(alone), statistics.median(crowded)
+        print(f"| {threads} | {a:.1f} | {c:.1f} | {c / a:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
