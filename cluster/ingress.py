@@ -213,11 +213,14 @@ async def _first(stream: AsyncIterator[dict]) -> dict:
 class _TokenClock:
     """Times one stream's token arrivals for the inter-token latency histogram."""
 
-    def __init__(self, job: "_Prepared", first_at: float) -> None:
+    def __init__(self, job: "_Prepared", first_at: float, first_tokens: int) -> None:
         self.job, self.last = job, first_at
+        # A stream that fell behind gets its waiting tokens merged, the first message included: the tokens
+        # that came with the first one arrived with it (gaps of ~0), so every token but the first is observed.
+        self.tick(first_tokens - 1)
 
     def tick(self, num_tokens: int) -> None:
-        if num_tokens:
+        if num_tokens > 0:
             self.last = self.job.observe_tokens(self.last, num_tokens)
 
 
@@ -434,7 +437,7 @@ class OpenAIIngress:
             await asyncio.gather(*(_close(s) for s in streams), return_exceptions=True)
             raise
         first_at = job.observe_first()
-        clocks = [_TokenClock(job, first_at) for _ in streams]
+        clocks = [_TokenClock(job, first_at, len(first["new_token_ids"])) for first in firsts]
         if job.stream:
             return StreamingResponse(self._sse(job, streams, firsts, clocks), media_type="text/event-stream")
         try:
