@@ -80,7 +80,8 @@ def _fuse_gated_mlp(mlp: nn.Module) -> PackedGatedMLP | None:
     if set(children) != GATED_MLP_CHILDREN or not all(
             type(children[n]) is nn.Linear for n in ("gate_proj", "up_proj", "down_proj")):
         return None
-    if (mlp.gate_proj.bias is None) != (mlp.up_proj.bias is None) or not supports(mlp.gate_proj.weight.dtype):
+    if (mlp.gate_proj.bias is None) != (mlp.up_proj.bias is None) or not supports(mlp.gate_proj.weight.dtype) \
+            or not _on_cpu(mlp):
         return None
     fused = PackedGatedMLP(mlp)
     weight = mlp.gate_proj.weight
@@ -107,7 +108,7 @@ def pack_linears(model: nn.Module) -> int:
     for name, module in list(model.named_modules()):
         if isinstance(module, PackedGatedMLP) or not name:
             continue
-        fused = _fuse_gated_mlp(module) if _on_cpu(module) else None
+        fused = _fuse_gated_mlp(module)
         if fused is not None:
             _replace(model, name, fused)
             replaced += 3

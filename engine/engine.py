@@ -355,13 +355,11 @@ def _builtin_model_path() -> str:
 
 def _resolve_linear_backend(name: str, dtype: str) -> str:
     """auto: oneDNN with packed weights where the model runs on the CPU in a dtype oneDNN packs, else torch."""
+    if name not in ("auto", "onednn"):
+        return name
     fits = not torch.cuda.is_available() and cpu_linear.supports(DTYPES[dtype])
-    if name == "auto":
-        return "onednn" if fits else "torch"
-    if name == "onednn" and not fits:
-        raise ValueError(f"linear_backend 'onednn' needs the CPU, float32 or bfloat16 and a torch with oneDNN; "
-                         f"got {dtype}")
-    return name
+    return _fitting(name, "onednn", fits, f"linear_backend 'onednn' needs the CPU, float32 or bfloat16 and a "
+                                          f"torch with oneDNN; got {dtype}")
 
 
 def _resolve_backend(name: str, layout: KVLayout) -> str:
@@ -370,10 +368,15 @@ def _resolve_backend(name: str, layout: KVLayout) -> str:
         return "triton"
     if name not in ("auto", "cpu"):
         return name
-    kernel_fits = cpu_attention.supports(layout.dtype, layout.head_dim) and cpu_attention.available()
+    fits = cpu_attention.supports(layout.dtype, layout.head_dim) and cpu_attention.available()
+    return _fitting(name, "cpu", fits, f"attention_backend 'cpu' needs float32, head_dim % 16 == 0 and a C "
+                                       f"compiler; got {layout.dtype}, head_dim {layout.head_dim}")
+
+
+def _fitting(name: str, backend: str, fits: bool, refusal: str) -> str:
+    """name is "auto" or `backend`: auto takes it where it fits, else torch; asked for and unfit is a ValueError."""
     if name == "auto":
-        return "cpu" if kernel_fits else "torch"
-    if not kernel_fits:
-        raise ValueError(f"attention_backend 'cpu' needs float32, head_dim % 16 == 0 and a C compiler; "
-                         f"got {layout.dtype}, head_dim {layout.head_dim}")
+        return backend if fits else "torch"
+    if not fits:
+        raise ValueError(refusal)
     return name
