@@ -9,12 +9,16 @@ while `--co-runners` processes each spin for `--busy-ms` then
 sleep for `--idle-ms` (bounded: they stop with the measurement).
 
     python -m bench.decode_step --threads 1,2 --seqs 4 --co-runners 2
+    python -m bench.decode_step --threads 2 --co-runner-nice 19    # neighbours at low priority
+    python -m bench.decode_step --threads 2 --co-runners 0 --step-on-other-thread
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import multiprocessing as mp
+import os
 import random
 import statistics
 import time
@@ -23,7 +27,10 @@ from engine import LLM, SamplingParams
 from engine.tiny_model import path as model_path
 
 
-def _co_runner(busy_s: float, idle_s: float, stop: mp.Event) -> None:
+def _co_runner(busy_s: float, idle_s: float, nice: int, sched_idle: bool, stop: mp.Event) -> None:
+    os.nice(nice)  # raising one's own niceness needs no privilege
+    if sched_idle:  # runs only on a core nothing else wants; never preempts the engine
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     while not stop.is_set():
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < busy_s:
@@ -57,12 +64,19 @@ def measure(threads: int, args: argparse.Namespace, co_runners: int) -> float:
               linear_backend=args.linear_backend)
     step_times_ms(llm, args.seqs, args.prompt_len, 5)  # warm-up
     stop = mp.Event()
-    procs = [mp.Process(target=_co_runner, args=(args.busy_ms / 1000, args.idle_ms / 1000, stop), daemon=True)
+    co_args = (args.busy_ms / 1000, args.idle_ms / 1000, args.co_runner_nice, args.co_runner_sched_idle, stop)
+    procs = [mp.Process(target=_co_runner, args=co_args, daemon=True)
              for _ in range(co_runners)]
     for p in procs:
         p.start()
     try:
-        return statistics.median(step_times_ms(llm, args.seqs, args.prompt_len, args.steps))
+        if not args.step_on_other_thread:
+            return statistics.median(step_times_ms(llm, args.seqs, args.prompt_len, args.steps))
+        # the engine was built (and warmed) on this thread; step it from another, as a server
+        # whose engine loop thread is not the thread that built the engine would
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(lambda: statistics.median(
+                step_times_ms(llm, args.seqs, args.prompt_len, args.steps))).result()
     finally:
         stop.set()
         for p in procs:
@@ -82,11 +96,17 @@ def main() -> None:
     p.add_argument("--co-runners", type=int, default=2)
     p.add_argument("--busy-ms", type=float, default=1.0)
     p.add_argument("--idle-ms", type=float, default=4.0)
+    p.add_argument("--co-runner-nice", type=int, default=0,
+                   help="niceness the co-runners add to their own (0: the engine's priority)")
+    p.add_argument("--step-on-other-thread", action="store_true",
+                   help="build the engine on the main thread and time its steps on another (two OpenMP teams)")
+    p.add_argument("--co-runner-sched-idle", action="store_true", help="co-runners under SCHED_IDLE")
     p.add_argument("--repeats", type=int, default=3, help="alone/crowded pairs; the table shows medians")
     args = p.parse_args()
     print(f"linear_backend {args.linear_backend}; decode step of {args.seqs} sequences ({args.prompt_len}-token "
           f"prompts), median over {args.steps} steps and {args.repeats} repeats; "
-          f"co-runners: {args.co_runners} x ({args.busy_ms} ms busy, {args.idle_ms} ms idle)")
+          f"co-runners: {args.co_runners} x ({args.busy_ms} ms busy, {args.idle_ms} ms idle, "
+          f"nice +{args.co_runner_nice}{', SCHED_IDLE' if args.co_runner_sched_idle else ''})")
     print("| torch threads | alone ms | with co-runners ms | slowdown |\n|---:|---:|---:|---:|")
     for threads in (int(t) for t in args.threads.split(",")):
         alone, crowded = [], []

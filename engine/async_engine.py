@@ -66,7 +66,14 @@ class _Command:
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig, idle_wait_s: float = 0.05) -> None:
-        self.engine = Engine(config)
+        """Builds the Engine on the loop thread and returns once it is built (or raises its error).
+
+        Why there: torch's CPU thread settings and OpenMP's thread team belong to the
+        thread that runs the parallel regions. An engine built (weights packed, thread
+        count set) on one thread and stepped on another ran its decode steps 1.4-2x
+        slower (BENCHMARKS.md, "Where the HTTP gap was"); on the loop thread every
+        torch call of the engine comes from one thread.
+        """
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
@@ -74,8 +81,14 @@ class AsyncEngine:
         self._stopping = False
         self.error: BaseException | None = None
         self.last_step_time = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
+        built: queue.SimpleQueue[Engine | BaseException] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, args=(config, built), name="pdserve-engine", daemon=True)
         self._thread.start()
+        result = built.get()
+        if isinstance(result, BaseException):
+            self._thread.join()
+            raise result
+        self.engine: Engine = result
 
     # ---- public, called from the event loop ------------------------------------------------
     @property
@@ -143,7 +156,13 @@ class AsyncEngine:
         self._thread.join(timeout_s)
 
     # ---- the loop thread ---------------------------------------------------------------------
-    def _run(self) -> None:
+    def _run(self, config: EngineConfig, built: queue.SimpleQueue) -> None:
+        try:
+            self.engine = Engine(config)
+        except BaseException as exc:  # bad config, missing model: the constructor re-raises it
+            built.put(exc)
+            return
+        built.put(self.engine)
         try:
             while not self._stopping:
                 self._drain_commands()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
-from engine import LLM, EngineConfig, SamplingParams
+from engine import LLM, EngineConfig, SamplingParams, async_engine
 from engine.async_engine import AsyncEngine, EngineDeadError, StepOutput
+from engine.engine import Engine
 from tests.engine_helpers import random_prompts
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -70,3 +72,41 @@ def test_merging_stops_at_the_finished_output(engine) -> None:
 
     outs = asyncio.run(run())
     assert len(outs) == 1 and outs[0].new_token_ids == [1, 2] and outs[0].finished
+
+
+class _ThreadRecordingEngine(Engine):
+    """Records the thread of every construction and step (class-level: one test at a time uses it)."""
+
+    threads: list[str] = []
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.threads.append(threading.current_thread().name)
+        super().__init__(config)
+
+    def step(self):
+        self.threads.append(threading.current_thread().name)
+        return super().step()
+
+
+def test_engine_is_built_and_stepped_on_the_loop_thread(monkeypatch) -> None:
+    """One OpenMP team: torch work from a second thread gives OpenMP more threads than cores, and it
+    then puts its waiting threads to sleep after every parallel region (decode steps 1.4-2x slower)."""
+    monkeypatch.setattr(async_engine, "Engine", _ThreadRecordingEngine)
+    _ThreadRecordingEngine.threads = []
+    eng = AsyncEngine(EngineConfig())
+    try:
+        async def run() -> list[int]:
+            return [t for out in [o async for o in eng.generate([5, 6, 7], GREEDY, "r")] for t in out.new_token_ids]
+
+        assert len(asyncio.run(run())) == GREEDY.max_tokens
+    finally:
+        eng.shutdown()
+    assert len(_ThreadRecordingEngine.threads) > GREEDY.max_tokens // 2  # the construction and the steps
+    assert set(_ThreadRecordingEngine.threads) == {"pdserve-engine"}
+
+
+def test_engine_that_cannot_be_built_raises_from_the_constructor(tmp_path) -> None:
+    before = {t.ident for t in threading.enumerate()}
+    with pytest.raises(OSError):
+        AsyncEngine(EngineConfig(model=str(tmp_path / "no-such-model")))
+    assert not [t for t in threading.enumerate() if t.ident not in before and t.name == "pdserve-engine"]
