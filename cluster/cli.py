@@ -94,8 +94,15 @@ def _up_detached(args: argparse.Namespace) -> int:
                         f"--num-cpus={args.num_cpus}", f"--temp-dir={DETACHED_TEMP_DIR}"], check=True,
                        env={**os.environ, **LOCAL_ENV})
         started_head = True
-        address = _started_head_address()
-    url = _deploy(args, {"address": address, "namespace": "pdserve", "log_to_driver": False})
+    try:
+        if started_head:
+            address = _started_head_address()
+        url = _deploy(args, {"address": address, "namespace": "pdserve", "log_to_driver": False})
+    except BaseException:  # a bad config, a failed deploy, Ctrl-C: leave no head behind
+        if started_head:
+            _shutdown()
+            _stop_started_head()
+        raise
     STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
     STATE_FILE.write_text(json.dumps({"url": url, "address": address, "started_head": started_head,
                                       "since": time.time()}))
@@ -166,13 +173,17 @@ def _down(args: argparse.Namespace) -> int:
     ray.init(address=state["address"], namespace="pdserve", log_to_driver=False)
     _shutdown()
     if state.get("started_head"):
-        # `ray stop` would stop every Ray on the machine: stop only the head this tool started.
-        subprocess.run(["pkill", "-f", DETACHED_TEMP_DIR], check=False)
-        time.sleep(3)  # the GCS does not always exit on SIGTERM: make sure
-        subprocess.run(["pkill", "-9", "-f", DETACHED_TEMP_DIR], check=False)
+        _stop_started_head()
     STATE_FILE.unlink(missing_ok=True)
     print("pdserve stopped")
     return 0
+
+
+def _stop_started_head() -> None:
+    """Stop the Ray head `up --detach` started: `ray stop` would stop every Ray on the machine."""
+    subprocess.run(["pkill", "-f", DETACHED_TEMP_DIR], check=False)
+    time.sleep(3)  # the GCS does not always exit on SIGTERM: make sure
+    subprocess.run(["pkill", "-9", "-f", DETACHED_TEMP_DIR], check=False)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -66,3 +66,25 @@ def test_detached_up_status_down(tmp_path) -> None:
     assert down.returncode == 0 and "pdserve stopped" in down.stdout, down.stdout + down.stderr
     assert not (tmp_path / "up.json").exists()
     assert run("status").returncode != 0  # nothing left to report on
+
+
+@pytest.mark.timeout(STARTUP_TIMEOUT_S + 60)
+def test_detached_up_that_fails_to_deploy_stops_the_head_it_started(tmp_path) -> None:
+    """A deploy that fails after `up --detach` started its Ray head stops that head again: no Ray is left
+    running with no state file for `down` to find it by."""
+    import os
+    import subprocess
+
+    from cluster.cli import DETACHED_TEMP_DIR
+
+    config = tmp_path / "serve.yaml"
+    config.write_text("applications:\n  - {name: pdserve, route_prefix: /, import_path: \"cluster.app:app_builder\", "
+                      f"args: {{products_dir: {tmp_path / 'no-such-dir'}}}}}\n")
+    env = {**os.environ, "PDSERVE_CACHE_DIR": str(tmp_path)}
+    up = subprocess.run([cli("pdserve"), "up", "--detach", "--port", str(free_port()), "--config", str(config)],
+                        env=env, capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S)
+    assert up.returncode != 0
+    assert "no-such-dir" in up.stderr
+    assert not (tmp_path / "up.json").exists()
+    left = subprocess.run(["pgrep", "-f", DETACHED_TEMP_DIR], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes of the started head still running: {left}"
