@@ -11,6 +11,7 @@ sleep for `--idle-ms` (bounded: they stop with the measurement).
     python -m bench.decode_step --threads 1,2 --seqs 4 --co-runners 2
     python -m bench.decode_step --threads 2 --co-runner-nice 19    # neighbours at low priority
     python -m bench.decode_step --threads 2 --co-runners 0 --step-on-other-thread
+    python -m bench.decode_step --threads 2 --co-runners 0 --side-thread-copy
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import os
 import random
 import statistics
 import time
+
+import torch
 
 from engine import LLM, SamplingParams
 from engine.tiny_model import path as model_path
@@ -59,6 +62,11 @@ def step_times_ms(llm: LLM, seqs: int, prompt_len: int, steps: int) -> list[floa
     return times
 
 
+def _large_copy() -> None:
+    src = torch.ones(20_000_000)  # 80 MB: far above torch's grain size, so the copy runs in parallel
+    torch.empty_like(src).copy_(src)
+
+
 def measure(threads: int, args: argparse.Namespace, co_runners: int) -> float:
     llm = LLM(model_path(args.model), num_threads=threads, kv_cache_bytes=256 << 20,
               linear_backend=args.linear_backend)
@@ -69,7 +77,10 @@ def measure(threads: int, args: argparse.Namespace, co_runners: int) -> float:
              for _ in range(co_runners)]
     for p in procs:
         p.start()
+    side = concurrent.futures.ThreadPoolExecutor(1)  # a live second thread, as asyncio.to_thread keeps one
     try:
+        if args.side_thread_copy:  # one parallel torch op there: a second OpenMP team, alive from now on
+            side.submit(_large_copy).result()
         if not args.step_on_other_thread:
             return statistics.median(step_times_ms(llm, args.seqs, args.prompt_len, args.steps))
         # the engine was built (and warmed) on this thread; step it from another, as a server
@@ -78,6 +89,7 @@ def measure(threads: int, args: argparse.Namespace, co_runners: int) -> float:
             return pool.submit(lambda: statistics.median(
                 step_times_ms(llm, args.seqs, args.prompt_len, args.steps))).result()
     finally:
+        side.shutdown()
         stop.set()
         for p in procs:
             p.join(5)
@@ -100,6 +112,8 @@ def main() -> None:
                    help="niceness the co-runners add to their own (0: the engine's priority)")
     p.add_argument("--step-on-other-thread", action="store_true",
                    help="build the engine on the main thread and time its steps on another (two OpenMP teams)")
+    p.add_argument("--side-thread-copy", action="store_true",
+                   help="first run one large parallel torch copy on a second thread that stays alive")
     p.add_argument("--co-runner-sched-idle", action="store_true", help="co-runners under SCHED_IDLE")
     p.add_argument("--repeats", type=int, default=3, help="alone/crowded pairs; the table shows medians")
     args = p.parse_args()
