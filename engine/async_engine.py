@@ -81,14 +81,14 @@ class AsyncEngine:
         self._stopping = False
         self.error: BaseException | None = None
         self.last_step_time = time.monotonic()
-        built: queue.SimpleQueue[Engine | BaseException] = queue.SimpleQueue()
+        self.engine: Engine  # set by the loop thread before `built` hears from it
+        built: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, args=(config, built), name="pdserve-engine", daemon=True)
         self._thread.start()
-        result = built.get()
-        if isinstance(result, BaseException):
+        error = built.get()
+        if error is not None:
             self._thread.join()
-            raise result
-        self.engine: Engine = result
+            raise error
 
     # ---- public, called from the event loop ------------------------------------------------
     @property
@@ -162,7 +162,7 @@ class AsyncEngine:
         except BaseException as exc:  # bad config, missing model: the constructor re-raises it
             built.put(exc)
             return
-        built.put(self.engine)
+        built.put(None)
         try:
             while not self._stopping:
                 self._drain_commands()
