@@ -20,6 +20,8 @@
 #   PDSERVE_AFFINITY []              SERVER=pdserve: cores for the engine replica, comma-separated
 #   PDSERVE_REPLICAS [1]             SERVER=pdserve: engine replicas, each with KV_BYTES / this (the
 #                                    same budget in all) and PDSERVE_THREADS threads
+#   PDSERVE_TOKEN_STREAM [direct]    SERVER=pdserve: how tokens reach the ingress, `direct` (one frame per
+#                                    engine step) or `serve` (a Serve streaming item per token)
 #
 # The same seed sends the same requests as to pdserve. vLLM has no products: both are served as
 # model `small`, and the client sends each product's system prompt itself (pdserve adds it server
@@ -38,6 +40,7 @@ MAX_NUM_BATCHED_TOKENS="${MAX_NUM_BATCHED_TOKENS:-1024}"
 PDSERVE_THREADS="${PDSERVE_THREADS:-2}"
 PDSERVE_AFFINITY="${PDSERVE_AFFINITY:-}"
 PDSERVE_REPLICAS="${PDSERVE_REPLICAS:-1}"
+PDSERVE_TOKEN_STREAM="${PDSERVE_TOKEN_STREAM:-direct}"
 PDSERVE_DECODE_EXTRA="${PDSERVE_AFFINITY:+, cpu_affinity: [$PDSERVE_AFFINITY]}"
 OUT="${OUT:-bench-out/${SERVER:-vllm}-peer}"
 VLLM_BLOCK_TOKENS=128  # vLLM's CPU block size (PLATFORM.md)
@@ -103,7 +106,8 @@ decode: {num_cpus: 1, max_ongoing_requests: 256,
 YAML
   cat >"$dir/serve.yaml" <<YAML
 applications:
-  - {name: pdserve, route_prefix: /, import_path: "cluster.app:app_builder", args: {products_dir: $dir/products}}
+  - {name: pdserve, route_prefix: /, import_path: "cluster.app:app_builder", args: {products_dir: $dir/products,
+     token_stream: $PDSERVE_TOKEN_STREAM}}
 YAML
   trap 'pdserve down; rm -rf "$PEER_DIR"' EXIT
   pdserve up --detach --config "$dir/serve.yaml" --port "$PORT"

@@ -20,7 +20,7 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from cluster.deployments import DecodeDeployment, PrefillDeployment
-from cluster.ingress import OpenAIIngress
+from cluster.ingress import TOKEN_STREAM_MODES, OpenAIIngress
 from cluster.prefix_directory import DIRECTORY_NAME
 from cluster.products import ProductConfig, Role, load_products, pools
 from cluster.routing import KVHeadroomRouter, PrefixAffinityRouter
@@ -52,7 +52,11 @@ def _deployment_options(name: str, role: Role, router: type, health_period_s: fl
     }
 
 
-def build_app(products: dict[str, ProductConfig], ingress_replicas: int = 1) -> Application:
+def build_app(products: dict[str, ProductConfig], ingress_replicas: int = 1,
+              token_stream: str = "direct") -> Application:
+    """token_stream: how decode workers send outputs to the ingress, "direct" or "serve" (cluster/ingress.py)."""
+    if token_stream not in TOKEN_STREAM_MODES:
+        raise ValueError(f"token_stream must be one of {TOKEN_STREAM_MODES}, not {token_stream!r}")
     decoders, prefills = {}, {}
     for name, members in pools(products).items():
         product = members[0]  # the pool's products agree on everything the deployments are built from
@@ -75,12 +79,14 @@ def build_app(products: dict[str, ProductConfig], ingress_replicas: int = 1) -> 
     return serve.deployment(OpenAIIngress).options(
         name="ingress", num_replicas=ingress_replicas, ray_actor_options={"num_cpus": 0.1},
         max_ongoing_requests=1024, health_check_period_s=2.0,
-    ).bind({n: p.model_dump() for n, p in products.items()}, decoders, prefills)
+    ).bind({n: p.model_dump() for n, p in products.items()}, decoders, prefills, token_stream)
 
 
 def app_builder(args: dict[str, Any]) -> Application:
-    """Entry point for Serve config files: args {"products_dir": path (relative to the repo or absolute)}."""
+    """Entry point for Serve config files: args {"products_dir": path (relative to the repo or absolute),
+    "ingress_replicas": int, "token_stream": "direct" | "serve"}."""
     directory = Path(args.get("products_dir") or DEFAULT_PRODUCTS_DIR)
     if not directory.is_absolute() and not directory.exists():
         directory = DEFAULT_PRODUCTS_DIR.parent.parent / directory
-    return build_app(load_products(directory), int(args.get("ingress_replicas", 1)))
+    return build_app(load_products(directory), int(args.get("ingress_replicas", 1)),
+                     str(args.get("token_stream", "direct")))

@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -33,6 +34,7 @@ from transformers import AutoTokenizer
 
 from cluster import openai_protocol as oai
 from cluster.detokenizer import IncrementalDetokenizer
+from cluster.direct_stream import DirectStream
 from cluster.metrics import (
     CONTENT_TYPE,
     E2E_REQUEST_LATENCY,
@@ -48,12 +50,18 @@ from cluster.metrics import (
 )
 from cluster.prefix_directory import get_or_create_directory
 from cluster.products import ProductConfig
+from decode_workers.token_stream import TokenStreamServer
 from engine.config import SamplingParams
 from engine.engine import context_limit
 from engine.model import load_config
 from engine.tiny_model import path as builtin_model_path
 
 log = logging.getLogger(__name__)
+
+# How decode workers send a request's outputs here. "direct": over the ingress's token stream server, one
+# frame per engine step for all of a worker's streams (decode_workers/token_stream.py); "serve": each
+# output its own item of a Serve streaming call.
+TOKEN_STREAM_MODES = ("direct", "serve")
 
 # Far above any prompt a product accepts (its context limit is checked after tokenizing), low enough that a
 # huge body is refused before it is buffered whole, parsed and tokenized.
@@ -276,8 +284,14 @@ def _describe(exc: BaseException) -> str:
 
 @serve.ingress(app)
 class OpenAIIngress:
-    def __init__(self, products: dict[str, dict], decoders: dict, prefills: dict | None = None) -> None:
+    def __init__(self, products: dict[str, dict], decoders: dict, prefills: dict | None = None,
+                 token_stream: str = "direct") -> None:
+        if token_stream not in TOKEN_STREAM_MODES:
+            raise ValueError(f"token_stream must be one of {TOKEN_STREAM_MODES}, not {token_stream!r}")
         get_or_create_directory()  # the workers find it by name; it outlives any one of them
+        self._token_stream_mode = token_stream
+        self._token_server: TokenStreamServer | None = None
+        self._token_server_lock = asyncio.Lock()
         self._decoders = decoders
         self._prefills = prefills or {}
         self._products = {name: self._load(ProductConfig(**cfg)) for name, cfg in products.items()}
@@ -429,7 +443,12 @@ class OpenAIIngress:
             raise APIError(429, f"Too many requests in flight for `{product.config.name}`; retry shortly.",
                            "rate_limit_error", "queue_full", headers={"Retry-After": "1"})
         product.inflight += job.n
-        streams = [self._start(job, i) for i in range(job.n)]
+        try:
+            server = await self._token_streams()
+        except BaseException:
+            product.inflight -= job.n
+            raise
+        streams = [self._start(job, i, server) for i in range(job.n)]
         try:
             firsts = await asyncio.gather(*(_first(s) for s in streams))
         except BaseException:
@@ -445,11 +464,31 @@ class OpenAIIngress:
         finally:
             product.inflight -= job.n
 
-    def _start(self, job: _Prepared, index: int) -> AsyncIterator[dict]:
+    async def _token_streams(self) -> TokenStreamServer | None:
+        """This replica's token stream server, started on first use on the replica's event loop (None in
+        "serve" mode). It listens on the node's address: decode replicas may run on other nodes."""
+        if self._token_stream_mode != "direct":
+            return None
+        async with self._token_server_lock:
+            if self._token_server is None:
+                server = TokenStreamServer()
+                try:
+                    await server.start(ray.util.get_node_ip_address())
+                except OSError as exc:
+                    raise APIError(503, f"cannot open the token stream port: {exc!r}", "server_error",
+                                   "unavailable") from exc
+                self._token_server = server
+        return self._token_server
+
+    def _start(self, job: _Prepared, index: int, server: TokenStreamServer | None) -> AsyncIterator[dict]:
         params = job.params if job.params.seed is None else _with_seed(job.params, job.params.seed + index)
         request = {"prompt_token_ids": job.prompt_token_ids, "sampling_params": params, "cache_salt": job.cache_salt}
         handle = self._decoders[job.product.config.name]
-        return handle.options(stream=True).generate.remote(request).__aiter__()
+        if server is None:
+            return handle.options(stream=True).generate.remote(request).__aiter__()
+        stream_id = uuid.uuid4().hex
+        request["token_stream"] = server.target(stream_id).as_dict()
+        return DirectStream(server, stream_id, handle.generate_to.remote(request))
 
     async def _collect(self, job: _Prepared, streams: list, firsts: list[dict], clocks: list[_TokenClock]) -> dict:
         outs = await asyncio.gather(*(_drain(s, f, c) for s, f, c in zip(streams, firsts, clocks, strict=True)))

@@ -15,6 +15,7 @@ own abort frees the blocks on the prefill side.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 import ray
 
+from decode_workers.token_stream import TokenStreamSender, TokenStreamTarget
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig, SamplingParams
 from engine.outputs import EngineStats
@@ -63,6 +65,7 @@ class DecodeServer:
         self._bytes = 0
         self._seconds = 0.0
         self._transfer_failures = self._prefill_failures = self._recomputed = self._remote = 0
+        self._token_streams = TokenStreamSender()
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
         """request: {"request_id"?, "prompt_token_ids", "sampling_params": dict | SamplingParams,
@@ -95,6 +98,24 @@ class DecodeServer:
             if not finished:  # consumer gone or prefill cancelled: free the blocks here now
                 self.engine.discard_stream(rid)
                 await self.engine.abort(rid)
+
+    async def generate_to(self, request: dict) -> dict:
+        """`generate`, with the outputs sent over the direct token stream request["token_stream"] names
+        (a TokenStreamTarget dict) instead of yielded; returns once the last one is written.
+
+        The call stays the request's lifeline: cancelling it aborts the request (its blocks freed), and a lost
+        token stream ends it with TokenStreamError. Nothing runs on the engine until the stream is connected.
+        Returns {"num_output_tokens", "finish_reason"} of the last output.
+        """
+        target = TokenStreamTarget.from_dict(request.get("token_stream") or {})
+        conn = await self._token_streams.connect(target)
+        last: dict = {}
+        async with contextlib.aclosing(self.generate(request)) as outputs:  # closing it aborts the request
+            async for out in outputs:
+                await conn.send(target.stream_id, out)
+                last = out
+        await conn.flush()
+        return {"num_output_tokens": last.get("num_output_tokens", 0), "finish_reason": last.get("finish_reason")}
 
     async def _remote_prefill(self, rid: str, prompt: list[int], params: SamplingParams, salt: str | None,
                               num_reserved: int) -> None:

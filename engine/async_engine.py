@@ -199,16 +199,22 @@ class AsyncEngine:
             self._publish([self.engine.requests[rid] for rid in list(self._streams) if rid in self.engine.requests])
 
     def _publish(self, requests: list[Request]) -> None:
+        """Hand these requests' new outputs to their streams: one wake-up per event loop, not one per
+        request, so a step's outputs reach the loop together (and leave it together, see token_stream)."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StepOutput]]] = {}
         for req in requests:
-            self._send(req)
+            stream = self._streams.get(req.request_id)
+            out = None if stream is None else self._output(req, stream)
+            if out is not None:
+                batches.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
-    def _send(self, req: Request) -> None:
-        stream = self._streams.get(req.request_id)
-        if stream is None:
-            return
+    def _output(self, req: Request, stream: _Stream) -> StepOutput | None:
+        """The request's output since the stream's last one (None: nothing new); marks it sent."""
         new = req.output_token_ids[stream.sent:]
         if not new and not req.is_finished:
-            return
+            return None
         logprobs = req.output_logprobs[stream.sent:] if req.sampling_params.logprobs is not None else None
         stream.sent = req.num_output_tokens
         finished = req.is_finished
@@ -221,7 +227,7 @@ class AsyncEngine:
         )
         if finished:
             self._streams.pop(req.request_id, None)
-        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+        return out
 
     def _fail_pending_commands(self) -> None:
         while True:
@@ -245,6 +251,11 @@ def _coalesce(first: StepOutput, stream: _Stream) -> StepOutput:
         logprobs = None if out.new_logprobs is None else out.new_logprobs + (nxt.new_logprobs or [])
         out = replace(nxt, new_token_ids=out.new_token_ids + nxt.new_token_ids, new_logprobs=logprobs)
     return out
+
+
+def _put_all(items: list[tuple[asyncio.Queue, StepOutput]]) -> None:
+    for queue_, out in items:
+        queue_.put_nowait(out)
 
 
 def _set_result(future: asyncio.Future, result: Any) -> None:

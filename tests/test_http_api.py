@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
-from cluster.app import DEFAULT_PRODUCTS_DIR
+from cluster.app import DEFAULT_PRODUCTS_DIR, build_app
 from cluster.products import load_products
 from engine import LLM, SamplingParams
 from engine.tiny_model import path as model_path
@@ -113,6 +113,30 @@ def test_chat_streaming_equals_non_streaming(client) -> None:
     usage = chunks[-1].usage
     assert not chunks[-1].choices and usage.completion_tokens == 12
     assert usage.prompt_tokens == full.usage.prompt_tokens and usage.prompt_tokens_details.cached_tokens > 0
+
+
+def test_tokens_over_serve_streams_give_the_same_answers(pdserve_url: str, products, offline) -> None:
+    """token_stream "serve" (each output a Serve streaming item) beside the default direct stream."""
+    from ray import serve
+
+    chat = products["support-chat"].model_copy(update={"disaggregated": False})
+    serve.run(build_app({"support-chat": chat}, token_stream="serve"), name="serve-tokens",
+              route_prefix="/serve-tokens")
+    try:
+        c = openai.OpenAI(base_url=f"{pdserve_url}/serve-tokens/v1", api_key="none", max_retries=0)
+        prompt = "Quarterly usage report:"
+        expected = offline.generate([prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
+        streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+            model="support-chat", prompt=prompt, max_tokens=10, temperature=0, stream=True,
+            extra_body={"ignore_eos": True}))
+        assert streamed == expected.outputs[0].text
+    finally:
+        serve.delete("serve-tokens")
+
+
+def test_an_unknown_token_stream_mode_is_refused(products) -> None:
+    with pytest.raises(ValueError, match="token_stream"):
+        build_app(products, token_stream="carrier-pigeon")
 
 
 def test_completions_both_products_stream_and_not(client, report_client, offline) -> None:
