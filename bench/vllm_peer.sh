@@ -22,6 +22,8 @@
 #                                    same budget in all) and PDSERVE_THREADS threads
 #   PDSERVE_TOKEN_STREAM [direct]    SERVER=pdserve: how tokens reach the ingress, `direct` (one frame per
 #                                    engine step) or `serve` (a Serve streaming item per token)
+#   PDSERVE_DIRECT_INGRESS [0]       SERVER=pdserve: 1 serves HTTP from the ingress replica itself, without
+#                                    Serve's proxy (`pdserve up --direct-ingress`)
 #
 # The same seed sends the same requests as to pdserve. vLLM has no products: both are served as
 # model `small`, and the client sends each product's system prompt itself (pdserve adds it server
@@ -41,6 +43,8 @@ PDSERVE_THREADS="${PDSERVE_THREADS:-2}"
 PDSERVE_AFFINITY="${PDSERVE_AFFINITY:-}"
 PDSERVE_REPLICAS="${PDSERVE_REPLICAS:-1}"
 PDSERVE_TOKEN_STREAM="${PDSERVE_TOKEN_STREAM:-direct}"
+PDSERVE_UP_EXTRA=()
+if [ "${PDSERVE_DIRECT_INGRESS:-0}" = 1 ]; then PDSERVE_UP_EXTRA=(--direct-ingress); fi
 PDSERVE_DECODE_EXTRA="${PDSERVE_AFFINITY:+, cpu_affinity: [$PDSERVE_AFFINITY]}"
 OUT="${OUT:-bench-out/${SERVER:-vllm}-peer}"
 VLLM_BLOCK_TOKENS=128  # vLLM's CPU block size (PLATFORM.md)
@@ -110,7 +114,7 @@ applications:
      token_stream: $PDSERVE_TOKEN_STREAM}}
 YAML
   trap 'pdserve down; rm -rf "$PEER_DIR"' EXIT
-  pdserve up --detach --config "$dir/serve.yaml" --port "$PORT"
+  pdserve up --detach --config "$dir/serve.yaml" --port "$PORT" "${PDSERVE_UP_EXTRA[@]}"
   pdserve bench --base-url "http://127.0.0.1:$PORT/v1" --model "$MODEL_NAME" --out "$OUT" "$@"
 }
 

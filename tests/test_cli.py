@@ -32,6 +32,44 @@ def test_pdserve_up_serves_and_stops_cleanly_on_sigterm() -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+@pytest.mark.timeout(STARTUP_TIMEOUT_S + 180)
+def test_up_direct_ingress_serves_http_from_the_ingress_replica() -> None:
+    """`up --direct-ingress`: --port is the ingress replica's own HTTP server, not Serve's proxy."""
+    import psutil
+    import yaml
+
+    from cluster.app import DEFAULT_PRODUCTS_DIR
+
+    port = free_port()
+    directory = run_dir()
+    products = directory / "products"
+    products.mkdir()
+    chat_product = yaml.safe_load((DEFAULT_PRODUCTS_DIR / "support-chat.yaml").read_text())
+    (products / "support-chat.yaml").write_text(yaml.safe_dump({**chat_product, "disaggregated": False}))
+    (directory / "serve.yaml").write_text(yaml.safe_dump({"applications": [{
+        "name": "pdserve", "route_prefix": "/", "import_path": "cluster.app:app_builder",
+        "args": {"products_dir": str(products)}}]}))
+    try:
+        cmd = [cli("pdserve"), "up", "--direct-ingress", "--port", str(port), "--config", str(directory / "serve.yaml")]
+        with served(cmd, port, directory, signal.SIGTERM) as base:
+            client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+            assert chat(client, deadline=time.monotonic() + 60).parse().usage.completion_tokens == 5
+            listeners = [c.pid for c in psutil.net_connections("tcp")
+                         if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+            assert listeners, f"nothing listens on {port}"
+            assert all("ServeReplica" in " ".join(psutil.Process(pid).cmdline()) for pid in listeners), \
+                [psutil.Process(pid).cmdline() for pid in listeners]
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_direct_ingress_needs_a_ray_this_command_starts() -> None:
+    from cluster.cli import main
+
+    with pytest.raises(SystemExit, match="--direct-ingress needs"):
+        main(["up", "--direct-ingress", "--address", "127.0.0.1:6379"])
+
+
 def test_demo_runs_offline(capsys) -> None:
     from cluster.cli import main
 
