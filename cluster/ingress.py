@@ -50,7 +50,7 @@ from cluster.metrics import (
 )
 from cluster.prefix_directory import get_or_create_directory
 from cluster.products import ProductConfig
-from decode_workers.token_stream import TokenStreamServer
+from decode_workers.token_stream import TokenStreamError, TokenStreamServer
 from engine.config import SamplingParams
 from engine.engine import context_limit
 from engine.model import load_config
@@ -213,6 +213,8 @@ async def _first(stream: AsyncIterator[dict]) -> dict:
         raise APIError(503, f"worker failed: {_describe(exc)}", "server_error", "worker_failed") from exc
     except (RayActorError, DeploymentUnavailableError) as exc:
         raise APIError(503, f"no healthy replica: {_describe(exc)}", "server_error", "unavailable") from exc
+    except TokenStreamError as exc:  # the worker's outputs never reached this replica
+        raise APIError(503, f"worker failed: {_describe(exc)}", "server_error", "worker_failed") from exc
     except BackPressureError as exc:
         raise APIError(429, "workers are at capacity; retry shortly", "rate_limit_error", "queue_full",
                        headers={"Retry-After": "1"}) from exc

@@ -12,6 +12,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from cluster.ingress import APIError, _first
 from decode_workers.server import DecodeServer
+from decode_workers.token_stream import TokenStreamError
 from engine.async_engine import EngineDeadError
 from engine.config import SamplingParams
 
@@ -48,6 +49,7 @@ async def _failing(exc: BaseException):
     (ActorDiedError(), 503, "unavailable"),
     (BackPressureError(num_queued_requests=10, max_queued_requests=10), 429, "queue_full"),
     (ValueError("prompt_token_ids contains 99999, outside the vocabulary"), 400, None),
+    (TokenStreamError("the worker finished but its last output did not arrive"), 503, "worker_failed"),
 ])
 def test_worker_failures_map_to_http_errors(exc: BaseException, status: int, code: str | None) -> None:
     with pytest.raises(APIError) as info:
