@@ -123,7 +123,10 @@ def main() -> int:
                             include_system=plan.include_system)
         with MemorySampler() as memory:
             result = asyncio.run(run_plan(plan, ChatSender(endpoint), progress=False))
-        directory = ray.get_actor(DIRECTORY_NAME, namespace=NAMESPACE)
+        try:
+            directory = ray.get_actor(DIRECTORY_NAME, namespace=NAMESPACE)
+        except ValueError:  # no disaggregated product with prefix caching: the cluster has no directory
+            directory = None
         leftovers = wait_cluster_idle(get_hub(), directory, timeout_s=60)
     finally:
         ray.shutdown()

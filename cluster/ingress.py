@@ -290,13 +290,15 @@ class OpenAIIngress:
                  token_stream: str = "direct") -> None:
         if token_stream not in TOKEN_STREAM_MODES:
             raise ValueError(f"token_stream must be one of {TOKEN_STREAM_MODES}, not {token_stream!r}")
-        get_or_create_directory()  # the workers find it by name; it outlives any one of them
+        configs = {name: ProductConfig(**cfg) for name, cfg in products.items()}
+        if any(c.disaggregated and c.prefix_caching for c in configs.values()):
+            get_or_create_directory()  # prefill workers find it by name; it outlives any one of them
         self._token_stream_mode = token_stream
         self._token_server: TokenStreamServer | None = None
         self._token_server_lock = asyncio.Lock()
         self._decoders = decoders
         self._prefills = prefills or {}
-        self._products = {name: self._load(ProductConfig(**cfg)) for name, cfg in products.items()}
+        self._products = {name: self._load(config) for name, config in configs.items()}
         self._created = int(time.time())
         self._warmed: asyncio.Task | None = None
         self._hub = get_or_create_hub()

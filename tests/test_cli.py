@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import time
@@ -59,8 +60,20 @@ def test_up_direct_ingress_serves_http_from_the_ingress_replica() -> None:
             assert listeners, f"nothing listens on {port}"
             assert all("ServeReplica" in " ".join(psutil.Process(pid).cmdline()) for pid in listeners), \
                 [psutil.Process(pid).cmdline() for pid in listeners]
+            # colocated only: no prefill worker would use a prefix directory, so none is started
+            session = os.getsid(listeners[0])
+            actors = [" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])
+                      if _sid(p.pid) == session]
+            assert not [a for a in actors if "PrefixDirectory" in a], actors
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _sid(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:  # gone meanwhile
+        return None
 
 
 def test_direct_ingress_needs_a_ray_this_command_starts() -> None:
@@ -80,7 +93,6 @@ def test_demo_runs_offline(capsys) -> None:
 @pytest.mark.timeout(STARTUP_TIMEOUT_S + 180)
 def test_detached_up_status_down(tmp_path) -> None:
     """`up --detach` returns once serving; `status` reports every deployment RUNNING; `down` stops it all."""
-    import os
     import subprocess
 
     port = free_port()
@@ -110,7 +122,6 @@ def test_detached_up_status_down(tmp_path) -> None:
 def test_detached_up_that_fails_to_deploy_stops_the_head_it_started(tmp_path) -> None:
     """A deploy that fails after `up --detach` started its Ray head stops that head again: no Ray is left
     running with no state file for `down` to find it by."""
-    import os
     import subprocess
 
     from cluster.cli import DETACHED_TEMP_DIR
