@@ -206,15 +206,13 @@ async def _first(stream: AsyncIterator[dict]) -> dict:
         return await stream.__anext__()
     except StopAsyncIteration as exc:
         raise APIError(503, "the worker ended the request without output", "server_error") from exc
-    except (RayTaskError, ValueError) as exc:
+    except (RayTaskError, ValueError, TokenStreamError) as exc:  # TokenStreamError: outputs never arrived here
         cause = getattr(exc, "cause", None) or exc
         if isinstance(cause, ValueError):
             raise APIError(400, str(cause)) from exc
         raise APIError(503, f"worker failed: {_describe(exc)}", "server_error", "worker_failed") from exc
     except (RayActorError, DeploymentUnavailableError) as exc:
         raise APIError(503, f"no healthy replica: {_describe(exc)}", "server_error", "unavailable") from exc
-    except TokenStreamError as exc:  # the worker's outputs never reached this replica
-        raise APIError(503, f"worker failed: {_describe(exc)}", "server_error", "worker_failed") from exc
     except BackPressureError as exc:
         raise APIError(429, "workers are at capacity; retry shortly", "rate_limit_error", "queue_full",
                        headers={"Retry-After": "1"}) from exc
@@ -443,15 +441,11 @@ class OpenAIIngress:
     async def _serve(self, job: _Prepared) -> Response:
         # n samples: n sequences with seeds seed, seed+1, ... (reproducible), merged by index
         product = job.product
+        server = await self._token_streams()
         if product.inflight + job.n > product.config.max_queue_len:
             raise APIError(429, f"Too many requests in flight for `{product.config.name}`; retry shortly.",
                            "rate_limit_error", "queue_full", headers={"Retry-After": "1"})
         product.inflight += job.n
-        try:
-            server = await self._token_streams()
-        except BaseException:
-            product.inflight -= job.n
-            raise
         streams = [self._start(job, i, server) for i in range(job.n)]
         try:
             firsts = await asyncio.gather(*(_first(s) for s in streams))

@@ -28,7 +28,7 @@ import asyncio
 import hmac
 import logging
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import msgpack
@@ -57,7 +57,7 @@ class TokenStreamTarget:
     stream_id: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {"host": self.host, "port": self.port, "secret": self.secret, "stream_id": self.stream_id}
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TokenStreamTarget:
