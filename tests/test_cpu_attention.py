@@ -32,6 +32,17 @@ def test_matches_the_torch_path(block_size: int, num_kv_heads: int, group: int, 
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [1e-3, 0.125, 4.0])
+def test_matches_the_torch_path_from_flat_to_peaked_attention(scale: float) -> None:
+    """The kernel's own exp: near-uniform weights, and scores hundreds below the max (exp underflows)."""
+    lens = list(range(1, 34)) + [255, 256, 257]  # every tail length of a 16-lane vector
+    q, kc, vc, table, seq_lens = _paged_batch(lens, 16, 4, 3, 64, seed=2)
+    expected = decode_attention_torch(q, kc, vc, table, seq_lens, scale)
+    got = cpu_attention.paged_decode_attention(q, kc, vc, table, seq_lens, scale)
+    tol = 1e-5 * max(1.0, scale)  # logits of size ~100 carry float32 rounding of ~1e-5 whatever the order of the sum
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
 def test_two_threads_give_the_same_result() -> None:
     q, kc, vc, table, seq_lens = _paged_batch(list(range(1, 300, 7)), 16, 4, 3, 64, seed=1)
     threads = torch.get_num_threads()

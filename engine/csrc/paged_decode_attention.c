@@ -26,10 +26,41 @@
 typedef float vf __attribute__((vector_size(64), aligned(4)));
 #define VL 16
 
+typedef float vf8 __attribute__((vector_size(32), aligned(4)));
+typedef float vf4 __attribute__((vector_size(16), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(64)));
+
+/* Pairwise: halves added as vectors (a scalar left-to-right loop stays a chain of 16 dependent adds). */
 static inline float hsum(vf v) {
-    float s = 0.0f;
-    for (int i = 0; i < VL; i++) s += v[i];
-    return s;
+    vf8 a, b;
+    memcpy(&a, &v, sizeof a);
+    memcpy(&b, (const char *)&v + sizeof a, sizeof b);
+    a += b;
+    vf4 c, d;
+    memcpy(&c, &a, sizeof c);
+    memcpy(&d, (const char *)&a + sizeof c, sizeof d);
+    c += d;
+    return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+/* exp(x) for x <= 0, 16 lanes at once (libm's expf is one call per score). Cephes' reduction and
+ * degree-6 polynomial: relative error ~2e-7. x below -87 gives exp(-87) ~ 1.6e-38 instead of a
+ * denormal, which no softmax sum notices. */
+static inline vf exp_nonpositive(vf x) {
+    const vf lo = (vf){0} - 87.0f;
+    x = (vf)((vi)(x < lo) & (vi)lo) + (vf)(~(vi)(x < lo) & (vi)x); /* max(x, -87) without fast-math */
+    const float round_magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to the nearest integer */
+    vf n = (x * 1.44269504088896341f + round_magic) - round_magic;
+    vf r = x - n * 0.693359375f - n * -2.12194440e-4f; /* ln 2 in two parts keeps r exact */
+    vf p = (vf){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    vi scale = (__builtin_convertvector(n, vi) + 127) << 23; /* 2^n as float bits */
+    return p * (vf)scale;
 }
 
 /* The rows of one sequence are visited block by block: block i holds tokens
@@ -59,9 +90,13 @@ static void attend_seq(const float *q, const float *k_cache, const float *v_cach
     FOR_EACH_TOKEN(k_cache, k, t) {
         for (int h = 0; h < num_heads; h++) {
             const float *qh = q + (int64_t)h * head_dim, *kh = k + (int64_t)(h / group) * head_dim;
-            vf dot = *(const vf *)qh * *(const vf *)kh;
-            for (int c = 1; c < nv; c++) dot += *(const vf *)(qh + c * VL) * *(const vf *)(kh + c * VL);
-            scores[(int64_t)h * n + (t - first)] = hsum(dot) * scale;
+            vf even = *(const vf *)qh * *(const vf *)kh, odd = {0};
+            for (int c = 1; c + 1 < nv; c += 2) { /* two chains: the adds of one hide the other's latency */
+                odd += *(const vf *)(qh + c * VL) * *(const vf *)(kh + c * VL);
+                even += *(const vf *)(qh + (c + 1) * VL) * *(const vf *)(kh + (c + 1) * VL);
+            }
+            if (nv % 2 == 0) odd += *(const vf *)(qh + (nv - 1) * VL) * *(const vf *)(kh + (nv - 1) * VL);
+            scores[(int64_t)h * n + (t - first)] = hsum(even + odd) * scale;
         }
     }
     /* softmax per head, kept unnormalised; the sum divides at the end */
@@ -70,10 +105,22 @@ static void attend_seq(const float *q, const float *k_cache, const float *v_cach
         float *s = scores + (int64_t)h * n;
         float mx = -INFINITY;
         for (int64_t i = 0; i < n; i++) mx = s[i] > mx ? s[i] : mx;
-        float sum = 0.0f;
-        for (int64_t i = 0; i < n; i++) {
-            s[i] = expf(s[i] - mx);
-            sum += s[i];
+        vf sum_v = {0};
+        int64_t i = 0;
+        for (; i + VL <= n; i += VL) {
+            vf e = exp_nonpositive(*(vf *)(s + i) - mx);
+            *(vf *)(s + i) = e;
+            sum_v += e;
+        }
+        float sum = hsum(sum_v);
+        if (i < n) { /* the tail through a zero-padded vector: same exp as the rest */
+            vf tail = {0};
+            memcpy(&tail, s + i, sizeof(float) * (size_t)(n - i));
+            vf e = exp_nonpositive(tail - mx);
+            for (int64_t j = 0; j < n - i; j++) {
+                s[i + j] = e[j];
+                sum += e[j];
+            }
         }
         inv_sum[h] = 1.0f / sum;
     }
