@@ -6,9 +6,13 @@ fp32): export on one Ray actor, fetch and write into a paged cache on another
 over repeats; beside it, the time to prefill the same prompt. Then the bytes a
 decode worker does not receive thanks to dedup (it already holds the system
 prompt's blocks), measured through real PrefillServer/DecodeServer actors on
-the seed workload.
+the seed workload. With --first-token-only: what a client waits for the first
+and second tokens of a disaggregated request (real PrefillServer/DecodeServer
+actors, `small` model, 2,000-token prompts): the first token leaves the decode
+worker before its KV is fetched, so only the second waits for the transfer.
 
     python -m bench.kv_transfer [--repeats 5] [--requests 64] [--dedup-only] [--out results/kv_transfer.json]
+    python -m bench.kv_transfer --first-token-only --repeats 5
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import time
 from pathlib import Path
@@ -165,18 +170,54 @@ def measure_dedup(num_requests: int) -> dict:
     return result
 
 
+def measure_first_token(repeats: int) -> dict:
+    """Median seconds from sending a disaggregated request to its first and to its second output
+    (`small` model, fresh 2,000-token prompts so nothing is cached, ray transport, one request at a time)."""
+    from decode_workers.server import DecodeServer
+    from prefill_workers.server import PrefillServer
+
+    small = model_path("small")
+    vocab = load_config(small).vocab_size
+    rng = random.Random(40)
+    prompts = [[rng.randrange(3, vocab) for _ in range(PROMPT_TOKENS)] for _ in range(repeats + 1)]
+    engine = {"model": small, "num_threads": 1}
+    prefill = ray.remote(num_cpus=1)(PrefillServer).remote(engine, {"transport": "ray"})
+    decode = ray.remote(num_cpus=1)(DecodeServer).remote(engine, {"transport": "ray"}, prefill)
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    firsts, seconds = [], []
+    try:
+        for i, prompt in enumerate(prompts):
+            start = time.perf_counter()
+            stamps = []
+            request = {"prompt_token_ids": prompt, "sampling_params": params}
+            for ref in decode.generate.options(num_returns="streaming").remote(request):
+                out = ray.get(ref)
+                stamps += [time.perf_counter() - start] * len(out["new_token_ids"])
+            if i:  # the first request warms both workers up
+                firsts.append(stamps[0])
+                seconds.append(stamps[1])
+    finally:
+        ray.kill(prefill)
+        ray.kill(decode)
+    return {"first_token_s": statistics.median(firsts), "second_token_s": statistics.median(seconds)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the prefill measurement")
     parser.add_argument("--dedup-only", action="store_true", help="only the dedup measurement")
+    parser.add_argument("--first-token-only", action="store_true", help="only the first/second token measurement")
     parser.add_argument("--out", default="results/kv_transfer.json")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
+        if args.first_token_only:
+            print(json.dumps(measure_first_token(args.repeats)))
+            return 0
         dedup = measure_dedup(args.requests)
         if args.dedup_only:
             print(json.dumps(dedup))

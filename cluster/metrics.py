@@ -332,7 +332,7 @@ def snapshot_from_decode_stats(stats: DecodeStats, *, disaggregated: bool = True
     """A DecodeServer's snapshot.
 
     disaggregated: the engine's prompt_tokens_cached then repeats what the prefill worker already counted
-    (attach_kv passes its num_cached_tokens on), so it is left out; local_prompt_tokens_cached, when the
+    (accept_first_token passes its num_cached_tokens on), so it is left out; local_prompt_tokens_cached, when the
     worker tracks it, counts the cached tokens of prompts it computed itself (fallbacks) instead.
     kv_transfer_seconds: per-transfer observations; without it the family stays empty for this source
     (DecodeStats only has the total seconds, which cannot be put in buckets).

@@ -33,7 +33,8 @@ ROUTING_BLOCK = 16  # tokens per routing hash; independent of the engines' block
 
 def _queue_len(router: RequestRouter, replica: RunningReplica) -> int:
     """The router's cached queue length of a replica (0 when unknown: Serve probes it when sending)."""
-    cache = getattr(router, "_replica_queue_len_cache", None)  # Serve keeps no public accessor (2.60)
+    # Serve 2.60 has no public accessor; Ray Serve LLM's own PrefixCacheAffinityRouter reads the same attribute.
+    cache = getattr(router, "_replica_queue_len_cache", None)
     cached = cache.get(replica.replica_id) if cache is not None else None
     return cached if cached is not None else 0
 

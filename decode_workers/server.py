@@ -1,10 +1,11 @@
 """DecodeServer: owns a request from arrival to its last token.
 
 Disaggregated: reserve the prompt's blocks this worker already holds, ask a
-PrefillServer to prefill the rest (first token only), fetch the KV through
-kvtransfer into this worker's pool, join the running batch, stream tokens.
-A failed, corrupt or timed-out prefill or transfer falls back to computing
-the prompt here: slower, never lost, and counted.
+PrefillServer to prefill the rest (first token only), stream that first
+token at once, fetch the KV through kvtransfer into this worker's pool (not
+at all when the first token ended the request), join the running batch,
+stream the rest. A failed, corrupt or timed-out prefill or transfer falls
+back to computing the prompt here: slower, never lost, and counted.
 Colocated (no prefill handle): the same engine does both.
 
 Abort (the consumer stops iterating: client gone, cancel) frees the request's
@@ -89,11 +90,24 @@ class DecodeServer:
             raise
         finished = False
         try:
-            await self._remote_prefill(rid, req.prompt_token_ids, params, salt, req.num_computed_tokens)
-            await self.engine.call(lambda e: e.enqueue(rid))
-            async for out in self.engine.iterate(rid, stream):
-                finished = out.finished
-                yield asdict(out)
+            async with contextlib.aclosing(self.engine.iterate(rid, stream)) as outputs:
+                result = await self._remote_prefill(rid, req.prompt_token_ids, params, salt, req.num_computed_tokens)
+                if result is not None:
+                    try:
+                        continues = await self._accept_first_token(rid, result)
+                        if continues is not None:  # out before the KV: the client has it a transfer sooner
+                            first = await anext(outputs)
+                            finished = first.finished
+                            yield asdict(first)
+                        if continues:
+                            await self._import_kv(rid, result)
+                    finally:
+                        self._release_remote(result.kv.export_id)
+                if not finished:
+                    await self.engine.call(lambda e: e.enqueue(rid))
+                    async for out in outputs:
+                        finished = out.finished
+                        yield asdict(out)
         finally:
             if not finished:  # consumer gone or prefill cancelled: free the blocks here now
                 self.engine.discard_stream(rid)
@@ -118,40 +132,60 @@ class DecodeServer:
         return {"num_output_tokens": last.get("num_output_tokens", 0), "finish_reason": last.get("finish_reason")}
 
     async def _remote_prefill(self, rid: str, prompt: list[int], params: SamplingParams, salt: str | None,
-                              num_reserved: int) -> None:
-        """Prefill on a PrefillServer and import its KV; on any failure leave the request to compute here."""
+                              num_reserved: int) -> PrefillResult | None:
+        """Prefill on a PrefillServer; None when that failed (the request is then computed here)."""
         skip = num_reserved // self.block_size
         call = self.prefill_handle.prefill.remote(PrefillRequest(rid, prompt, params, salt, skip))
         try:
-            result: PrefillResult = await asyncio.wait_for(_awaitable(call), self.prefill_timeout_s)
+            return await asyncio.wait_for(_awaitable(call), self.prefill_timeout_s)
         except asyncio.CancelledError:
             _cancel(call)
             raise
         except Exception as exc:  # dead replica, timeout, engine error: recompute here
             _cancel(call)
-            self._prefill_failures += 1
-            self._recomputed += 1
-            log.warning("prefill of %s failed, recomputing locally: %r", rid, exc)
-            return
+            self._prefill_failed(rid, exc)
+            return None
+
+    async def _accept_first_token(self, rid: str, result: PrefillResult) -> bool | None:
+        """Give the engine the prefill worker's first token: True when the request goes on, False when the
+        token ended it (its KV is then not needed), None when the engine refused it (recompute here)."""
+        try:
+            return await self.engine.call(lambda e: e.accept_first_token(
+                rid, result.first_token, result.first_logprobs, num_cached_tokens=result.num_cached_tokens,
+                sampler_state=result.sampler_state))
+        except ValueError as exc:  # a worker whose model does not match ours: its token cannot be used
+            self._prefill_failed(rid, exc)
+            return None
+
+    async def _import_kv(self, rid: str, result: PrefillResult) -> None:
+        """Fetch the prefill worker's KV into this pool; on any failure leave the prompt to compute here."""
         handle = result.kv
         start = time.monotonic()
         try:
             blocks = await asyncio.to_thread(self.connector.fetch, handle, self.layout)
-        except KVTransferError as exc:
-            self._transfer_failures += 1
-            self._recomputed += 1
-            log.warning("KV transfer for %s failed, recomputing locally: %r", rid, exc)
+        except KVTransferError as exc:  # lost or corrupt
+            self._transfer_failed(rid, exc)
             return
-        finally:
-            self._release_remote(handle.export_id)
         elapsed = time.monotonic() - start
+        try:
+            await self.engine.call(lambda e: e.attach_kv(rid, blocks, handle.num_tokens))
+        except ValueError as exc:  # a payload that does not fit this pool
+            self._transfer_failed(rid, exc)
+            return
         self._seconds += elapsed
         self._bytes += handle.nbytes
         self.observe_transfer(elapsed, handle.nbytes)
         self._remote += 1
-        await self.engine.call(lambda e: e.attach_kv(
-            rid, blocks, handle.num_tokens, first_token=result.first_token, first_logprobs=result.first_logprobs,
-            num_cached_tokens=result.num_cached_tokens, sampler_state=result.sampler_state))
+
+    def _transfer_failed(self, rid: str, exc: BaseException) -> None:
+        self._transfer_failures += 1
+        self._recomputed += 1
+        log.warning("KV transfer for %s failed, recomputing locally: %r", rid, exc)
+
+    def _prefill_failed(self, rid: str, exc: BaseException) -> None:
+        self._prefill_failures += 1
+        self._recomputed += 1
+        log.warning("prefill of %s failed, recomputing locally: %r", rid, exc)
 
     def observe_transfer(self, seconds: float, nbytes: int) -> None:
         """Called once per successful KV fetch; a hook for metrics (the cluster layer records it)."""

@@ -128,17 +128,13 @@ class Engine:
         return req
 
     def attach_kv(self, request_id: str, blocks: torch.Tensor, num_tokens: int, *,
-                  first_token: int | None = None, first_logprobs: dict[int, float] | None = None,
-                  num_cached_tokens: int | None = None, sampler_state: bytes | None = None) -> None:
-        """Give a deferred request K/V computed elsewhere for its next num_tokens tokens.
+                  num_cached_tokens: int | None = None) -> None:
+        """Give a deferred request K/V computed elsewhere for its next num_tokens prompt tokens.
 
         blocks: [num_layers, 2, n, block_size, Hkv, D] for the blocks right after
-        the reserved prefix. With first_token (the decode role), the payload must
-        cover the whole prompt and the token sampled by the prefill engine is
-        appended, so decoding starts at once; sampler_state (from
-        `sampler_state()` there) continues a seeded request's random stream, so
-        its tokens equal a one-engine run's. Raises ValueError on a mismatch,
-        changing nothing.
+        the reserved prefix. The engine computes the rest of the prompt (and the
+        first token accept_first_token gave it, if any) when the request runs.
+        Raises ValueError on a mismatch, changing nothing.
         """
         req = self._deferred(request_id)
         bs = self.config.block_size
@@ -148,23 +144,37 @@ class Engine:
             raise ValueError(f"KV payload {tuple(blocks.shape)} {blocks.dtype} does not fit {expected}")
         if not 0 < num_tokens <= req.num_prompt_tokens - start:
             raise ValueError(f"num_tokens={num_tokens} outside (0, {req.num_prompt_tokens - start}]")
-        if first_token is not None:
-            if start + num_tokens != req.num_prompt_tokens:
-                raise ValueError("a payload with first_token must cover the whole prompt")
-            if not 0 <= first_token < self.vocab_size:
-                raise ValueError(f"first_token {first_token} outside the vocabulary [0, {self.vocab_size})")
         req.pending_kv, req.pending_kv_tokens = blocks, num_tokens
+        if num_cached_tokens is not None:
+            req.num_cached_tokens = min(num_cached_tokens, req.num_prompt_tokens)
+
+    def accept_first_token(self, request_id: str, token: int, logprobs: dict[int, float] | None = None, *,
+                           num_cached_tokens: int | None = None, sampler_state: bytes | None = None) -> bool:
+        """A deferred request's first token, sampled by the prefill engine, taken before its KV arrives.
+
+        Returns False when the token ends the request (a stop, or max_tokens 1): it is finished and its
+        blocks are freed, so no KV is needed. Otherwise it stays deferred until enqueue(), with or
+        without attach_kv() first (without: the prompt is computed here, the token kept). sampler_state
+        (from `sampler_state()` there) continues a seeded request's random stream, so its tokens equal a
+        one-engine run's. num_cached_tokens: prompt tokens the prefill side found cached. Raises
+        ValueError, changing nothing, for a token outside the vocabulary or a request with output.
+        """
+        req = self._deferred(request_id)
+        if req.num_output_tokens:
+            raise ValueError(f"request {request_id!r} already has its first token")
+        if not 0 <= token < self.vocab_size:
+            raise ValueError(f"first_token {token} outside the vocabulary [0, {self.vocab_size})")
         if sampler_state is not None and req.generator is not None:
             req.generator.set_state(torch.frombuffer(bytearray(sampler_state), dtype=torch.uint8))
         if num_cached_tokens is not None:
             req.num_cached_tokens = min(num_cached_tokens, req.num_prompt_tokens)
-        if first_token is not None:
-            self._accept_token(req, first_token, first_logprobs, time.monotonic())
+        self._accept_token(req, token, logprobs, time.monotonic())
+        return not req.is_finished
 
     def enqueue(self, request_id: str) -> None:
         """Queue a deferred request (with attached KV, or to compute its prompt itself).
 
-        A request the prefill engine's first token already ended is gone: nothing to do.
+        A request its first token already ended (accept_first_token) is gone: nothing to do.
         """
         if request_id not in self.requests:
             return

@@ -154,6 +154,51 @@ def test_transfer_faults_recompute_and_count(ray_local, directory, fault: str) -
         kill_all(prefill, decode)
 
 
+def test_first_token_that_ends_the_request_moves_no_kv(ray_local) -> None:
+    prefill = start_prefill(directory=False)  # the default lease (30 s): only a release frees the export now
+    decode = start_decode(prefill)
+    try:
+        prompt = _prompts(3)[2]
+        out = generate(decode, prompt, SamplingParams(temperature=0.0, max_tokens=1))
+        assert out["token_ids"] == hf_greedy(model_path("tiny"), prompt, 1)[0] and out["finish_reason"] == "length"
+        stats = ray.get(decode.stats.remote(), timeout=TIMEOUT_S)
+        assert stats.kv_transfer_bytes == 0 and stats.remote_prefills == 0 and stats.recomputed_prefills == 0
+        assert stats.engine.prompt_tokens_computed == 0
+        deadline = time.monotonic() + 10
+        while ray.get(prefill.stats.remote(), timeout=TIMEOUT_S).exports_alive:  # released, not left to the lease
+            assert time.monotonic() < deadline, "the unneeded export was not released"
+            time.sleep(0.05)
+        assert_idle([prefill], [decode])
+    finally:
+        kill_all(prefill, decode)
+
+
+def test_first_token_streams_before_the_kv_arrives(ray_local) -> None:
+    """The prefill worker's token goes out at once; the transfer (here one that hangs until its 3 s
+    timeout, then recomputes) only delays the second."""
+    transfer = {"transport": "grpc", "timeout_s": 3.0, "lease_s": 5.0}
+    prefill = start_prefill({**transfer, "fault": "timeout"}, directory=False)
+    decode = start_decode(prefill, transfer)
+    try:
+        prompt = _prompts(3)[2]
+        request = {"request_id": "early", "prompt_token_ids": prompt, "sampling_params": GREEDY}
+        stream = decode.generate.options(num_returns="streaming").remote(request)
+        first = ray.get(next(stream), timeout=TIMEOUT_S)
+        assert len(first["new_token_ids"]) == 1 and not first["finished"]
+        assert ray.get(decode.stats.remote(), timeout=TIMEOUT_S).kv_transfer_failures == 0  # still fetching
+        tokens = list(first["new_token_ids"])
+        for ref in stream:
+            tokens.extend(ray.get(ref, timeout=TIMEOUT_S)["new_token_ids"])
+        assert tokens == hf_greedy(model_path("tiny"), prompt, GREEDY.max_tokens)[0]
+        stats = ray.get(decode.stats.remote(), timeout=TIMEOUT_S)
+        assert stats.kv_transfer_failures == 1 and stats.recomputed_prefills == 1
+        assert stats.engine.prompt_tokens_computed == len(prompt)
+        time.sleep(2.5)  # the hung export's lease
+        assert_idle([prefill], [decode])
+    finally:
+        kill_all(prefill, decode)
+
+
 def test_lease_expiry_frees_unfetched_exports(ray_local) -> None:
     prefill = start_prefill({"transport": "ray", "lease_s": 0.5}, directory=False)
     try:

@@ -55,7 +55,8 @@ def test_prefill_here_decode_there_equals_one_engine(engines) -> None:
         skip = req.num_computed_tokens // 16  # blocks this engine already holds: not sent again
         assert skip == (13 if i in (1, 2) else 0)
         first, blocks = _prefill(prefill, rid, prompt, skip)
-        decode.attach_kv(rid, blocks, len(prompt) - skip * 16, first_token=first)
+        assert decode.accept_first_token(rid, first)
+        decode.attach_kv(rid, blocks, len(prompt) - skip * 16)
         decode.enqueue(rid)
         _run(decode)
         assert req.output_token_ids == ref_req.output_token_ids
@@ -75,7 +76,8 @@ def test_seeded_sampling_continues_across_engines(engines) -> None:
     _run(prefill)
     blocks, state = prefill.read_held_blocks("seeded", 0), prefill.sampler_state("seeded")
     prefill.release_held("seeded")
-    decode.attach_kv("seeded", blocks, len(prompt), first_token=pre.output_token_ids[0], sampler_state=state)
+    assert decode.accept_first_token("seeded", pre.output_token_ids[0], sampler_state=state)
+    decode.attach_kv("seeded", blocks, len(prompt))
     decode.enqueue("seeded")
     _run(decode)
     assert req.output_token_ids == ref.output_token_ids
@@ -88,31 +90,56 @@ def test_bad_payload_is_refused_without_state_change(engines) -> None:
     req = decode.add_request(prompt, GREEDY, "bad", defer=True)
     good_shape = decode.layout.blocks_shape(4)
     with pytest.raises(ValueError, match="does not fit"):
-        decode.attach_kv("bad", torch.zeros(decode.layout.blocks_shape(3)), 50, first_token=5)
+        decode.attach_kv("bad", torch.zeros(decode.layout.blocks_shape(3)), 50)
     with pytest.raises(ValueError, match="does not fit"):
-        decode.attach_kv("bad", torch.zeros(good_shape, dtype=torch.float64), 50, first_token=5)
-    with pytest.raises(ValueError, match="whole prompt"):
-        decode.attach_kv("bad", torch.zeros(decode.layout.blocks_shape(3)), 40, first_token=5)
+        decode.attach_kv("bad", torch.zeros(good_shape, dtype=torch.float64), 50)
+    with pytest.raises(ValueError, match="outside"):
+        decode.attach_kv("bad", torch.zeros(good_shape), 51)
     with pytest.raises(ValueError, match="vocabulary"):
-        decode.attach_kv("bad", torch.zeros(good_shape), 50, first_token=10**6)
+        decode.accept_first_token("bad", 10**6)
     assert req.pending_kv is None and req.num_output_tokens == 0
     decode.enqueue("bad")  # fallback: compute the prompt here
+    with pytest.raises(ValueError, match="not a deferred request"):
+        decode.accept_first_token("bad", 5)  # queued: too late for a token from elsewhere
     _run(decode)
     assert req.num_output_tokens == GREEDY.max_tokens
     _assert_free(decode)
 
 
-def test_first_token_that_ends_the_request(engines) -> None:
+def test_first_token_that_ends_the_request_needs_no_kv(engines) -> None:
     prefill, decode = engines
     prompt = random_prompts([20], 8192, seed=64)[0]
     params = SamplingParams(temperature=0.0, max_tokens=1)
     decode.pop_finished()
     req = decode.add_request(prompt, params, "one", defer=True)
-    first, blocks = _prefill(prefill, "one", prompt, 0)
-    decode.attach_kv("one", blocks, len(prompt), first_token=first)
+    first, _ = _prefill(prefill, "one", prompt, 0)
+    assert not decode.accept_first_token("one", first)
     assert req.is_finished and req.output_token_ids == [first]
     assert [r.request_id for r in decode.pop_finished()] == ["one"]
     decode.enqueue("one")  # nothing left to do
+    _assert_free(prefill, decode)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SamplingParams(temperature=1.0, seed=7, max_tokens=10, ignore_eos=True)])
+def test_first_token_then_no_kv_computes_the_prompt_here(engines, params: SamplingParams) -> None:
+    """The transfer failed after the first token went out: the prompt is computed here, the token kept."""
+    prefill, decode = engines
+    system = random_prompts([220], 8192, seed=61)[0]
+    prompt = random_prompts([45], 8192, seed=66, prefix=system)[0]
+    one = Engine(EngineConfig())
+    ref = one.add_request(prompt, params, "ref")
+    _run(one)
+    req = decode.add_request(prompt, params, "lost-kv", defer=True)
+    pre = prefill.add_request(prompt, replace(params, max_tokens=1), "lost-kv", hold_kv=True)
+    _run(prefill)
+    state = prefill.sampler_state("lost-kv")
+    prefill.release_held("lost-kv")
+    assert decode.accept_first_token("lost-kv", pre.output_token_ids[0], sampler_state=state)
+    with pytest.raises(ValueError, match="already has"):
+        decode.accept_first_token("lost-kv", pre.output_token_ids[0])
+    decode.enqueue("lost-kv")
+    _run(decode)
+    assert req.output_token_ids == ref.output_token_ids
     _assert_free(prefill, decode)
 
 
