@@ -64,21 +64,32 @@ def test_prefill_here_decode_there_equals_one_engine(engines) -> None:
     _assert_free(prefill, decode)
 
 
-def test_seeded_sampling_continues_across_engines(engines) -> None:
+SEEDED = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=12, ignore_eos=True)
+
+
+@pytest.mark.parametrize("with_kv", [True, False], ids=["kv", "kv-lost"])
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_first_token_and_sampler_state_carry_over(engines, params: SamplingParams, with_kv: bool) -> None:
+    """The prefill engine's first token and random state continue on the decode engine, whether the KV
+    follows or not (a transfer that failed after the first token went out: the prompt is computed here)."""
     prefill, decode = engines
-    prompt = random_prompts([70], 8192, seed=65)[0]
-    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=12, ignore_eos=True)
+    system = random_prompts([220], 8192, seed=61)[0]
+    prompt = random_prompts([45], 8192, seed=66, prefix=system)[0]
     one = Engine(EngineConfig())
-    ref = one.add_request(prompt, params, "seeded")
+    ref = one.add_request(prompt, params, "ref")
     _run(one)
-    req = decode.add_request(prompt, params, "seeded", defer=True)
-    pre = prefill.add_request(prompt, replace(params, max_tokens=1), "seeded", hold_kv=True)
+    req = decode.add_request(prompt, params, "carry", defer=True)
+    skip = req.num_computed_tokens // 16
+    pre = prefill.add_request(prompt, replace(params, max_tokens=1), "carry", hold_kv=True)
     _run(prefill)
-    blocks, state = prefill.read_held_blocks("seeded", 0), prefill.sampler_state("seeded")
-    prefill.release_held("seeded")
-    assert decode.accept_first_token("seeded", pre.output_token_ids[0], sampler_state=state)
-    decode.attach_kv("seeded", blocks, len(prompt))
-    decode.enqueue("seeded")
+    blocks, state = prefill.read_held_blocks("carry", skip), prefill.sampler_state("carry")
+    prefill.release_held("carry")
+    assert decode.accept_first_token("carry", pre.output_token_ids[0], sampler_state=state)
+    with pytest.raises(ValueError, match="already has"):
+        decode.accept_first_token("carry", pre.output_token_ids[0])
+    if with_kv:
+        decode.attach_kv("carry", blocks, len(prompt) - skip * 16)
+    decode.enqueue("carry")
     _run(decode)
     assert req.output_token_ids == ref.output_token_ids
     _assert_free(prefill, decode)
@@ -117,29 +128,6 @@ def test_first_token_that_ends_the_request_needs_no_kv(engines) -> None:
     assert req.is_finished and req.output_token_ids == [first]
     assert [r.request_id for r in decode.pop_finished()] == ["one"]
     decode.enqueue("one")  # nothing left to do
-    _assert_free(prefill, decode)
-
-
-@pytest.mark.parametrize("params", [GREEDY, SamplingParams(temperature=1.0, seed=7, max_tokens=10, ignore_eos=True)])
-def test_first_token_then_no_kv_computes_the_prompt_here(engines, params: SamplingParams) -> None:
-    """The transfer failed after the first token went out: the prompt is computed here, the token kept."""
-    prefill, decode = engines
-    system = random_prompts([220], 8192, seed=61)[0]
-    prompt = random_prompts([45], 8192, seed=66, prefix=system)[0]
-    one = Engine(EngineConfig())
-    ref = one.add_request(prompt, params, "ref")
-    _run(one)
-    req = decode.add_request(prompt, params, "lost-kv", defer=True)
-    pre = prefill.add_request(prompt, replace(params, max_tokens=1), "lost-kv", hold_kv=True)
-    _run(prefill)
-    state = prefill.sampler_state("lost-kv")
-    prefill.release_held("lost-kv")
-    assert decode.accept_first_token("lost-kv", pre.output_token_ids[0], sampler_state=state)
-    with pytest.raises(ValueError, match="already has"):
-        decode.accept_first_token("lost-kv", pre.output_token_ids[0])
-    decode.enqueue("lost-kv")
-    _run(decode)
-    assert req.output_token_ids == ref.output_token_ids
     _assert_free(prefill, decode)
 
 
