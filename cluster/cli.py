@@ -74,14 +74,15 @@ def _free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
-def _wait_http(url: str, timeout_s: float = 120.0) -> None:
+def _served_models(url: str, timeout_s: float = 120.0) -> list[str]:
+    """The model ids `url` serves, once it answers (with direct ingress the replica binds its port late)."""
     import urllib.request
 
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            with urllib.request.urlopen(f"{url}/v1/models", timeout=5):
-                return
+            with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as response:
+                return [model["id"] for model in json.load(response)["data"]]
         except OSError as exc:
             if time.monotonic() > deadline:
                 raise SystemExit(f"the ingress replica does not answer at {url}: {exc!r}") from exc
@@ -104,11 +105,11 @@ def _deploy(args: argparse.Namespace, blocking_ray_init: dict[str, Any]) -> str:
     pinned = handle.warm.remote().result(timeout_s=600)
     print(f"system prompts computed once and pinned: {pinned}")
     url = f"http://{host}:{port}"
-    if args.direct_ingress:
-        _wait_http(url)
-    print(f"\npdserve is serving at {url}/v1 (OpenAI-compatible); metrics at {url}/metrics\n"
+    models = _served_models(url) or ["MODEL"]
+    print(f"\npdserve is serving at {url}/v1 (OpenAI-compatible; models {', '.join(models)}); "
+          f"metrics at {url}/metrics\n"
           f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-          f"    -d '{{\"model\": \"support-chat\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'\n",
+          f"    -d '{{\"model\": \"{models[0]}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'\n",
           flush=True)
     return url
 

@@ -101,3 +101,11 @@ def test_engine_on_the_cpu_kernel_equals_transformers() -> None:
     assert_all_free(llm)
     assert EngineConfig(attention_backend="cpu").attention_backend == "cpu"
 
+
+
+def test_decode_attention_benchmark_quick_mode(capsys) -> None:
+    from bench.decode_attention import main
+
+    assert main(["--contexts", "40", "--threads", "1", "--repeats", "3", "--pool-blocks", "64"]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert row.startswith("| 40 | 1 |") and float(row.split("|")[3]) > 0
