@@ -52,6 +52,10 @@ def _deployment_options(name: str, role: Role, router: type, health_period_s: fl
     }
 
 
+def _engine(product: ProductConfig, role: Role) -> dict[str, Any]:
+    return product.engine_config(role).__dict__.copy()
+
+
 def build_app(products: dict[str, ProductConfig], ingress_replicas: int = 1,
               token_stream: str = "direct") -> Application:
     """token_stream: how decode workers send outputs to the ingress, "direct" or "serve" (cluster/ingress.py)."""
@@ -60,7 +64,6 @@ def build_app(products: dict[str, ProductConfig], ingress_replicas: int = 1,
     decoders, prefills = {}, {}
     for name, members in pools(products).items():
         product = members[0]  # the pool's products agree on everything the deployments are built from
-        engine = product.engine_config().__dict__.copy()
         transfer = product.transfer_config().__dict__.copy()
         prefill = None
         # Prefix caching off turns off the cluster-wide layer too: nothing is looked up or published.
@@ -68,10 +71,12 @@ def build_app(products: dict[str, ProductConfig], ingress_replicas: int = 1,
         if product.disaggregated:
             prefill = serve.deployment(PrefillDeployment).options(
                 **_deployment_options(f"{name}-prefill", product.prefill, PrefixAffinityRouter),
-            ).bind(engine, transfer, directory, product=name, cpu_affinity=product.prefill.cpu_affinity)
+            ).bind(_engine(product, product.prefill), transfer, directory, product=name,
+                   cpu_affinity=product.prefill.cpu_affinity)
         decoder = serve.deployment(DecodeDeployment).options(
             **_deployment_options(f"{name}-decode", product.decode, KVHeadroomRouter),
-        ).bind(engine, transfer, prefill, product=name, cpu_affinity=product.decode.cpu_affinity)
+        ).bind(_engine(product, product.decode), transfer, prefill, product=name,
+               cpu_affinity=product.decode.cpu_affinity)
         for member in members:
             decoders[member.name] = decoder
             if prefill is not None:

@@ -312,8 +312,11 @@ class OpenAIIngress:
         if config.system_prompt:
             prefix = tokenizer.apply_chat_template([{"role": "system", "content": config.system_prompt}],
                                                    tokenize=True, return_dict=False)
-        return _Product(config, tokenizer, context_limit(engine_config, load_config(path)),
-                        config.resolved_api_keys(), prefix)
+        hf_config = load_config(path)
+        # A request must fit every engine it passes through (a role may size its KV pool differently).
+        roles = (config.prefill, config.decode) if config.disaggregated else (config.decode,)
+        limit = min(context_limit(config.engine_config(role), hf_config) for role in roles)
+        return _Product(config, tokenizer, limit, config.resolved_api_keys(), prefix)
 
     # ---- routes -----------------------------------------------------------------------------------
     @app.get("/v1/models")

@@ -49,6 +49,10 @@ class Autoscaling(_Frozen):
         return self
 
 
+# EngineConfig fields a role may not override: the model, and what shapes the KV blocks both roles exchange.
+PRODUCT_WIDE_ENGINE_FIELDS = frozenset({"model", "block_size", "dtype", "max_model_len"})
+
+
 class Role(_Frozen):
     """One worker role's deployment settings. num_cpus may be fractional (2-core dev machines);
     num_gpus is 1 per engine actor on GPU clusters."""
@@ -61,6 +65,19 @@ class Role(_Frozen):
     # CPU cores (ids) this role's replicas run on; empty: any. On CPU hosts this is how prefill and
     # decode get separate hardware, as separate GPUs give them on GPU nodes.
     cpu_affinity: tuple[int, ...] = ()
+    # EngineConfig fields for this role's engines, over the product's `engine` (e.g. a decode pool sized
+    # for decoding: kv_cache_bytes, max_num_seqs). Fields that decide the KV layout or the model stay
+    # product-wide: both roles must agree on them for KV blocks to move between them.
+    engine: dict[str, Any] = {}
+
+    @field_validator("engine")
+    @classmethod
+    def _role_engine(cls, v: dict[str, Any]) -> dict[str, Any]:
+        shared = sorted(set(v) & PRODUCT_WIDE_ENGINE_FIELDS)
+        if shared:
+            raise ValueError(f"{', '.join(shared)} must be the same for prefill and decode: set them in the "
+                             "product's `engine`, not a role's")
+        return v
 
     @field_validator("cpu_affinity")
     @classmethod
@@ -111,7 +128,8 @@ class ProductConfig(_Frozen):
     def _check(self) -> ProductConfig:
         if self.default_max_tokens > self.max_output_tokens:
             raise ValueError("default_max_tokens must be <= max_output_tokens")
-        self.engine_config()  # validate engine and transfer fields now, not at deploy time
+        for role in (None, self.prefill, self.decode):  # validate engine and transfer fields now, not at deploy
+            self.engine_config(role)
         self.transfer_config()
         return self
 
@@ -129,8 +147,9 @@ class ProductConfig(_Frozen):
     def salt(self) -> str:
         return self.cache_salt or self.name
 
-    def engine_config(self) -> EngineConfig:
-        return EngineConfig(**{"model": self.model, **self.engine})
+    def engine_config(self, role: Role | None = None) -> EngineConfig:
+        """The product's engine settings, with `role`'s own on top (None: the product's alone)."""
+        return EngineConfig(**{"model": self.model, **self.engine, **(role.engine if role else {})})
 
     def transfer_config(self) -> KVTransferConfig:
         return KVTransferConfig(**self.transfer)

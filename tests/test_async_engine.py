@@ -74,6 +74,34 @@ def test_merging_stops_at_the_finished_output(engine) -> None:
     assert len(outs) == 1 and outs[0].new_token_ids == [1, 2] and outs[0].finished
 
 
+def test_a_steps_outputs_reach_the_loop_in_one_wake_up(engine) -> None:
+    """Every stream on one event loop gets its output of a step from a single call_soon_threadsafe: one
+    wake-up of the loop per step, not one per request (what lets the token stream send one frame)."""
+    prompts = random_prompts([30, 31, 32, 33], 8192, seed=4)
+
+    async def run() -> tuple[list[int], list[list[int]]]:
+        loop = asyncio.get_running_loop()
+        hand_off = loop.call_soon_threadsafe
+        sizes: list[int] = []
+
+        def counting(callback, *args):
+            if callback is async_engine._put_all:
+                sizes.append(len(args[0]))
+            return hand_off(callback, *args)
+
+        loop.call_soon_threadsafe = counting
+
+        async def tokens(i: int) -> list[int]:
+            return [t async for out in engine.generate(prompts[i], GREEDY, f"batch-{i}") for t in out.new_token_ids]
+
+        return sizes, await asyncio.gather(*(tokens(i) for i in range(4)))
+
+    sizes, outs = asyncio.run(run())
+    assert all(len(out) == GREEDY.max_tokens for out in outs)
+    assert sum(sizes) >= 4 * GREEDY.max_tokens // 2 and max(sizes) == 4  # a step of all four: one hand-off
+    assert len(sizes) < sum(sizes)
+
+
 class _ThreadRecordingEngine(Engine):
     """Records the thread of every construction and step (class-level: one test at a time uses it)."""
 
