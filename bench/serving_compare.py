@@ -80,6 +80,16 @@ COMPARISONS: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
             "pool": "shared", "prefill": {**_ONE_REPLICA, "cpu_affinity": [0]},
             "decode": {**_ONE_REPLICA, "cpu_affinity": [1]}}),
     ),
+    # As "pool", with the same KV memory in both placements (2 x 128 MiB) split by what each role holds:
+    # the decode engine keeps every running sequence to its end, the prefill engine prompts until exported.
+    "pool-sized": (
+        ("colocated pool, two engines", {
+            "pool": "shared", "disaggregated": False, "prefill": _ONE_REPLICA,
+            "decode": {"autoscaling": {"min_replicas": 2, "max_replicas": 2}}}),
+        ("disaggregated pool, prefill core 0 (64 MiB KV), decode core 1 (192 MiB)", {
+            "pool": "shared", "prefill": {**_ONE_REPLICA, "cpu_affinity": [0], "engine": {"kv_cache_bytes": 64 << 20}},
+            "decode": {**_ONE_REPLICA, "cpu_affinity": [1], "engine": {"kv_cache_bytes": 192 << 20}}}),
+    ),
 }
 COUNTERS = ("prompt_tokens_computed", "prompt_tokens_cached", "generation_tokens")
 
