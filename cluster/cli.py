@@ -105,7 +105,7 @@ def _deploy(args: argparse.Namespace, blocking_ray_init: dict[str, Any]) -> str:
     pinned = handle.warm.remote().result(timeout_s=600)
     print(f"system prompts computed once and pinned: {pinned}")
     url = f"http://{host}:{port}"
-    models = _served_models(url) or ["MODEL"]
+    models = _served_models(url)  # never empty: load_products refuses a config without products
     print(f"\npdserve is serving at {url}/v1 (OpenAI-compatible; models {', '.join(models)}); "
           f"metrics at {url}/metrics\n"
           f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"

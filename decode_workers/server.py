@@ -92,16 +92,16 @@ class DecodeServer:
         try:
             async with contextlib.aclosing(self.engine.iterate(rid, stream)) as outputs:
                 result = await self._remote_prefill(rid, req.prompt_token_ids, params, salt, req.num_computed_tokens)
-                if result is not None:
-                    try:
-                        continues = await self._accept_first_token(rid, result)
-                        if continues is not None:  # out before the KV: the client has it a transfer sooner
-                            first = await anext(outputs)
-                            finished = first.finished
-                            yield asdict(first)
-                        if continues:
-                            await self._import_kv(rid, result)
-                    finally:
+                try:
+                    continues = None if result is None else await self._accept_first_token(rid, result)
+                    if continues is not None:  # out before the KV: the client has it a transfer sooner
+                        first = await anext(outputs)
+                        finished = first.finished
+                        yield asdict(first)
+                    if continues:
+                        await self._import_kv(rid, result)
+                finally:
+                    if result is not None:
                         self._release_remote(result.kv.export_id)
                 if not finished:
                     await self.engine.call(lambda e: e.enqueue(rid))

@@ -145,8 +145,7 @@ class Engine:
         if not 0 < num_tokens <= req.num_prompt_tokens - start:
             raise ValueError(f"num_tokens={num_tokens} outside (0, {req.num_prompt_tokens - start}]")
         req.pending_kv, req.pending_kv_tokens = blocks, num_tokens
-        if num_cached_tokens is not None:
-            req.num_cached_tokens = min(num_cached_tokens, req.num_prompt_tokens)
+        _set_cached(req, num_cached_tokens)
 
     def accept_first_token(self, request_id: str, token: int, logprobs: dict[int, float] | None = None, *,
                            num_cached_tokens: int | None = None, sampler_state: bytes | None = None) -> bool:
@@ -166,8 +165,7 @@ class Engine:
             raise ValueError(f"first_token {token} outside the vocabulary [0, {self.vocab_size})")
         if sampler_state is not None and req.generator is not None:
             req.generator.set_state(torch.frombuffer(bytearray(sampler_state), dtype=torch.uint8))
-        if num_cached_tokens is not None:
-            req.num_cached_tokens = min(num_cached_tokens, req.num_prompt_tokens)
+        _set_cached(req, num_cached_tokens)
         self._accept_token(req, token, logprobs, time.monotonic())
         return not req.is_finished
 
@@ -331,6 +329,12 @@ class Engine:
         moves = self.kv.moves
         return {"num_kv_moves": moves.moves, "kv_bytes_moved": moves.blocks_copied * self.layout.bytes_per_block,
                 "kv_move_seconds": moves.seconds}
+
+
+def _set_cached(req: Request, num_cached_tokens: int | None) -> None:
+    """Record prompt tokens another engine found cached (None: leave the count as it is)."""
+    if num_cached_tokens is not None:
+        req.num_cached_tokens = min(num_cached_tokens, req.num_prompt_tokens)
 
 
 def context_limit(config: EngineConfig, hf_config: PretrainedConfig) -> int:
