@@ -8,15 +8,19 @@ faults and a killed prefill worker lose no request and leak no block.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from dataclasses import replace
 
 import pytest
 import ray
 
 from cluster.prefix_directory import DIRECTORY_NAME
+from decode_workers.server import DecodeServer
 from engine.config import SamplingParams
 from engine.tiny_model import path as model_path
-from prefill_workers.protocol import PrefillRequest
+from prefill_workers.protocol import PrefillRequest, PrefillResult
+from prefill_workers.server import PrefillServer
 from tests.cluster_helpers import (
     TIMEOUT_S,
     assert_idle,
@@ -197,6 +201,46 @@ def test_first_token_streams_before_the_kv_arrives(ray_local) -> None:
         assert_idle([prefill], [decode])
     finally:
         kill_all(prefill, decode)
+
+
+class _Call:
+    """`.remote(...)` returning an awaitable, as a Ray or Serve handle's method does."""
+
+    def __init__(self, fn) -> None:
+        self.remote = fn
+
+
+class _ForeignTokenPrefill:
+    """A real PrefillServer whose first token comes back outside the decode engine's vocabulary, as from a
+    worker serving another model."""
+
+    def __init__(self, server: PrefillServer) -> None:
+        async def prefill(request: PrefillRequest) -> PrefillResult:
+            return replace(await server.prefill(request), first_token=10**6)
+
+        self.prefill = _Call(prefill)
+        # fire and forget, as a handle's .remote() is
+        self.release_kv = _Call(lambda export_id: asyncio.ensure_future(server.release_kv(export_id)))
+
+
+def test_first_token_the_decode_engine_refuses_is_recomputed() -> None:
+    """In one process, no Ray: the refused token costs a recompute, not the request, and the export is freed."""
+    transfer = {"transport": "local"}
+    prefill = PrefillServer(None, transfer)
+    decode = DecodeServer(None, transfer, _ForeignTokenPrefill(prefill))
+    prompt = _prompts(3)[2]
+
+    async def run():
+        request = {"request_id": "foreign", "prompt_token_ids": prompt, "sampling_params": GREEDY}
+        tokens = [t async for out in decode.generate(request) for t in out["new_token_ids"]]
+        return tokens, await decode.stats(), await prefill.stats()
+
+    tokens, stats, prefill_stats = asyncio.run(run())
+    assert tokens == hf_greedy(model_path("tiny"), prompt, GREEDY.max_tokens)[0]
+    assert stats.prefill_failures == 1 and stats.recomputed_prefills == 1 and stats.kv_transfer_bytes == 0
+    assert stats.engine.prompt_tokens_computed == len(prompt)
+    assert prefill_stats.exports_alive == 0  # released at once, not left to its lease
+    assert stats.engine.num_blocks_free == stats.engine.num_blocks_total
 
 
 def test_lease_expiry_frees_unfetched_exports(ray_local) -> None:
