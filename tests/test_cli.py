@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import time
+from pathlib import Path
 
 import openai
 import pytest
@@ -24,10 +25,7 @@ def test_pdserve_up_serves_and_stops_cleanly_on_sigterm() -> None:
             assert raw.status_code == 200
             completion = raw.parse()
             assert completion.usage.completion_tokens == 5
-            deadline = time.monotonic() + 60  # the URL is printed once `up` has pinned the system prompts
-            while "pdserve is serving at" not in (directory / "server.log").read_text():
-                assert time.monotonic() < deadline, "pdserve up never announced its URL"
-                time.sleep(0.5)
+            _wait_announced(directory)
         assert "pdserve stopped" in (directory / "server.log").read_text()
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -65,8 +63,18 @@ def test_up_direct_ingress_serves_http_from_the_ingress_replica() -> None:
             actors = [" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])
                       if _sid(p.pid) == session]
             assert not [a for a in actors if "PrefixDirectory" in a], actors
+            # The replica answers before `up` finishes deploying; stopping it is tested once it has.
+            _wait_announced(directory)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _wait_announced(directory: Path) -> None:
+    """Until `up` prints its URL, which it does once it has pinned the system prompts."""
+    deadline = time.monotonic() + 60
+    while "pdserve is serving at" not in (directory / "server.log").read_text():
+        assert time.monotonic() < deadline, "pdserve up never announced its URL"
+        time.sleep(0.5)
 
 
 def _sid(pid: int) -> int | None:
