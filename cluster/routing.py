@@ -4,8 +4,13 @@ Prefill: prefer the replica that last served the longest prefix of this
 prompt (its pool holds those blocks: no directory fetch, no compute), unless
 that replica's queue is `imbalance` requests longer than the least loaded
 one; then, and when no prefix matches, fall back to the least loaded.
-Decode: prefer the replica with the most free KV blocks (reported by the
-replicas through `record_routing_stats`), ties broken by queue length.
+Decode: the shortest queue among the replicas with KV headroom (at least a
+quarter of their KV free, reported through `record_routing_stats`), then the
+replicas short of KV; ties go to the most free blocks. Queue length leads
+because the router keeps it exact (Serve counts each request sent and done),
+while KV reports are up to a period old: ranking on free blocks first sent a
+whole burst to the one replica that reported a block more (measured: five
+streams on one of two idle replicas).
 
 Both return ranked lists; Serve probes the ranks in order and skips full replicas.
 Both take FIFOMixin: without it (Serve 2.60) a router only hands a chosen replica to the
@@ -94,13 +99,20 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
 
 
 class KVHeadroomRouter(FIFOMixin, RequestRouter):
-    """Most free KV blocks first (from the replicas' routing stats), then shortest queue."""
+    """Least loaded among the replicas with KV headroom, then the ones short of KV."""
+
+    def initialize_state(self, low_water: float = 0.25) -> None:
+        self._low_water = low_water  # free KV fraction below which a replica is short of KV
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        def key(r: RunningReplica) -> tuple[float, int]:
-            stats = r.routing_stats or {}
-            return (-float(stats.get("kv_free_blocks", 0)), _queue_len(self, r))
+        def key(r: RunningReplica) -> tuple[int, float]:
+            return _queue_len(self, r), -float((r.routing_stats or {}).get("kv_free_blocks", 0))
 
-        ranked = sorted(candidate_replicas, key=key)
-        return _ranks(ranked[:1], ranked[1:])
+        def short_of_kv(r: RunningReplica) -> bool:
+            usage = (r.routing_stats or {}).get("kv_usage")
+            return usage is not None and 1.0 - float(usage) < self._low_water  # unknown: a new replica, roomy
+
+        roomy = sorted((r for r in candidate_replicas if not short_of_kv(r)), key=key)
+        short = sorted((r for r in candidate_replicas if short_of_kv(r)), key=key)
+        return _ranks(roomy[:1], roomy[1:], short)

@@ -205,7 +205,7 @@ class DecodeServer:
         """For the KV-headroom router (Ray Serve polls this). Plain reads of counters the loop
         thread owns: a slightly stale value is fine for routing."""
         engine = self.engine.engine
-        return {"kv_free_blocks": float(engine.kv.num_free_blocks),
+        return {"kv_free_blocks": float(engine.kv.num_free_blocks), "kv_usage": engine.kv.usage,
                 "num_waiting": float(len(engine.scheduler.waiting))}
 
     async def check_health(self) -> None:

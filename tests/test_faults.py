@@ -90,15 +90,17 @@ def _sources(role: str, product: str = PRODUCT):
             if s.role == role and s.product == product and s.live]
 
 
-def _wait_for_running_replica(role: str, timeout_s: float = 30) -> str:
-    """The id of a live replica of `role` that reports a running request (reports come every ~1 s)."""
+def _wait_for_busy_replicas(role: str, count: int, timeout_s: float = 30) -> dict[str, int]:
+    """Running requests by replica id once `count` live replicas of `role` report some (every ~1 s)."""
     deadline = time.monotonic() + timeout_s
+    busy: dict[str, int] = {}
     while time.monotonic() < deadline:
-        busy = [s for s in _sources(role) if s.gauges.get(NUM_REQUESTS_RUNNING, 0) > 0]
-        if busy:
-            return max(busy, key=lambda s: s.gauges[NUM_REQUESTS_RUNNING]).source_id
+        busy = {s.source_id: s.gauges[NUM_REQUESTS_RUNNING] for s in _sources(role)
+                if s.gauges.get(NUM_REQUESTS_RUNNING, 0) > 0}
+        if len(busy) >= count:
+            return busy
         time.sleep(0.2)
-    raise AssertionError(f"no {role} replica reported a running request")
+    raise AssertionError(f"fewer than {count} {role} replicas reported running requests: {busy}")
 
 
 def _wait_until_prefilling(timeout_s: float = 30) -> str:
@@ -152,9 +154,10 @@ def test_decode_replica_death_mid_stream(client: openai.OpenAI) -> None:
             assert event.wait(TIMEOUT_S), "a stream never started"
         plain = pool.submit(_chat, client, "not streamed", length)
         time.sleep(1.5)  # the plain request is running too by now
-        victim = _wait_for_running_replica("decode")
-        running_on_victim = next(s.gauges[NUM_REQUESTS_RUNNING] for s in _sources("decode")
-                                 if s.source_id == victim)
+        # the router spreads the five over both replicas (by queue length: their KV is equally free)
+        running = _wait_for_busy_replicas("decode", count=2)
+        victim = max(running, key=running.__getitem__)
+        running_on_victim = running[victim]
         _kill_replica(victim)
         outcomes = [f.exception(timeout=TIMEOUT_S) or f.result() for f in [*streams, plain]]
     failed = [o for o in outcomes if isinstance(o, BaseException)]

@@ -7,7 +7,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID
-from ray.serve.request_router import PendingRequest
+from ray.serve.request_router import PendingRequest, ReplicaID
 
 from cluster.routing import KVHeadroomRouter, PrefixAffinityRouter
 from engine.config import SamplingParams
@@ -21,7 +21,9 @@ class FakeReplica:
 
 
 def _router(cls):
-    router = cls(DeploymentID(name="d", app_name="a"), DeploymentHandleSource.UNKNOWN)
+    # as Serve builds it for a handle outside Ray Client: the queue-length cache counts sends
+    router = cls(DeploymentID(name="d", app_name="a"), DeploymentHandleSource.UNKNOWN,
+                 use_replica_queue_len_cache=True)
     router.initialize_state()
     return router
 
@@ -58,11 +60,30 @@ async def _prefill_affinity() -> None:
     assert all(rank for rank in await choose([a], None))  # never an empty rank
 
 
-def test_decode_prefers_kv_headroom() -> None:
+def test_decode_prefers_kv_headroom_then_the_shortest_queue() -> None:
     router = _router(KVHeadroomRouter)
-    full = FakeReplica("full", {"kv_free_blocks": 3})
-    roomy = FakeReplica("roomy", {"kv_free_blocks": 900})
+    short = FakeReplica("short", {"kv_free_blocks": 30, "kv_usage": 0.9})
+    roomy = FakeReplica("roomy", {"kv_free_blocks": 900, "kv_usage": 0.1})
     unknown = FakeReplica("new")
-    ranks = _choose(router, [full, unknown, roomy])
-    assert ranks[0] == [roomy] and [r.replica_id for r in ranks[1]] == ["full", "new"]
+    router._replica_queue_len_cache.update("roomy", 3)
+    ranks = _choose(router, [short, unknown, roomy])
+    # a new replica (no report yet) counts as roomy; the one short of KV comes last whatever its queue
+    assert [[r.replica_id for r in rank] for rank in ranks] == [["new"], ["roomy"], ["short"]]
+    router._replica_queue_len_cache.update("new", 3)
+    assert _choose(router, [short, unknown, roomy])[0] == [roomy]  # equal queues: the most free blocks
     assert _choose(router, []) == []
+
+
+def test_decode_spreads_a_burst_between_kv_reports() -> None:
+    """Routing stats are up to a period old: a burst must follow the queue lengths the router keeps
+    exact, not pile onto the replica that last reported a few more free blocks."""
+    router = _router(KVHeadroomRouter)
+    ids = {name: ReplicaID(name, DeploymentID(name="d", app_name="a")) for name in "ab"}
+    a = FakeReplica(ids["a"], {"kv_free_blocks": 501, "kv_usage": 0.0})
+    b = FakeReplica(ids["b"], {"kv_free_blocks": 500, "kv_usage": 0.0})
+    chosen = []
+    for _ in range(6):
+        replica = _choose(router, [a, b])[0][0]
+        router.on_send_request(replica.replica_id)  # what Serve does as it sends the request
+        chosen.append(replica.replica_id.unique_id)
+    assert sorted(chosen) == ["a", "a", "a", "b", "b", "b"], chosen
