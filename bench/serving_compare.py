@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import subprocess
 import sys
@@ -111,17 +112,22 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
-def write_variant(products_dir: Path, override: Mapping[str, Any], into: Path, model: str | None = None) -> Path:
+def write_variant(products_dir: Path, override: Mapping[str, Any], into: Path, model: str | None = None,
+                  kv_scale: float = 1.0) -> Path:
     """Copy every product file of products_dir into `into` with `override` merged in (and `model`, a
-    folder, replacing theirs when given); returns a Serve config deploying them."""
+    folder, replacing theirs when given; every engine's KV memory times `kv_scale`, after the override,
+    so a split by role keeps its proportions); returns a Serve config deploying them."""
     products = into / "products"
     products.mkdir(parents=True)
     common = {k: v for k, v in override.items() if k != "per_product"}
     per_product = override.get("per_product") or [{}]
     for i, path in enumerate(sorted(products_dir.glob("*.yaml"))):
-        data = merge(merge(yaml.safe_load(path.read_text()), common), per_product[i % len(per_product)])
+        # a deep copy: merge shares the override's own nested dicts, which _scale_kv changes in place
+        data = copy.deepcopy(merge(merge(yaml.safe_load(path.read_text()), common), per_product[i % len(per_product)]))
         if model is not None:
             data["model"] = model
+        if kv_scale != 1.0:
+            _scale_kv(data, kv_scale)
         (products / path.name).write_text(yaml.safe_dump(data))
     config = into / "serve.yaml"
     config.write_text(yaml.safe_dump({
@@ -130,6 +136,13 @@ def write_variant(products_dir: Path, override: Mapping[str, Any], into: Path, m
                           "args": {"products_dir": str(products)}}],
     }))
     return config
+
+
+def _scale_kv(product: dict[str, Any], factor: float) -> None:
+    """Multiply the product's engine KV bytes, and any role's own, by factor (in place)."""
+    for engine in [product.get("engine"), *(product.get(role, {}).get("engine") for role in ("prefill", "decode"))]:
+        if engine and "kv_cache_bytes" in engine:
+            engine["kv_cache_bytes"] = int(engine["kv_cache_bytes"] * factor)
 
 
 def scrape_counters(metrics_url: str) -> dict[str, dict[str, float]]:
@@ -249,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve-model", default=None,
                         help="serve this model in every product instead of theirs: a built-in name (tiny, small) "
                              "or a local Hugging Face folder")
+    parser.add_argument("--kv-scale", type=float, default=1.0,
+                        help="every engine's KV memory times this, in both variants (splits keep their proportions)")
     parser.set_defaults(out="bench-out/compare")
     args = parser.parse_args(argv)
     require_local(f"http://127.0.0.1:{args.port}/v1")
@@ -258,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="pdserve-compare-") as tmp:
         for label, override in COMPARISONS[args.comparison]:
-            config = write_variant(Path(args.products_dir), override, Path(tmp) / _slug(label), model)
+            config = write_variant(Path(args.products_dir), override, Path(tmp) / _slug(label), model,
+                                   args.kv_scale)
             results.append(run_variant(label, config, args, out))
     command = "python -m bench.serving_compare " + " ".join(argv if argv is not None else sys.argv[1:])
     text = report(args.comparison, results, command)

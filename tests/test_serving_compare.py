@@ -56,6 +56,17 @@ def test_report_core_placement_gives_report_decode_a_core_of_its_own(tmp_path: P
     assert [k for k, v in cores.items() if v == (1,)] == [("report-gen", "decode")]
 
 
+def test_kv_scale_keeps_the_split_by_role(tmp_path: Path) -> None:
+    (_, colocated), (_, disaggregated) = COMPARISONS["pool-sized"]
+    for override, tag in ((colocated, "c"), (disaggregated, "d")):
+        base = load_products(write_variant(PRODUCTS, override, tmp_path / tag).parent / "products")
+        doubled = load_products(write_variant(PRODUCTS, override, tmp_path / f"{tag}2", kv_scale=2).parent / "products")
+        for name, product in base.items():
+            for role in ("prefill", "decode"):
+                before = product.engine_config(getattr(product, role)).kv_cache_bytes
+                assert doubled[name].engine_config(getattr(doubled[name], role)).kv_cache_bytes == 2 * before
+
+
 def test_serve_model_replaces_every_products_model(tmp_path: Path) -> None:
     config = write_variant(PRODUCTS, {}, tmp_path / "v", model=str(tmp_path))
     for product in load_products(config.parent / "products").values():
