@@ -77,8 +77,9 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     attention_backend: Literal["auto", "torch", "cpu", "triton"] = "auto"  # auto: triton on CUDA, else cpu, else torch
-    # Linear layers: "onednn" packs CPU weights once for oneDNN (engine/cpu_linear.py); auto: onednn where it
-    # applies (CPU, float32 or bfloat16), else torch's nn.Linear.
+    # Linear layers: "onednn" packs CPU weights once for oneDNN, q/k/v and gate/up fused (engine/cpu_linear.py),
+    # and runs RMSNorms as one call (engine/cpu_norm.py); auto: onednn where it applies (CPU, float32 or
+    # bfloat16), else the model's own modules as transformers built them.
     linear_backend: Literal["auto", "torch", "onednn"] = "auto"
     # "contiguous": one growing region of consecutive blocks per request, the
     # incident's allocator, kept to measure against (engine/contiguous_kv_cache_manager.py).

@@ -66,6 +66,66 @@ class PackedGatedMLP(nn.Module):
         return self.down_proj(self.act_fn(gate) * up)
 
 
+class _FusedQKV:
+    """One attention module's q, k and v projections as one packed GEMM, computed once per input.
+
+    transformers' attention calls q_proj, k_proj and v_proj on the same hidden-states tensor; the
+    first of the three calls runs the GEMM over all outputs, the other two take their slices.
+    Invariant: a slice is served only for the very tensor object the GEMM ran on (held until all
+    three slices are taken), so any other input, order or caller gets its own GEMM, never a stale one.
+    """
+
+    def __init__(self, q: nn.Linear, k: nn.Linear, v: nn.Linear) -> None:
+        self.sizes = [q.out_features, k.out_features, v.out_features]
+        bias = None if q.bias is None else torch.cat([q.bias, k.bias, v.bias])
+        self.linear = PackedLinear(torch.cat([q.weight, k.weight, v.weight]), bias)
+        self._input: torch.Tensor | None = None
+        self._parts: tuple[torch.Tensor, ...] = ()
+        self._untaken: set[int] = set()
+
+    def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        if x is not self._input or index not in self._untaken:
+            self._input, self._parts, self._untaken = x, self.linear(x).split(self.sizes, dim=-1), {0, 1, 2}
+        self._untaken.discard(index)
+        out = self._parts[index]
+        if not self._untaken:  # all three taken: drop the references
+            self._input, self._parts = None, ()
+        return out
+
+
+class FusedProjection(nn.Module):
+    """q_proj, k_proj or v_proj of an attention module whose three projections run as one GEMM."""
+
+    def __init__(self, fused: _FusedQKV, index: int, in_features: int) -> None:
+        super().__init__()
+        self.fused, self.index = fused, index
+        self.in_features, self.out_features = in_features, fused.sizes[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused.part(x, self.index)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, part {self.index} of q/k/v"
+
+
+QKV_CHILDREN = ("q_proj", "k_proj", "v_proj")
+
+
+def _fuse_qkv(attention: nn.Module) -> bool:
+    """Replace attention's q/k/v linears with one fused GEMM; False (unchanged) when they do not fit one."""
+    linears = [getattr(attention, n, None) for n in QKV_CHILDREN]
+    if not all(type(m) is nn.Linear for m in linears) or not _on_cpu(attention):
+        return False
+    q, k, v = linears
+    if len({m.in_features for m in linears}) != 1 or len({m.weight.dtype for m in linears}) != 1 \
+            or len({m.bias is None for m in linears}) != 1 or not supports(q.weight.dtype):
+        return False
+    fused = _FusedQKV(q, k, v)
+    for index, name in enumerate(QKV_CHILDREN):
+        setattr(attention, name, FusedProjection(fused, index, q.in_features))
+    return True
+
+
 GATED_MLP_CHILDREN = {"gate_proj", "up_proj", "down_proj", "act_fn"}
 
 
@@ -99,7 +159,8 @@ def supports(dtype: torch.dtype) -> bool:
 
 def pack_linears(model: nn.Module) -> int:
     """Replace every CPU nn.Linear under `model` with a PackedLinear, fusing gated MLPs' gate and up
-    projections (PackedGatedMLP); returns how many nn.Linear were replaced.
+    projections (PackedGatedMLP) and attention's q, k and v projections (FusedProjection); returns
+    how many nn.Linear were replaced.
 
     Only layers whose weight is on the CPU in a packable dtype are replaced, so
     a model that is partly elsewhere keeps those parts unchanged.
@@ -110,12 +171,14 @@ def pack_linears(model: nn.Module) -> int:
             continue
         fused = _fuse_gated_mlp(module)
         if fused is not None:
-            _replace(model, name, fused)
+            replace_module(model, name, fused)
+            replaced += 3
+        elif _fuse_qkv(module):
             replaced += 3
     targets = [(name, module) for name, module in model.named_modules()
                if type(module) is nn.Linear and _on_cpu(module) and supports(module.weight.dtype)]
     for name, module in targets:
-        _replace(model, name, PackedLinear.of(module))
+        replace_module(model, name, PackedLinear.of(module))
     replaced += len(targets)
     if replaced:
         _own_remaining_parameters(model)
@@ -126,7 +189,7 @@ def _on_cpu(module: nn.Module) -> bool:
     return all(p.device.type == "cpu" for p in module.parameters())
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, new)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoTokenizer, GenerationConfig, PretrainedConfig
 
-from engine import cpu_attention, cpu_linear
+from engine import cpu_attention, cpu_linear, cpu_norm
 from engine.block_hash import extra_keys
 from engine.config import EngineConfig, SamplingParams
 from engine.contiguous_kv_cache_manager import ContiguousKVCacheManager
@@ -47,8 +47,9 @@ class Engine:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
         self.model = load_model(self.model_path, config.dtype)
         self.linear_backend = _resolve_linear_backend(config.linear_backend, config.dtype)
-        if self.linear_backend == "onednn":
+        if self.linear_backend == "onednn":  # the CPU fast path: packed GEMMs, one-call norms
             cpu_linear.pack_linears(self.model)
+            cpu_norm.fuse_rms_norms(self.model)
         hf_config = self.model.config.get_text_config()
         self.vocab_size: int = hf_config.vocab_size
         self.eos_token_ids = _eos_token_ids(self.model_path, hf_config)

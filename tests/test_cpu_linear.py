@@ -1,4 +1,5 @@
-"""oneDNN linear layers with packed weights (engine/cpu_linear.py) against nn.Linear."""
+"""oneDNN linear layers with packed weights (engine/cpu_linear.py) against nn.Linear, and one-call RMSNorms
+(engine/cpu_norm.py) against transformers' own."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine import LLM, SamplingParams, cpu_linear, tiny_model
+from engine import LLM, SamplingParams, cpu_linear, cpu_norm, tiny_model
 from engine.engine import _resolve_linear_backend
 from tests.engine_helpers import assert_all_free, hf_greedy, hf_model, random_prompts
 
@@ -85,6 +86,41 @@ def test_gated_mlps_are_fused_and_compute_the_same(name: str) -> None:
         torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-qwen2", "tiny-mistral"])
+def test_attention_projections_run_as_one_gemm_and_compute_the_same(name: str) -> None:
+    model = hf_model(tiny_model.path(name))  # tiny-qwen2: q/k/v with biases
+    ids = torch.randint(3, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = model(ids).logits
+    cpu_linear.pack_linears(model)
+    attention = model.model.layers[0].self_attn
+    assert all(isinstance(getattr(attention, n), cpu_linear.FusedProjection) for n in cpu_linear.QKV_CHILDREN)
+    fused = attention.q_proj.fused
+    calls = []
+    gemm = fused.linear.forward
+    fused.linear.forward = lambda x: calls.append(x.shape) or gemm(x)
+    with torch.no_grad():
+        got = model(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert len(calls) == 1  # one GEMM for the layer's q, k and v
+    assert fused._input is None  # all three slices taken: nothing held between forwards
+
+
+def test_fused_projections_never_serve_a_slice_of_another_input() -> None:
+    torch.manual_seed(5)
+    attention = nn.Module()
+    for n, out in zip(cpu_linear.QKV_CHILDREN, (32, 16, 16), strict=True):
+        setattr(attention, n, nn.Linear(32, out))
+    x, y = torch.randn(3, 32), torch.randn(3, 32)
+    with torch.no_grad():
+        expected = {(n, id(t)): getattr(attention, n)(t) for n in cpu_linear.QKV_CHILDREN for t in (x, y)}
+        assert cpu_linear.pack_linears(attention) == 3
+        # another input, another order, a repeated call: each answer is its own input's projection
+        for n, t in (("q_proj", x), ("k_proj", y), ("v_proj", x), ("v_proj", x), ("q_proj", y), ("k_proj", y),
+                     ("k_proj", y)):
+            torch.testing.assert_close(getattr(attention, n)(t), expected[(n, id(t))], rtol=1e-5, atol=1e-5)
+
+
 def test_an_mlp_of_the_same_shape_but_another_function_is_not_fused() -> None:
     torch.manual_seed(3)
     model = nn.Sequential(_SwappedMLP())
@@ -135,3 +171,33 @@ def test_packing_releases_the_checkpoint_mapping() -> None:
     packed = LLM(path, kv_cache_bytes=4 << 20)
     assert _mappings_of(path) == before + 1  # only the plain engine's mapping remains
     del plain, packed
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-qwen2", "tiny-mistral"])
+def test_rms_norms_run_as_one_call_and_compute_the_same(name: str) -> None:
+    model = hf_model(tiny_model.path(name))
+    ids = torch.randint(3, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = model(ids).logits
+    norms = [n for n, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")]
+    assert cpu_norm.fuse_rms_norms(model) == len(norms) == 2 * model.config.num_hidden_layers + 1
+    assert all(isinstance(model.get_submodule(n), cpu_norm.FusedRMSNorm) for n in norms)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+class _OnePlusRMSNorm(nn.Module):
+    """Gemma's form, x_normed * (1 + weight): shaped like an RMSNorm, not one to fuse."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.randn(16)), 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)
+
+
+def test_a_norm_of_another_formula_is_not_fused() -> None:
+    model = nn.Sequential(_OnePlusRMSNorm())
+    assert cpu_norm.fuse_rms_norms(model) == 0
+    assert isinstance(model[0], _OnePlusRMSNorm)
