@@ -98,6 +98,7 @@ def _deploy(args: argparse.Namespace, blocking_ray_init: dict[str, Any]) -> str:
     app_args, _ = _app_args(Path(args.config))
     host, port = _http_address(args)
     ray.init(**blocking_ray_init)
+    _interrupt_on_stop_signals()  # ray.init installs handlers that abort the process (exit -6 mid-deploy)
     # With direct ingress the ingress replica takes `port`; Serve still starts its proxy, elsewhere.
     serve.start(http_options={"host": host, "port": _free_port(host) if args.direct_ingress else port})
     print("deploying pdserve (first start builds the built-in model and starts every engine)...", flush=True)
@@ -112,6 +113,21 @@ def _deploy(args: argparse.Namespace, blocking_ray_init: dict[str, Any]) -> str:
           f"    -d '{{\"model\": \"{models[0]}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'\n",
           flush=True)
     return url
+
+
+class StopRequested(Exception):
+    """SIGINT or SIGTERM arrived before `up` had finished deploying."""
+
+
+def _raise_stop(signum: int, _frame: object) -> None:
+    raise StopRequested(signal.Signals(signum).name)
+
+
+def _interrupt_on_stop_signals() -> None:
+    """From here to the end of the deploy, a stop signal raises StopRequested in the main thread, so the
+    caller's cleanup (Serve and Ray shut down, a started head stopped) runs."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_stop)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -130,10 +146,12 @@ def _up(args: argparse.Namespace) -> int:
         init.update(include_dashboard=False, num_cpus=args.num_cpus)
     try:
         _deploy(args, init)
-        for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own handlers
+        for sig in (signal.SIGINT, signal.SIGTERM):  # serving: a stop signal ends the wait below
             signal.signal(sig, lambda *_: stop.set())
         print("Ctrl-C (or SIGTERM) stops everything this command started.", flush=True)
         stop.wait()
+    except StopRequested as exc:
+        print(f"{exc} while deploying: stopping", flush=True)
     finally:
         _shutdown()
     print("pdserve stopped")
@@ -153,10 +171,12 @@ def _up_detached(args: argparse.Namespace) -> int:
         if started_head:
             address = _started_head_address()
         url = _deploy(args, {"address": address, "namespace": "pdserve", "log_to_driver": False})
-    except BaseException:  # a bad config, a failed deploy, Ctrl-C: leave no head behind
+    except BaseException as exc:  # a bad config, a failed deploy, Ctrl-C: leave no head behind
         if started_head:
             _shutdown()
             _stop_started_head()
+        if isinstance(exc, StopRequested):
+            raise SystemExit(f"{exc} while deploying: stopped, nothing left running") from None
         raise
     STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
     STATE_FILE.write_text(json.dumps({"url": url, "address": address, "started_head": started_head,

@@ -128,34 +128,51 @@ def cli(name: str) -> str:
 
 
 @contextlib.contextmanager
-def served(cmd: list[str], port: int, run_dir: Path, stop_signal: int = signal.SIGINT) -> Iterator[str]:
-    """Run cmd in run_dir (a short /tmp dir: Ray's socket paths are limited to ~107 bytes) until it serves."""
-    log = run_dir / "server.log"
+def started(cmd: list[str], run_dir: Path) -> Iterator[subprocess.Popen]:
+    """Run cmd in its own session in run_dir (a short /tmp dir: Ray's socket paths are limited to ~107
+    bytes), output to run_dir/server.log, on a Ray of its own; every process of the session is killed
+    at exit."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(run_dir)}
     env.pop("RAY_ADDRESS", None)
-    with open(log, "wb") as out, _sigint_not_ignored():
+    with open(run_dir / "server.log", "wb") as out, _sigint_not_ignored():
         proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        base = f"http://127.0.0.1:{port}"
-        _wait_for_models(f"{base}/v1/models", proc, log)
-        yield base
-        proc.send_signal(stop_signal)
-        try:
-            assert proc.wait(timeout=90) == 0, f"exit code {proc.returncode}:\n{_log_tail(log)}"
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{cmd[0]} did not exit on signal {stop_signal}:\n{_log_tail(log)}")
-        _wait_session_gone(proc.pid, 30)
-        left = [c for c in _session_commands(proc.pid) if "raylet" in c or "gcs_server" in c]
-        assert not left, f"Ray processes left after the server exited: {left}"
+        yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(stop_signal)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=30)
         _kill_session(proc.pid)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
+
+
+def assert_stops_cleanly(proc: subprocess.Popen, stop_signal: int, log: Path) -> None:
+    """Send stop_signal; the process exits 0 within 90 s and leaves no process of its session, Ray's
+    included."""
+    proc.send_signal(stop_signal)
+    try:
+        assert proc.wait(timeout=90) == 0, f"exit code {proc.returncode}:\n{_log_tail(log)}"
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{proc.args[0]} did not exit on signal {stop_signal}:\n{_log_tail(log)}")
+    _wait_session_gone(proc.pid, 30)
+    left = [c for c in _session_commands(proc.pid) if "raylet" in c or "gcs_server" in c]
+    assert not left, f"Ray processes left after the server exited: {left}"
+
+
+@contextlib.contextmanager
+def served(cmd: list[str], port: int, run_dir: Path, stop_signal: int = signal.SIGINT) -> Iterator[str]:
+    """cmd started (see `started`) until it serves on port; stopped with stop_signal, cleanly, after the block."""
+    log = run_dir / "server.log"
+    with started(cmd, run_dir) as proc:
+        try:
+            base = f"http://127.0.0.1:{port}"
+            _wait_for_models(f"{base}/v1/models", proc, log)
+            yield base
+            assert_stops_cleanly(proc, stop_signal, log)
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(stop_signal)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=30)
 
 
 def run_dir() -> Path:

@@ -11,7 +11,16 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.process_helpers import STARTUP_TIMEOUT_S, chat, cli, free_port, run_dir, served
+from tests.process_helpers import (
+    STARTUP_TIMEOUT_S,
+    assert_stops_cleanly,
+    chat,
+    cli,
+    free_port,
+    run_dir,
+    served,
+    started,
+)
 
 
 @pytest.mark.timeout(STARTUP_TIMEOUT_S + 180)
@@ -145,3 +154,23 @@ def test_detached_up_that_fails_to_deploy_stops_the_head_it_started(tmp_path) ->
     assert not (tmp_path / "up.json").exists()
     left = subprocess.run(["pgrep", "-f", DETACHED_TEMP_DIR], capture_output=True, text=True).stdout.split()
     assert not left, f"processes of the started head still running: {left}"
+
+
+@pytest.mark.timeout(STARTUP_TIMEOUT_S + 120)
+def test_a_stop_signal_while_deploying_stops_cleanly() -> None:
+    """SIGTERM after Ray is up but before the deploy finished: a clean stop (exit 0, no Ray left), not an
+    abort from Ray's own handler (it exited -6 that way)."""
+    directory = run_dir()
+    log = directory / "server.log"
+    try:
+        with started([cli("pdserve"), "up", "--port", str(free_port())], directory) as proc:
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            while "deploying pdserve" not in log.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+            assert "pdserve is serving at" not in log.read_text()
+            assert_stops_cleanly(proc, signal.SIGTERM, log)
+            text = log.read_text()
+            assert "SIGTERM while deploying: stopping" in text and "pdserve stopped" in text, text[-3000:]
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
