@@ -106,13 +106,12 @@ class KVHeadroomRouter(FIFOMixin, RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        def key(r: RunningReplica) -> tuple[int, float]:
-            return _queue_len(self, r), -float((r.routing_stats or {}).get("kv_free_blocks", 0))
+        def key(r: RunningReplica) -> tuple[bool, int, float]:
+            stats = r.routing_stats or {}
+            usage = stats.get("kv_usage")  # unknown: a new replica, roomy
+            short_of_kv = usage is not None and 1.0 - float(usage) < self._low_water
+            return short_of_kv, _queue_len(self, r), -float(stats.get("kv_free_blocks", 0))
 
-        def short_of_kv(r: RunningReplica) -> bool:
-            usage = (r.routing_stats or {}).get("kv_usage")
-            return usage is not None and 1.0 - float(usage) < self._low_water  # unknown: a new replica, roomy
-
-        roomy = sorted((r for r in candidate_replicas if not short_of_kv(r)), key=key)
-        short = sorted((r for r in candidate_replicas if short_of_kv(r)), key=key)
-        return _ranks(roomy[:1], roomy[1:], short)
+        keyed = sorted(((key(r), r) for r in candidate_replicas), key=lambda kr: kr[0])
+        roomy = [r for k, r in keyed if not k[0]]
+        return _ranks(roomy[:1], roomy[1:], [r for k, r in keyed if k[0]])
