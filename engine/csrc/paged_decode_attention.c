@@ -64,15 +64,23 @@ static inline vf exp_nonpositive(vf x) {
 }
 
 /* The rows of one sequence are visited block by block: block i holds tokens
- * [i * BS, (i + 1) * BS), each token a contiguous [Hkv, D] row, so a block is
- * read front to back (what the hardware prefetcher follows); `first` may start
- * inside a block. The next block is prefetched while this one is read. */
-#define FOR_EACH_TOKEN(cache, row, index)                                                               \
+ * [i * BS, (i + 1) * BS), each token a contiguous [Hkv, D] row; `first` may start
+ * inside a block. `ahead` points at the same row of the next block (of this block
+ * in the last one), which the body prefetches: blocks sit anywhere in the cache, and
+ * the hardware prefetcher neither jumps to the next block nor crosses the 4 KiB pages
+ * inside one, so without it every block starts with a wait on memory. */
+#define FOR_EACH_TOKEN(cache, row, ahead, index)                                                        \
     for (int64_t blk = first / block_size, index = first; index < seq_len; blk++)                       \
-        for (const float *row = (__builtin_prefetch(cache + table[blk + (blk + 1 < last_blk)] * block_stride), \
-                                 cache + table[blk] * block_stride + (index % block_size) * token_stride),  \
+        for (const float *row = cache + table[blk] * block_stride + (index % block_size) * token_stride, \
+                         *ahead = cache + table[blk + (blk + 1 < last_blk)] * block_stride +            \
+                                  (index % block_size) * token_stride,                                  \
                          *blk_end = row + (block_size - index % block_size) * token_stride;            \
-             row < blk_end && index < seq_len; row += token_stride, index++)
+             row < blk_end && index < seq_len; row += token_stride, ahead += token_stride, index++)
+
+/* Every 64-byte line of one token's [Hkv, D] row. */
+static inline void prefetch_row(const float *row, int64_t token_stride) {
+    for (int64_t i = 0; i < token_stride; i += 64 / sizeof(float)) __builtin_prefetch(row + i);
+}
 
 /* One sequence, every head: q and out [H, D], scores [H, n], acc [H, D / VL]. */
 static void attend_seq(const float *q, const float *k_cache, const float *v_cache, const int64_t *table,
@@ -87,7 +95,8 @@ static void attend_seq(const float *q, const float *k_cache, const float *v_cach
     const int nv = head_dim / VL; /* head_dim % VL == 0 is checked by the caller */
 
     /* pass 1: scores[h][t] = scale * q_h . k_t[h / group] */
-    FOR_EACH_TOKEN(k_cache, k, t) {
+    FOR_EACH_TOKEN(k_cache, k, k_ahead, t) {
+        prefetch_row(k_ahead, token_stride);
         for (int h = 0; h < num_heads; h++) {
             const float *qh = q + (int64_t)h * head_dim, *kh = k + (int64_t)(h / group) * head_dim;
             vf even = *(const vf *)qh * *(const vf *)kh, odd = {0};
@@ -126,7 +135,8 @@ static void attend_seq(const float *q, const float *k_cache, const float *v_cach
     }
     /* pass 2: acc_h = sum_t p[h][t] v_t[h / group] */
     memset(acc, 0, sizeof(vf) * (size_t)num_heads * nv);
-    FOR_EACH_TOKEN(v_cache, v, t) {
+    FOR_EACH_TOKEN(v_cache, v, v_ahead, t) {
+        prefetch_row(v_ahead, token_stride);
         for (int h = 0; h < num_heads; h++) {
             const float p = scores[(int64_t)h * n + (t - first)];
             const float *vh = v + (int64_t)(h / group) * head_dim;
