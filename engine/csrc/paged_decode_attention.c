@@ -43,6 +43,44 @@ static inline float hsum(vf v) {
     return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
+/* Lane shuffles with constant indices into the concatenation of a and b (GCC >= 12 and clang have
+ * __builtin_shufflevector; older GCC spells it __builtin_shuffle with a mask vector). */
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUF(a, b, ...) __builtin_shuffle(a, b, (vi){__VA_ARGS__})
+#endif
+
+/* Sixteen horizontal sums at once: lane i of the result is the sum of the 16 lanes of p[bitrev4(i)].
+ * Each level adds pairs of vectors lane-wise after interleaving halves, quarters, eighths, then
+ * sixteenths of them, so 15 adds (and 30 shuffles) do the work of 16 hsum()s (~60 operations). */
+static inline vf fold_halves(vf a, vf b) {
+    return SHUF(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           SHUF(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+static inline vf fold_quarters(vf a, vf b) {
+    return SHUF(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           SHUF(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+}
+static inline vf fold_eighths(vf a, vf b) {
+    return SHUF(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           SHUF(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+}
+static inline vf fold_sixteenths(vf a, vf b) {
+    return SHUF(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+           SHUF(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+static inline vf hsum16(const vf *p) {
+    vf h[8], q[4], e[2];
+    for (int i = 0; i < 8; i++) h[i] = fold_halves(p[2 * i], p[2 * i + 1]);
+    for (int i = 0; i < 4; i++) q[i] = fold_quarters(h[2 * i], h[2 * i + 1]);
+    for (int i = 0; i < 2; i++) e[i] = fold_eighths(q[2 * i], q[2 * i + 1]);
+    return fold_sixteenths(e[0], e[1]);
+}
+/* hsum16's input order: the dot product of the j-th token of a group of 16 goes to slot BITREV4[j],
+ * so that lane j of the result is token j's score. */
+static const int BITREV4[VL] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+
 /* exp(x) for x <= 0, 16 lanes at once (libm's expf is one call per score). Cephes' reduction and
  * degree-6 polynomial: relative error ~2e-7. x below -87 gives exp(-87) ~ 1.6e-38 instead of a
  * denormal, which no softmax sum notices. */
@@ -82,10 +120,10 @@ static inline void prefetch_row(const float *row, int64_t token_stride) {
     for (int64_t i = 0; i < token_stride; i += 64 / sizeof(float)) __builtin_prefetch(row + i);
 }
 
-/* One sequence, every head: q and out [H, D], scores [H, n], acc [H, D / VL]. */
+/* One sequence, every head: q and out [H, D], scores [H, n], acc [H, D / VL], parts [H, VL]. */
 static void attend_seq(const float *q, const float *k_cache, const float *v_cache, const int64_t *table,
                        int64_t seq_len, float *out, int num_heads, int num_kv_heads, int head_dim, int block_size,
-                       float scale, int64_t window, float *scores, vf *acc) {
+                       float scale, int64_t window, float *scores, vf *acc, vf *parts) {
     const int64_t first = (window > 0 && seq_len > window) ? seq_len - window : 0;
     const int64_t n = seq_len - first;
     const int64_t last_blk = (seq_len + block_size - 1) / block_size;
@@ -94,7 +132,11 @@ static void attend_seq(const float *q, const float *k_cache, const float *v_cach
     const int group = num_heads / num_kv_heads;
     const int nv = head_dim / VL; /* head_dim % VL == 0 is checked by the caller */
 
-    /* pass 1: scores[h][t] = scale * q_h . k_t[h / group] */
+    /* pass 1: scores[h][t] = scale * q_h . k_t[h / group]. Each dot product is left as 16 lane sums in
+     * parts[h][BITREV4[j]] for the j-th token of a group of 16, and each full group (and the last,
+     * partial one) is reduced at once. */
+    int in_group = 0;
+    int64_t group_start = 0; /* score index of the group's first token */
     FOR_EACH_TOKEN(k_cache, k, k_ahead, t) {
         prefetch_row(k_ahead, token_stride);
         for (int h = 0; h < num_heads; h++) {
@@ -105,9 +147,20 @@ static void attend_seq(const float *q, const float *k_cache, const float *v_cach
                 even += *(const vf *)(qh + (c + 1) * VL) * *(const vf *)(kh + (c + 1) * VL);
             }
             if (nv % 2 == 0) odd += *(const vf *)(qh + (nv - 1) * VL) * *(const vf *)(kh + (nv - 1) * VL);
-            scores[(int64_t)h * n + (t - first)] = hsum(even + odd) * scale;
+            parts[h * VL + BITREV4[in_group]] = even + odd;
+        }
+        if (++in_group == VL) {
+            for (int h = 0; h < num_heads; h++)
+                *(vf *)(scores + (int64_t)h * n + group_start) = hsum16(parts + h * VL) * scale;
+            group_start += VL;
+            in_group = 0;
         }
     }
+    if (in_group) /* slots past the last token hold stale sums, which only reach lanes not stored */
+        for (int h = 0; h < num_heads; h++) {
+            vf s = hsum16(parts + h * VL) * scale;
+            memcpy(scores + (int64_t)h * n + group_start, &s, sizeof(float) * (size_t)in_group);
+        }
     /* softmax per head, kept unnormalised; the sum divides at the end */
     float inv_sum[num_heads];
     for (int h = 0; h < num_heads; h++) {
@@ -163,7 +216,9 @@ int pdserve_paged_decode_attention_f32(const float *q, const float *k_cache, con
     {
         float *scores = malloc(sizeof(float) * (size_t)num_heads * (size_t)(max_len > 0 ? max_len : 1));
         vf *acc = aligned_alloc(64, sizeof(vf) * (size_t)num_heads * (head_dim / VL));
-        if (scores == NULL || acc == NULL) {
+        vf *parts = aligned_alloc(64, sizeof(vf) * (size_t)num_heads * VL);
+        if (parts != NULL) memset(parts, 0, sizeof(vf) * (size_t)num_heads * VL); /* unused slots stay finite */
+        if (scores == NULL || acc == NULL || parts == NULL) {
 #pragma omp atomic write
             failed = 1;
         }
@@ -171,13 +226,15 @@ int pdserve_paged_decode_attention_f32(const float *q, const float *k_cache, con
 #pragma omp for schedule(dynamic, 1)
         for (int i = 0; i < batch; i++) {
             const int b = batch - 1 - i;
-            if (scores == NULL || acc == NULL) continue;
+            if (scores == NULL || acc == NULL || parts == NULL) continue;
             const int64_t offset = (int64_t)b * num_heads * head_dim;
             attend_seq(q + offset, k_cache, v_cache, block_tables + (int64_t)b * table_stride, seq_lens[b],
-                       out + offset, num_heads, num_kv_heads, head_dim, block_size, scale, window, scores, acc);
+                       out + offset, num_heads, num_kv_heads, head_dim, block_size, scale, window, scores, acc,
+                       parts);
         }
         free(scores);
         free(acc);
+        free(parts);
     }
     return failed ? -1 : 0;
 }
