@@ -51,31 +51,23 @@ static inline float hsum(vf v) {
 #define SHUF(a, b, ...) __builtin_shuffle(a, b, (vi){__VA_ARGS__})
 #endif
 
-/* Sixteen horizontal sums at once: lane i of the result is the sum of the 16 lanes of p[bitrev4(i)].
- * Each level adds pairs of vectors lane-wise after interleaving halves, quarters, eighths, then
- * sixteenths of them, so 15 adds (and 30 shuffles) do the work of 16 hsum()s (~60 operations). */
-static inline vf fold_halves(vf a, vf b) {
-    return SHUF(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           SHUF(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-}
-static inline vf fold_quarters(vf a, vf b) {
-    return SHUF(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
-           SHUF(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
-}
-static inline vf fold_eighths(vf a, vf b) {
-    return SHUF(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
-           SHUF(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-}
-static inline vf fold_sixteenths(vf a, vf b) {
-    return SHUF(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
-           SHUF(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
-}
+/* Sixteen horizontal sums at once: lane i of the result is the sum of the 16 lanes of p[BITREV4[i]].
+ * FOLD(a, b, w) adds a and b's runs of 2w lanes folded in half: output run k of w lanes is run k / 2 of
+ * a (k even) or of b (k odd), its first w lanes plus its last w. Four levels (w = 8, 4, 2, 1) take 16
+ * vectors to one: 15 adds and 30 shuffles do the work of 16 hsum()s (~60 operations). */
+#define LANE(w, i) ((((i) / (w)) % 2) * VL + ((i) / (w) / 2) * 2 * (w) + (i) % (w))
+#define LANES(w, o)                                                                                      \
+    LANE(w, 0) + (o), LANE(w, 1) + (o), LANE(w, 2) + (o), LANE(w, 3) + (o), LANE(w, 4) + (o),           \
+        LANE(w, 5) + (o), LANE(w, 6) + (o), LANE(w, 7) + (o), LANE(w, 8) + (o), LANE(w, 9) + (o),       \
+        LANE(w, 10) + (o), LANE(w, 11) + (o), LANE(w, 12) + (o), LANE(w, 13) + (o), LANE(w, 14) + (o), \
+        LANE(w, 15) + (o)
+#define FOLD(a, b, w) (SHUF(a, b, LANES(w, 0)) + SHUF(a, b, LANES(w, w)))
 static inline vf hsum16(const vf *p) {
     vf h[8], q[4], e[2];
-    for (int i = 0; i < 8; i++) h[i] = fold_halves(p[2 * i], p[2 * i + 1]);
-    for (int i = 0; i < 4; i++) q[i] = fold_quarters(h[2 * i], h[2 * i + 1]);
-    for (int i = 0; i < 2; i++) e[i] = fold_eighths(q[2 * i], q[2 * i + 1]);
-    return fold_sixteenths(e[0], e[1]);
+    for (int i = 0; i < 8; i++) h[i] = FOLD(p[2 * i], p[2 * i + 1], 8);
+    for (int i = 0; i < 4; i++) q[i] = FOLD(h[2 * i], h[2 * i + 1], 4);
+    for (int i = 0; i < 2; i++) e[i] = FOLD(q[2 * i], q[2 * i + 1], 2);
+    return FOLD(e[0], e[1], 1);
 }
 /* hsum16's input order: the dot product of the j-th token of a group of 16 goes to slot BITREV4[j],
  * so that lane j of the result is token j's score. */
@@ -134,7 +126,8 @@ static void attend_seq(const float *q, const float *k_cache, const float *v_cach
 
     /* pass 1: scores[h][t] = scale * q_h . k_t[h / group]. Each dot product is left as 16 lane sums in
      * parts[h][BITREV4[j]] for the j-th token of a group of 16, and each full group (and the last,
-     * partial one) is reduced at once. */
+     * partial one) is reduced at once; slots past the last token hold stale sums, which only reach
+     * lanes not stored. */
     int in_group = 0;
     int64_t group_start = 0; /* score index of the group's first token */
     FOR_EACH_TOKEN(k_cache, k, k_ahead, t) {
@@ -149,18 +142,17 @@ static void attend_seq(const float *q, const float *k_cache, const float *v_cach
             if (nv % 2 == 0) odd += *(const vf *)(qh + (nv - 1) * VL) * *(const vf *)(kh + (nv - 1) * VL);
             parts[h * VL + BITREV4[in_group]] = even + odd;
         }
-        if (++in_group == VL) {
-            for (int h = 0; h < num_heads; h++)
-                *(vf *)(scores + (int64_t)h * n + group_start) = hsum16(parts + h * VL) * scale;
-            group_start += VL;
+        if (++in_group == VL || t + 1 == seq_len) {
+            for (int h = 0; h < num_heads; h++) {
+                const vf sums = hsum16(parts + h * VL) * scale;
+                float *dst = scores + (int64_t)h * n + group_start;
+                if (in_group == VL) *(vf *)dst = sums;
+                else memcpy(dst, &sums, sizeof(float) * (size_t)in_group);
+            }
+            group_start += in_group;
             in_group = 0;
         }
     }
-    if (in_group) /* slots past the last token hold stale sums, which only reach lanes not stored */
-        for (int h = 0; h < num_heads; h++) {
-            vf s = hsum16(parts + h * VL) * scale;
-            memcpy(scores + (int64_t)h * n + group_start, &s, sizeof(float) * (size_t)in_group);
-        }
     /* softmax per head, kept unnormalised; the sum divides at the end */
     float inv_sum[num_heads];
     for (int h = 0; h < num_heads; h++) {
