@@ -53,6 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=None, help="stop sending after this many seconds (default 120)")
     p.add_argument("--drain", type=float, default=None, help="seconds to let the last requests finish (default 60)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default=None, metavar="MODEL",
+                   help="the model whose tokenizer sizes the prompts, as `model:` names it (default: the products' "
+                        "model in --products-dir)")
+    p.add_argument("--eos", action="store_true",
+                   help="let the model end its answers (no ignore_eos): real answer lengths, max_tokens a cap")
     p.add_argument("--scale", type=float, default=None, help="multiply user prompt and output lengths (default 1)")
     p.add_argument("--mix", action="append", default=[], metavar="PRODUCT=WEIGHT", help="share of requests (1:1)")
     p.add_argument("--slo", action="append", default=[], metavar="PRODUCT=TTFT_S,ITL_S",
@@ -71,13 +76,16 @@ class BenchPlan:
     arrival: Arrival
     limits: Limits
     models: Mapping[str, str]  # product -> served model name
+    tokenizer: str | None  # the `model:` setting whose tokenizer sized the prompts
+    ignore_eos: bool  # every answer runs to max_tokens (fixed lengths) or ends where the model ends it
     include_system: bool  # the client sends the system prompt (the server does not add it)
     slos: Mapping[str, SLO]
     seed: int
 
     def settings(self) -> dict[str, Any]:
         """JSON-ready description of the run, for the report."""
-        return {"models": dict(self.models), "system_prompt_sent": self.include_system, "arrival": repr(self.arrival),
+        return {"models": dict(self.models), "tokenizer": self.tokenizer, "ignore_eos": self.ignore_eos,
+                "system_prompt_sent": self.include_system, "arrival": repr(self.arrival),
                 "seed": self.seed, "scale": self.mix.scale, "mix": {p.name: p.weight for p in self.mix.products},
                 "limits": repr(self.limits), "slos": {k: v.model_dump() for k, v in self.slos.items()}}
 
@@ -91,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_from_args(args)
     keys = _pairs(args.product_key, "--product-key")
     endpoint = Endpoint(base_url=args.base_url, models=plan.models, api_keys=keys, default_api_key=args.api_key,
-                        include_system=plan.include_system)
+                        include_system=plan.include_system, ignore_eos=plan.ignore_eos)
     result = asyncio.run(run_plan(plan, ChatSender(endpoint), progress=not args.no_progress))
     return _report(args, plan, result, started)
 
@@ -114,8 +122,9 @@ def plan_from_args(args: argparse.Namespace) -> BenchPlan:
     configs = load_products(args.products_dir)
     slos = {name: configs[name].slo for name in names} | _slos(args.slo)
     limits = Limits(duration_s=value["duration"], max_requests=value["requests"], drain_s=value["drain"])
-    return BenchPlan(mix=mix, arrival=arrival, limits=limits, models=models, include_system=include_system,
-                     slos=slos, seed=args.seed)
+    tokenizer = args.tokenizer or next(iter(configs.values())).model
+    return BenchPlan(mix=mix, arrival=arrival, limits=limits, models=models, tokenizer=tokenizer,
+                     ignore_eos=not args.eos, include_system=include_system, slos=slos, seed=args.seed)
 
 
 async def run_plan(plan: BenchPlan, sender: ChatSender, progress: bool) -> LoadResult:
@@ -123,9 +132,10 @@ async def run_plan(plan: BenchPlan, sender: ChatSender, progress: bool) -> LoadR
     from tqdm import tqdm
 
     from bench.load_dispatch import run_load
+    from bench.prompt_text import model_tokenizer
     from bench.workload import chat_requests
 
-    requests = chat_requests(plan.mix, plan.arrival, plan.seed)
+    requests = chat_requests(plan.mix, plan.arrival, plan.seed, model_tokenizer(plan.tokenizer))
     bar = tqdm(total=plan.limits.max_requests, unit="req", disable=not progress, desc="bench")
     failed = 0
 

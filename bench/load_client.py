@@ -47,6 +47,7 @@ class Endpoint:
     include_system: bool = True
     read_timeout_s: float = 120.0
     temperature: float = 0.0
+    ignore_eos: bool = True  # fixed output lengths (vLLM's and pdserve's extension); False: real answer lengths
 
     def __post_init__(self) -> None:
         require_local(self.base_url)
@@ -98,7 +99,7 @@ class ChatSender:
             "temperature": self._endpoint.temperature,
             "stream": True,
             "stream_options": {"include_usage": True},
-            "extra_body": {"ignore_eos": True},
+            "extra_body": {"ignore_eos": self._endpoint.ignore_eos},
         }
 
 

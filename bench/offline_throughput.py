@@ -108,12 +108,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def model_path(name: str) -> str:
-    """A local folder (made absolute: servers may run elsewhere), or a built-in model's name, built on first use."""
-    if os.path.isdir(name):
-        return os.path.abspath(name)
-    from engine.tiny_model import path
+    """The local folder of any `model` setting (engine/models.py), made absolute: servers may run elsewhere."""
+    from engine.models import resolve
 
-    return path(name)
+    return os.path.abspath(resolve(name))
 
 
 def model_config(path: str) -> dict[str, Any]:

@@ -67,11 +67,16 @@ def chat_prompt_len(tokenizer: ChatTokenizer, system: str, user: str) -> int:
     return len(ids)
 
 
-@lru_cache(maxsize=1)
 def builtin_tokenizer() -> ChatTokenizer:
-    """The built-in models' tokenizer with its ChatML template (what pdserve's ingress uses)."""
+    """The built-in random models' tokenizer with its ChatML template."""
+    return model_tokenizer("tiny")
+
+
+@lru_cache(maxsize=4)
+def model_tokenizer(model: str | None) -> ChatTokenizer:
+    """The tokenizer of a `model:` setting (a name, a .gguf file or a folder: engine/models.py; None: tiny)."""
     from transformers import AutoTokenizer
 
-    from engine.tiny_model import path
+    from engine.models import resolve
 
-    return AutoTokenizer.from_pretrained(path("tiny"), local_files_only=True)
+    return AutoTokenizer.from_pretrained(resolve(model), local_files_only=True)

@@ -260,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of each local Ray")
     parser.add_argument("--serve-model", default=None,
-                        help="serve this model in every product instead of theirs: a built-in name (tiny, small) "
-                             "or a local Hugging Face folder")
+                        help="serve this model in every product instead of theirs, as `model:` names it "
+                             "(engine/models.py): tiny, small, smollm2-135m-instruct, a .gguf file or a folder")
     parser.add_argument("--kv-scale", type=float, default=1.0,
                         help="every engine's KV memory times this, in both variants (splits keep their proportions)")
     parser.set_defaults(out="bench-out/compare")
@@ -270,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = model_path(args.serve_model) if args.serve_model else None
+    args.tokenizer = args.tokenizer or args.serve_model  # prompts sized for the model that is served
     results = []
     with tempfile.TemporaryDirectory(prefix="pdserve-compare-") as tmp:
         for label, override in COMPARISONS[args.comparison]:

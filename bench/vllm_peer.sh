@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The vLLM CPU peer for side-by-side benchmarks (issue 5, item 5): sets up vLLM in its own virtual
-# environment on first use, serves the built-in `small` model on 127.0.0.1 with pdserve's KV budget,
-# and runs `pdserve bench` against it. CI does not run this (a ~3.5 GB install, minutes of start-up).
+# environment on first use, serves a model folder (the built-in `small` by default) on 127.0.0.1 with
+# pdserve's KV budget, and runs `pdserve bench` against it. CI does not run this (a ~3.5 GB install,
+# minutes of start-up).
 #
 #   bench/vllm_peer.sh                                   # default bench settings
 #   bench/vllm_peer.sh --rate 1.5 --duration 120 --scale 0.1 --seed 0
 #
 # Extra arguments go to `pdserve bench`. Environment knobs (defaults in brackets):
+#   PEER_MODEL [small]               the model both servers load, as `model:` names it (engine/models.py):
+#                                    `smollm2-135m-instruct` serves the converted SmolLM2 folder to both
 #   VLLM_VENV [~/.venvs/vllm-cpu]   where vLLM is installed; created on demand
 #   VLLM_PORT [8001]                 its HTTP port on 127.0.0.1
 #   KV_BYTES  [134217728]            KV budget in bytes: one pdserve engine's kv_cache_bytes
@@ -25,12 +28,12 @@
 #   PDSERVE_DIRECT_INGRESS [0]       SERVER=pdserve: 1 serves HTTP from the ingress replica itself, without
 #                                    Serve's proxy (`pdserve up --direct-ingress`)
 #
-# The same seed sends the same requests as to pdserve. vLLM has no products: both are served as
-# model `small`, and the client sends each product's system prompt itself (pdserve adds it server
-# side), so the model sees the same tokens. For a like-for-like pdserve run, serve the same folder
-# from pdserve (set `model:` in the product files to the path this script prints).
-# Platform notes (../shared/PLATFORM.md): vLLM on this CPU needs VLLM_CPU_KVCACHE_SPACE, runs eager
-# in float32, and wants VLLM_CPU_OMP_THREADS_BIND set or it leaves the model one core.
+# The same seed sends the same requests as to pdserve. vLLM has no products: both are served under
+# the model's name, and the client sends each product's system prompt itself, so the model sees the
+# same tokens; prompts are sized with the served model's tokenizer. `--eos` (a `pdserve bench` flag)
+# lets the model end its answers instead of running each to max_tokens.
+# vLLM on this CPU needs VLLM_CPU_KVCACHE_SPACE, runs eager in float32, and wants
+# VLLM_CPU_OMP_THREADS_BIND set or it leaves the model one core.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -48,7 +51,8 @@ if [ "${PDSERVE_DIRECT_INGRESS:-0}" = 1 ]; then PDSERVE_UP_EXTRA=(--direct-ingre
 PDSERVE_DECODE_EXTRA="${PDSERVE_AFFINITY:+, cpu_affinity: [$PDSERVE_AFFINITY]}"
 OUT="${OUT:-bench-out/${SERVER:-vllm}-peer}"
 VLLM_BLOCK_TOKENS=128  # vLLM's CPU block size (PLATFORM.md)
-MODEL_NAME=small
+PEER_MODEL="${PEER_MODEL:-small}"
+MODEL_NAME="$(basename "$PEER_MODEL" .gguf)"  # the served model name: `small`, `smollm2-135m-instruct`
 
 install_vllm() {
   if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
@@ -63,9 +67,10 @@ install_vllm() {
   "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec || true
 }
 
-# The built-in model folder (built on first use) and its KV size per token, float32: K and V per layer.
+# The model's local folder (built or converted on first use) and its KV size per token, float32: K and V per layer.
 model_dir() {
-  python -c 'from engine.tiny_model import path; print(path("small"))'
+  python -c 'import os, sys; from engine.models import resolve; print(os.path.abspath(resolve(sys.argv[1])))' \
+    "$PEER_MODEL"
 }
 
 kv_blocks() {  # pdserve's KV budget as vLLM blocks of VLLM_BLOCK_TOKENS tokens
@@ -115,7 +120,7 @@ applications:
 YAML
   trap 'pdserve down; rm -rf "$PEER_DIR"' EXIT
   pdserve up --detach --config "$dir/serve.yaml" --port "$PORT" "${PDSERVE_UP_EXTRA[@]}"
-  pdserve bench --base-url "http://127.0.0.1:$PORT/v1" --model "$MODEL_NAME" --out "$OUT" "$@"
+  pdserve bench --base-url "http://127.0.0.1:$PORT/v1" --model "$MODEL_NAME" --tokenizer "$MODEL" --out "$OUT" "$@"
 }
 
 cd "$REPO"
@@ -140,4 +145,4 @@ trap 'kill "$SERVER_PID" 2>/dev/null; wait "$SERVER_PID" 2>/dev/null || true' EX
 echo "vllm serve (pid $SERVER_PID) starting on 127.0.0.1:$PORT; log: $LOG"
 wait_ready
 grep -iE "num_gpu_blocks|kv cache" "$LOG" | head -5 || true  # shows the budget vLLM actually took
-pdserve bench --base-url "http://127.0.0.1:$PORT/v1" --model "$MODEL_NAME" --out "$OUT" "$@"
+pdserve bench --base-url "http://127.0.0.1:$PORT/v1" --model "$MODEL_NAME" --tokenizer "$MODEL" --out "$OUT" "$@"

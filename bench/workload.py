@@ -205,7 +205,7 @@ def default_mix(weights: Mapping[str, float] | None = None, scale: float = 1.0,
 
 @dataclass(frozen=True)
 class ChatRequest:
-    """One chat request. Lengths in tokens of the built-in tokenizer; arrival_s in seconds after the start."""
+    """One chat request. Lengths in tokens of the tokenizer it was built with; arrival_s in seconds after the start."""
 
     request_id: str
     product: str

@@ -24,6 +24,7 @@ from cluster.ingress import TOKEN_STREAM_MODES, OpenAIIngress
 from cluster.prefix_directory import DIRECTORY_NAME
 from cluster.products import ProductConfig, Role, load_products, pools
 from cluster.routing import KVHeadroomRouter, PrefixAffinityRouter
+from engine.models import resolve as resolve_model
 
 DEFAULT_PRODUCTS_DIR = Path(__file__).resolve().parent.parent / "deploy" / "products"
 
@@ -61,6 +62,8 @@ def build_app(products: dict[str, ProductConfig], ingress_replicas: int = 1,
     """token_stream: how decode workers send outputs to the ingress, "direct" or "serve" (cluster/ingress.py)."""
     if token_stream not in TOKEN_STREAM_MODES:
         raise ValueError(f"token_stream must be one of {TOKEN_STREAM_MODES}, not {token_stream!r}")
+    for model in {p.model for p in products.values()}:
+        resolve_model(model)  # build or convert it here, once, not in every replica at the same time
     decoders, prefills = {}, {}
     for name, members in pools(products).items():
         product = members[0]  # the pool's products agree on everything the deployments are built from

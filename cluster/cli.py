@@ -15,9 +15,12 @@ from typing import Any
 
 import yaml
 
+from engine.model_store import cache_root
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "deploy" / "serve.yaml"
-STATE_FILE = Path(os.environ.get("PDSERVE_CACHE_DIR", Path.home() / ".cache" / "pdserve")) / "up.json"
+# `up --detach` records what it started here; $PDSERVE_STATE_DIR moves it without moving the model cache.
+STATE_FILE = Path(os.environ.get("PDSERVE_STATE_DIR") or cache_root()) / "up.json"
 DETACHED_TEMP_DIR = "/tmp/pdserve-up"
 APP_NAME = "pdserve"
 
@@ -101,7 +104,7 @@ def _deploy(args: argparse.Namespace, blocking_ray_init: dict[str, Any]) -> str:
     _interrupt_on_stop_signals()  # ray.init installs handlers that abort the process (exit -6 mid-deploy)
     # With direct ingress the ingress replica takes `port`; Serve still starts its proxy, elsewhere.
     serve.start(http_options={"host": host, "port": _free_port(host) if args.direct_ingress else port})
-    print("deploying pdserve (first start builds the built-in model and starts every engine)...", flush=True)
+    print("deploying pdserve (the first start converts the model once, then every engine starts)...", flush=True)
     handle = serve.run(app_builder(app_args), name=APP_NAME, route_prefix="/")
     pinned = handle.warm.remote().result(timeout_s=600)
     print(f"system prompts computed once and pinned: {pinned}")
@@ -262,7 +265,7 @@ def _stop_started_head() -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Offline generation on the built-in model: the engine end to end, no cluster."""
+    """Offline generation (default: the built-in tiny model): the engine end to end, no cluster."""
     from engine import LLM, SamplingParams
 
     llm = LLM(args.model)
@@ -314,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", help="state of a detached pdserve").set_defaults(func=_status)
     sub.add_parser("down", help="stop a detached pdserve").set_defaults(func=_down)
     demo = sub.add_parser("demo", help="offline generation with the built-in model (no cluster)")
-    demo.add_argument("--model", default=None, help="local Hugging Face folder (default: built-in tiny model)")
+    demo.add_argument("--model", default=None, help="a model name (smollm2-135m-instruct, tiny, small, ...), a .gguf "
+                                                  "file or a local Hugging Face folder (default: tiny)")
     demo.add_argument("--max-tokens", type=int, default=32)
     demo.set_defaults(func=_demo)
     from bench.load_bench import add_arguments as add_bench_arguments

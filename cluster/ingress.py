@@ -54,7 +54,7 @@ from decode_workers.token_stream import TokenStreamError, TokenStreamServer
 from engine.config import SamplingParams
 from engine.engine import context_limit
 from engine.model import load_config
-from engine.tiny_model import path as builtin_model_path
+from engine.models import resolve as resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ class OpenAIIngress:
     @staticmethod
     def _load(config: ProductConfig) -> _Product:
         engine_config = config.engine_config()
-        path = engine_config.model or builtin_model_path("tiny")
+        path = resolve_model(engine_config.model)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         prefix: list[int] = []
         if config.system_prompt:

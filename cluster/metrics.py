@@ -238,6 +238,12 @@ class Histogram:
     """A local histogram with fixed bucket upper bounds; thread-safe (the engine thread may observe).
 
     Invariant: count == sum of bucket counts; sum is the sum of observed values (NaN is ignored).
+
+    Ours rather than prometheus_client's Histogram (which renders /metrics here, in _HubCollector): a
+    replica's histogram travels to the hub as a mergeable HistogramSnapshot, which the library's
+    in-process type does not give (its collect() yields cumulative samples to convert back), it would
+    let one NaN poison the sum for good, and it is slower on both paths: observe 1.1 us here against
+    1.6 us, snapshot 3.6 us against 80 us for collect() (TTFT buckets, 200,000 observations).
     """
 
     def __init__(self, bounds: Sequence[float]) -> None:

@@ -89,7 +89,7 @@ class Role(_Frozen):
 
 class ProductConfig(_Frozen):
     name: str
-    model: str | None = None  # local Hugging Face folder; None: the built-in tiny model
+    model: str | None = None  # a name, a .gguf file or a local Hugging Face folder (engine/models.py); None: tiny
     system_prompt: str = ""
     cache_salt: str | None = None  # default: the product name
     default_max_tokens: int = Field(64, ge=1)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoTokenizer, GenerationConfig, PretrainedConfig
 
-from engine import cpu_attention, cpu_linear, cpu_norm
+from engine import cpu_attention, cpu_linear, cpu_norm, models
 from engine.block_hash import extra_keys
 from engine.config import EngineConfig, SamplingParams
 from engine.contiguous_kv_cache_manager import ContiguousKVCacheManager
@@ -42,7 +42,7 @@ class Engine:
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.model_path = config.model or _builtin_model_path()
+        self.model_path = models.resolve(config.model)
         self.model_id = os.path.basename(os.path.normpath(self.model_path))
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
         self.model = load_model(self.model_path, config.dtype)
@@ -360,12 +360,6 @@ def _eos_token_ids(path: str, hf_config) -> set[int]:
     elif eos:
         ids.update(eos)
     return ids
-
-
-def _builtin_model_path() -> str:
-    from engine.tiny_model import path  # builds the weights on first use only
-
-    return path("tiny")
 
 
 def _resolve_linear_backend(name: str, dtype: str) -> str:

@@ -15,7 +15,7 @@ Prompt = str | list[int] | dict[str, Any]
 
 
 class LLM:
-    """A local engine. `model` is a Hugging Face folder; None means the built-in tiny model.
+    """A local engine. `model`: a name, a .gguf file or a Hugging Face folder (engine/models.py); None: `tiny`.
 
     Extra keyword arguments are EngineConfig fields (block_size, kv_cache_bytes,
     max_num_seqs, max_num_batched_tokens, enable_prefix_caching, ...).

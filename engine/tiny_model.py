@@ -11,10 +11,9 @@ Invariants:
   `torch.Generator` in a fixed order, as a *uniform* distribution mapped with
   exact or singly rounded float32 arithmetic; normal sampling is avoided
   because its vectorised log/cos differ in the last bit between CPUs.
-- The folder lives at `<cache>/models/<name>-<hash>`, where `<cache>` is
-  $PDSERVE_CACHE_DIR or ~/.cache/pdserve, and the hash covers the spec, the
-  seed, the generator version and the shipped tokenizer. A folder that exists
-  is complete: it is built in a temporary sibling and renamed into place.
+- The folder lives at `<cache>/models/<name>-<hash>` (engine/model_store.py:
+  built once, complete when it exists), and the hash covers the spec, the
+  seed, the generator version and the shipped tokenizer.
 - Token ids: 0 <|endoftext|> (pad, end of text), 1 <|im_start|>,
   2 <|im_end|> (chat end); no BOS token. Generation stops on 2 or 0.
 
@@ -30,14 +29,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from engine.model_store import build_once, models_dir
 
 SEED = 20240611
 # Bump when the weight recipe (order, distributions, scales) changes: it
@@ -129,40 +127,12 @@ CHAT_TEMPLATE = (
 
 
 def path(name: str = "tiny") -> str:
-    """Local folder of built-in model `name` (one of NAMES), built on first use.
-
-    Safe to call from several processes at once: each builds into its own
-    temporary directory and the first rename wins; the others use the winner's
-    folder. A later call only checks that the folder exists.
-    """
+    """Local folder of built-in model `name` (one of NAMES), built on first use (once, whoever asks)."""
     if name not in CONFIGS:
         raise ValueError(f"unknown built-in model {name!r}; choose one of {', '.join(NAMES)}")
     tokenizer_json = TOKENIZER_FILE.read_bytes()
-    final = cache_root() / "models" / f"{name}-{cache_key(name, tokenizer_json)}"
-    if (final / "model.safetensors").is_file():
-        return str(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    try:
-        _write_folder(tmp, name, tokenizer_json)
-        # mkdtemp and save_file make owner-only entries; the cache may be shared.
-        tmp.chmod(0o755)
-        for file in tmp.iterdir():
-            file.chmod(0o644)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "model.safetensors").is_file():
-                raise  # a real failure, not a lost race
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(final)
-
-
-def cache_root() -> Path:
-    """$PDSERVE_CACHE_DIR, else ~/.cache/pdserve; models go under its `models/`."""
-    env = os.environ.get("PDSERVE_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "pdserve"
+    final = models_dir() / f"{name}-{cache_key(name, tokenizer_json)}"
+    return build_once(final, "model.safetensors", lambda folder: _write_folder(folder, name, tokenizer_json))
 
 
 def cache_key(name: str, tokenizer_json: bytes) -> str:

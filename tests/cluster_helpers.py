@@ -2,14 +2,44 @@
 
 from __future__ import annotations
 
-import ray
+from pathlib import Path
 
+import ray
+import yaml
+
+from cluster.app import DEFAULT_PRODUCTS_DIR
 from cluster.prefix_directory import DIRECTORY_NAME, get_or_create_directory
+from cluster.products import ProductConfig, load_products
 from decode_workers.server import DecodeServer
 from engine.config import SamplingParams
 from prefill_workers.server import PrefillServer
 
 TIMEOUT_S = 120
+# What the serving-layer tests run on: a fixed shape and speed. The shipped model (SmolLM2) runs in
+# tests/test_real_model.py, tests/test_cli.py and tests/test_deploy_configs.py.
+TEST_MODEL = "tiny"
+TEST_KV_CACHE_BYTES = 128 << 20
+
+
+def tiny_products() -> dict[str, ProductConfig]:
+    """deploy/products as shipped, but on the built-in tiny model with 128 MiB of KV per engine."""
+    return {name: p.model_copy(update={"model": TEST_MODEL,
+                                       "engine": {**p.engine, "kv_cache_bytes": TEST_KV_CACHE_BYTES}})
+            for name, p in load_products(DEFAULT_PRODUCTS_DIR).items()}
+
+
+def write_serve_config(directory: Path, products: dict[str, ProductConfig]) -> Path:
+    """A Serve config (directory/serve.yaml) of the pdserve app built from `products`, one file each in
+    directory/products, as `pdserve up --config` and `serve run` take it."""
+    folder = directory / "products"
+    folder.mkdir()
+    for name, product in products.items():
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(product.model_dump(mode="json")))
+    config = directory / "serve.yaml"
+    config.write_text(yaml.safe_dump({"applications": [{
+        "name": "pdserve", "route_prefix": "/", "import_path": "cluster.app:app_builder",
+        "args": {"products_dir": str(folder)}}]}))
+    return config
 
 
 def start_prefill(transfer: dict | None = None, engine: dict | None = None, directory: bool | str = True,

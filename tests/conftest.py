@@ -65,13 +65,14 @@ def pdserve_url(_ray_session, tmp_path_factory):
     import ray
     from ray import serve
 
-    from cluster.app import DEFAULT_PRODUCTS_DIR, build_app
-    from cluster.products import Autoscaling, load_products
+    from cluster.app import build_app
+    from cluster.products import Autoscaling
+    from tests.cluster_helpers import tiny_products
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=16, include_dashboard=False, namespace="pdserve",
                  _temp_dir=f"/tmp/pdserve-ray-{os.getpid()}", log_to_driver=False)
-    products = load_products(DEFAULT_PRODUCTS_DIR)
+    products = tiny_products()
     chat = products["support-chat"]
     fast = Autoscaling(min_replicas=1, max_replicas=3, target_ongoing_requests=2, upscale_delay_s=1,
                        downscale_delay_s=4, look_back_period_s=2)

@@ -135,6 +135,6 @@ def test_engine_is_built_and_stepped_on_the_loop_thread(monkeypatch) -> None:
 
 def test_engine_that_cannot_be_built_raises_from_the_constructor(tmp_path) -> None:
     before = {t.ident for t in threading.enumerate()}
-    with pytest.raises(OSError):
+    with pytest.raises(ValueError, match="no-such-model"):
         AsyncEngine(EngineConfig(model=str(tmp_path / "no-such-model")))
     assert not [t for t in threading.enumerate() if t.ident not in before and t.name == "pdserve-engine"]

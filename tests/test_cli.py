@@ -1,4 +1,7 @@
-"""The main job: `pdserve up` starts a local Ray and the whole app, serves until SIGTERM, stops everything."""
+"""The main job: `pdserve up` starts a local Ray and the whole app, serves until SIGTERM, stops everything.
+
+The first test runs the shipped product files (SmolLM2); the others test the command's life cycle on the
+built-in tiny model, which starts faster."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from tests.cluster_helpers import tiny_products, write_serve_config
 from tests.process_helpers import (
     STARTUP_TIMEOUT_S,
     assert_stops_cleanly,
@@ -21,6 +25,7 @@ from tests.process_helpers import (
     served,
     started,
 )
+from tests.test_real_model import MAX_NEW, reference_answer
 
 
 @pytest.mark.timeout(STARTUP_TIMEOUT_S + 180)
@@ -34,6 +39,7 @@ def test_pdserve_up_serves_and_stops_cleanly_on_sigterm() -> None:
             assert raw.status_code == 200
             completion = raw.parse()
             assert completion.usage.completion_tokens == 5
+            _answers_like_transformers(client)
             _wait_announced(directory)
         assert "pdserve stopped" in (directory / "server.log").read_text()
     finally:
@@ -44,21 +50,13 @@ def test_pdserve_up_serves_and_stops_cleanly_on_sigterm() -> None:
 def test_up_direct_ingress_serves_http_from_the_ingress_replica() -> None:
     """`up --direct-ingress`: --port is the ingress replica's own HTTP server, not Serve's proxy."""
     import psutil
-    import yaml
-
-    from cluster.app import DEFAULT_PRODUCTS_DIR
 
     port = free_port()
     directory = run_dir()
-    products = directory / "products"
-    products.mkdir()
-    chat_product = yaml.safe_load((DEFAULT_PRODUCTS_DIR / "support-chat.yaml").read_text())
-    (products / "support-chat.yaml").write_text(yaml.safe_dump({**chat_product, "disaggregated": False}))
-    (directory / "serve.yaml").write_text(yaml.safe_dump({"applications": [{
-        "name": "pdserve", "route_prefix": "/", "import_path": "cluster.app:app_builder",
-        "args": {"products_dir": str(products)}}]}))
+    chat_product = tiny_products()["support-chat"].model_copy(update={"disaggregated": False})
+    config = write_serve_config(directory, {"support-chat": chat_product})
     try:
-        cmd = [cli("pdserve"), "up", "--direct-ingress", "--port", str(port), "--config", str(directory / "serve.yaml")]
+        cmd = [cli("pdserve"), "up", "--direct-ingress", "--port", str(port), "--config", str(config)]
         with served(cmd, port, directory, signal.SIGTERM) as base:
             client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
             assert chat(client, deadline=time.monotonic() + 60).parse().usage.completion_tokens == 5
@@ -76,6 +74,23 @@ def test_up_direct_ingress_serves_http_from_the_ingress_replica() -> None:
             _wait_announced(directory)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _answers_like_transformers(client: openai.OpenAI) -> None:
+    """Both shipped products answer in English: greedy, what transformers' generate() answers, ending on the
+    model's EOS; the shared system prompt's blocks come from the cache; streaming gives the same text."""
+    question = "What is the capital of France?"
+    expected, prompt_tokens = reference_answer(question)
+    assert "Paris" in expected
+    for product in ("support-chat", "report-gen"):
+        out = client.chat.completions.create(model=product, messages=[{"role": "user", "content": question}],
+                                             max_tokens=MAX_NEW, temperature=0.0)
+        assert out.choices[0].message.content == expected and out.choices[0].finish_reason == "stop", product
+        assert out.usage.prompt_tokens == prompt_tokens
+        assert out.usage.prompt_tokens_details.cached_tokens >= 192  # the pinned system prompt's full blocks
+    stream = client.chat.completions.create(model="support-chat", messages=[{"role": "user", "content": question}],
+                                            max_tokens=MAX_NEW, temperature=0.0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
 
 
 def _wait_announced(directory: Path) -> None:
@@ -113,12 +128,13 @@ def test_detached_up_status_down(tmp_path) -> None:
     import subprocess
 
     port = free_port()
-    env = {**os.environ, "PDSERVE_CACHE_DIR": str(tmp_path)}  # its own state file, not the user's
+    env = {**os.environ, "PDSERVE_STATE_DIR": str(tmp_path)}  # its own state file, not the user's
 
     def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([cli("pdserve"), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
-    up = run("up", "--detach", "--port", str(port), timeout=STARTUP_TIMEOUT_S)
+    config = write_serve_config(tmp_path, tiny_products())  # the life cycle, not the model: the tiny one
+    up = run("up", "--detach", "--port", str(port), "--config", str(config), timeout=STARTUP_TIMEOUT_S)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         assert (tmp_path / "up.json").exists()
@@ -146,7 +162,7 @@ def test_detached_up_that_fails_to_deploy_stops_the_head_it_started(tmp_path) ->
     config = tmp_path / "serve.yaml"
     config.write_text("applications:\n  - {name: pdserve, route_prefix: /, import_path: \"cluster.app:app_builder\", "
                       f"args: {{products_dir: {tmp_path / 'no-such-dir'}}}}}\n")
-    env = {**os.environ, "PDSERVE_CACHE_DIR": str(tmp_path)}
+    env = {**os.environ, "PDSERVE_STATE_DIR": str(tmp_path)}
     up = subprocess.run([cli("pdserve"), "up", "--detach", "--port", str(free_port()), "--config", str(config)],
                         env=env, capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S)
     assert up.returncode != 0

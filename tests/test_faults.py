@@ -23,13 +23,13 @@ import pytest
 import ray
 from ray import serve
 
-from cluster.app import DEFAULT_PRODUCTS_DIR, build_app
+from cluster.app import build_app
 from cluster.invariants import wait_cluster_idle
 from cluster.metrics import NUM_REQUESTS_RUNNING, get_hub
 from cluster.prefix_directory import NAMESPACE, PrefixDirectory
-from cluster.products import Autoscaling, load_products
+from cluster.products import Autoscaling
 from engine.config import SamplingParams
-from tests.cluster_helpers import assert_idle, generate, kill_all, start_decode, start_prefill
+from tests.cluster_helpers import assert_idle, generate, kill_all, start_decode, start_prefill, tiny_products
 from tests.engine_helpers import random_prompts
 from tests.test_http_api import _metrics
 
@@ -45,7 +45,7 @@ def _fixed(replicas: int) -> Autoscaling:
 
 @pytest.fixture(scope="module")
 def faults_url(pdserve_url: str):
-    base = load_products(DEFAULT_PRODUCTS_DIR)["support-chat"]
+    base = tiny_products()["support-chat"]
     engine = {**base.engine, "max_num_batched_tokens": 16}
     faults = base.model_copy(update={
         "name": PRODUCT, "cache_salt": PRODUCT, "max_output_tokens": 2048, "engine": engine,

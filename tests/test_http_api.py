@@ -18,10 +18,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
-from cluster.app import DEFAULT_PRODUCTS_DIR, build_app
-from cluster.products import load_products
+from cluster.app import build_app
 from engine import LLM, SamplingParams
 from engine.tiny_model import path as model_path
+from tests.cluster_helpers import tiny_products
 
 REPORT_KEY = "sk-report-test"
 
@@ -43,7 +43,7 @@ def offline() -> LLM:
 
 @pytest.fixture(scope="module")
 def products():
-    return load_products(DEFAULT_PRODUCTS_DIR)
+    return tiny_products()
 
 
 def _chat_ids(products, product: str, user: str) -> list[int]:

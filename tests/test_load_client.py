@@ -15,11 +15,12 @@ from types import SimpleNamespace
 import pytest
 
 from bench.load_bench import add_arguments, plan_from_args
-from bench.load_client import Endpoint, StreamTiming, require_local
+from bench.load_client import ChatSender, Endpoint, StreamTiming, require_local
 from bench.load_dispatch import Limits, run_load
 from bench.load_report import CDF_PNG, REQUESTS_JSONL, RESULTS_JSON, RESULTS_MD, write_report
 from bench.load_stats import ALL, CANCELLED, CLIENT_ERROR, OK, RequestRecord, meets_slo, percentiles, summarize
-from bench.workload import ChatRequest, Concurrency, Poisson
+from bench.prompt_text import builtin_tokenizer
+from bench.workload import ChatRequest, Concurrency, Poisson, chat_requests, default_mix
 from cluster import cli
 from cluster.products import SLO
 
@@ -158,6 +159,19 @@ def test_system_prompt_goes_where_the_server_does_not_add_it() -> None:
     assert (pdserve.limits.max_requests, pdserve.mix.scale) == (32, 0.05) and mapped.limits.max_requests is None
 
 
+def test_prompts_are_sized_for_the_served_models_tokenizer_and_eos_is_optional() -> None:
+    shipped = plan_from_args(_args("--quick"))
+    assert shipped.tokenizer == "smollm2-135m-instruct"  # deploy/products' model
+    assert shipped.ignore_eos is True and shipped.settings()["ignore_eos"] is True
+    real = plan_from_args(_args("--quick", "--tokenizer", "tiny", "--eos"))
+    assert real.tokenizer == "tiny" and real.ignore_eos is False
+    request = next(iter(chat_requests(default_mix(scale=0.05), Concurrency(1), 0, builtin_tokenizer())))
+    for ignore_eos in (True, False):
+        sender = ChatSender(Endpoint(base_url="http://127.0.0.1:1/v1", models={request.product: "m"},
+                                     ignore_eos=ignore_eos))
+        assert sender._body(request)["extra_body"] == {"ignore_eos": ignore_eos}
+
+
 # ---- dispatch, against a fake server ------------------------------------------------------------------------
 
 def _requests(n: int, gap_s: float | None = None) -> list[ChatRequest]:
@@ -253,7 +267,7 @@ def test_quick_bench_against_pdserve(pdserve_url: str, tmp_path: Path) -> None:
     out = tmp_path / "quick"
     start = time.perf_counter()
     code = cli.main(["bench", "--quick", "--no-progress", "--base-url", f"{pdserve_url}/v1",
-                     "--product-key", "report-gen=sk-report-test", "--out", str(out)])
+                     "--product-key", "report-gen=sk-report-test", "--tokenizer", "tiny", "--out", str(out)])
     assert code == 0 and time.perf_counter() - start < 60
     doc, rows = _load(out)
     assert set(doc["products"]) == {"support-chat", "report-gen", ALL}

@@ -6,14 +6,15 @@ import openai
 import pytest
 from ray import serve
 
-from cluster.app import DEFAULT_PRODUCTS_DIR, build_app
-from cluster.products import load_products, pools
+from cluster.app import build_app
+from cluster.products import pools
+from tests.cluster_helpers import tiny_products
 
 APP = "pooled"
 
 
 def _pooled() -> dict:
-    products = load_products(DEFAULT_PRODUCTS_DIR)
+    products = tiny_products()
     chat = products["support-chat"]
     # report-gen takes support-chat's engine settings: a pool has one engine configuration
     shared = {f: getattr(chat, f) for f in ("model", "engine", "transfer", "disaggregated", "prefill", "decode")}
@@ -23,7 +24,7 @@ def _pooled() -> dict:
 def test_products_of_a_pool_are_grouped() -> None:
     grouped = pools(_pooled())
     assert list(grouped) == ["shared"] and sorted(p.name for p in grouped["shared"]) == ["report-gen", "support-chat"]
-    own = pools(load_products(DEFAULT_PRODUCTS_DIR))
+    own = pools(tiny_products())
     assert sorted(own) == ["report-gen", "support-chat"]  # no pool: each product is its own
 
 
@@ -36,7 +37,7 @@ def test_a_pool_has_one_engine_configuration() -> None:
 
 
 def test_a_pool_cannot_take_the_name_of_a_product_in_another_pool() -> None:
-    products = load_products(DEFAULT_PRODUCTS_DIR)
+    products = tiny_products()
     products["report-gen"] = products["report-gen"].model_copy(update={"pool": "support-chat"})
     products["support-chat"] = products["support-chat"].model_copy(update={"pool": "elsewhere"})
     with pytest.raises(ValueError, match="has the name of product"):

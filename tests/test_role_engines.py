@@ -5,15 +5,16 @@ from __future__ import annotations
 import pydantic
 import pytest
 
-from cluster.app import DEFAULT_PRODUCTS_DIR, build_app
+from cluster.app import build_app
 from cluster.ingress import OpenAIIngress
-from cluster.products import ProductConfig, Role, load_products
+from cluster.products import ProductConfig, Role
+from tests.cluster_helpers import tiny_products
 
 BLOCK_BYTES = 2 * 2 * 16 * 2 * 16 * 4  # tiny model: layers * K/V * block tokens * kv heads * head dim * fp32
 
 
 def _product(prefill_engine: dict, decode_engine: dict, disaggregated: bool = True) -> ProductConfig:
-    base = load_products(DEFAULT_PRODUCTS_DIR)["support-chat"].model_dump()
+    base = tiny_products()["support-chat"].model_dump()
     return ProductConfig(**{**base, "disaggregated": disaggregated,  # validated as a product file would be
                             "prefill": {**base["prefill"], "engine": prefill_engine},
                             "decode": {**base["decode"], "engine": decode_engine}})
