@@ -27,7 +27,7 @@ import time
 import torch
 
 from engine import LLM, SamplingParams
-from engine.tiny_model import path as model_path
+from engine.models import resolve as model_path
 
 
 def _co_runner(busy_s: float, idle_s: float, nice: int, sched_idle: bool, stop: mp.Event) -> None:
@@ -99,7 +99,7 @@ def measure(threads: int, args: argparse.Namespace, co_runners: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="small")
+    p.add_argument("--model", default="small", help="a `model:` setting: small, smollm2-135m-instruct, a folder, ...")
     p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     p.add_argument("--linear-backend", default="auto", choices=("auto", "torch", "onednn"))
     p.add_argument("--seqs", type=int, default=4)

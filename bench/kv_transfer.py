@@ -31,7 +31,7 @@ import torch
 from engine.config import SamplingParams
 from engine.kv_cache import KVLayout, PagedKVCache
 from engine.model import kv_layout, load_config
-from engine.tiny_model import path as model_path
+from engine.models import resolve as model_path
 from kvtransfer import KVTransferConfig, make_connector
 
 PROMPT_TOKENS = 2000

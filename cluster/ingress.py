@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from starlette.requests import ClientDisconnect
 from transformers import AutoTokenizer
 
 from cluster import openai_protocol as oai
@@ -51,7 +52,8 @@ from cluster.metrics import (
 from cluster.prefix_directory import get_or_create_directory
 from cluster.products import ProductConfig
 from decode_workers.token_stream import TokenStreamError, TokenStreamServer
-from engine.config import SamplingParams
+from engine.async_engine import RequestFailedError
+from engine.config import SamplingParams, error_message
 from engine.engine import context_limit
 from engine.model import load_config
 from engine.models import resolve as resolve_model
@@ -165,12 +167,15 @@ async def _read_body(request: Request) -> bytes:
     if declared.isdigit() and int(declared) > DRAIN_REFUSED_BYTES:
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size <= MAX_BODY_BYTES:
-            chunks.append(chunk)
-        elif size > DRAIN_REFUSED_BYTES:
-            break
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= MAX_BODY_BYTES:
+                chunks.append(chunk)
+            elif size > DRAIN_REFUSED_BYTES:
+                break
+    except ClientDisconnect as exc:  # nobody will read the answer, but it is the client's doing, not a 500
+        raise APIError(400, "the client disconnected before sending the whole body", code="incomplete_body") from exc
     if size > MAX_BODY_BYTES:
         raise too_large
     return b"".join(chunks)
@@ -183,7 +188,8 @@ async def _json_body(request: Request) -> dict:
         # \ud800-style escapes decode to lone surrogates, which are not text: the tokenizer would raise
         # TypeError (a 500) on them. Re-encoding finds them; it costs one pass over an accepted body.
         json.dumps(body, ensure_ascii=False).encode()
-    except (UnicodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nesting too deep
+    # ValueError: bad JSON, bad UTF-8, and integers over Python's digit limit; RecursionError: nesting too deep
+    except (ValueError, RecursionError) as exc:
         raise APIError(400, f"malformed JSON body: {type(exc).__name__}: {str(exc)[:200]}",
                        code="invalid_json") from exc
     if not isinstance(body, dict):
@@ -210,7 +216,7 @@ async def _first(stream: AsyncIterator[dict]) -> dict:
         cause = getattr(exc, "cause", None) or exc
         if isinstance(cause, ValueError):
             raise APIError(400, str(cause)) from exc
-        raise APIError(503, f"worker failed: {_describe(exc)}", "server_error", "worker_failed") from exc
+        raise _worker_failure(exc, "") from exc
     except (RayActorError, DeploymentUnavailableError) as exc:
         raise APIError(503, f"no healthy replica: {_describe(exc)}", "server_error", "unavailable") from exc
     except BackPressureError as exc:
@@ -241,9 +247,16 @@ async def _drain(stream: AsyncIterator[dict], first: dict, clock: _TokenClock) -
                 clock.tick(len(out["new_token_ids"]))
                 last = out
         except Exception as exc:
-            raise APIError(503, f"worker failed mid-request: {_describe(exc)}", "server_error",
-                           "worker_failed") from exc
+            raise _worker_failure(exc, " mid-request") from exc
     return {**last, "num_output_tokens": max(tokens, last["num_output_tokens"])}
+
+
+def _worker_failure(exc: BaseException, where: str) -> APIError:
+    """500 when the request's own work failed on a healthy engine (it would fail again anywhere); 503 when a
+    worker failed (dead, unreachable: another replica may serve a retry)."""
+    if isinstance(getattr(exc, "cause", None) or exc, RequestFailedError):
+        return APIError(500, f"the request failed{where}: {_describe(exc)}", "server_error", "request_failed")
+    return APIError(503, f"worker failed{where}: {_describe(exc)}", "server_error", "worker_failed")
 
 
 async def _pump(index: int, stream: AsyncIterator[dict], first: dict, queue: asyncio.Queue,
@@ -437,7 +450,7 @@ class OpenAIIngress:
                 top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed,
                 max_tokens=max_tokens, stop=req.stop, ignore_eos=req.ignore_eos)
         except ValueError as exc:
-            raise APIError(400, str(exc)) from exc
+            raise APIError(400, error_message(exc)) from exc
         salt = config.salt if req.cache_salt is None else f"{config.salt}/{req.cache_salt}"
         return _Prepared(product, list(ids), params, salt, req.n, req.stream, req.include_usage, chat)
 
@@ -518,8 +531,8 @@ class OpenAIIngress:
             while live:
                 index, out = await queue.get()
                 if isinstance(out, BaseException):
-                    yield _sse_line(oai.error_body(f"worker failed mid-request: {_describe(out)}", "server_error",
-                                                   "worker_failed"))
+                    error = _worker_failure(out, " mid-request")
+                    yield _sse_line(oai.error_body(error.message, error.type, error.code))
                     break
                 text = detoks[index].add(out["new_token_ids"])
                 if out["finished"]:

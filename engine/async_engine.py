@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from engine.config import EngineConfig, SamplingParams
 from engine.engine import Engine
-from engine.request import Request
+from engine.request import Request, RequestStatus
 
 T = TypeVar("T")
 
@@ -40,7 +40,7 @@ class StepOutput:
     num_cached_tokens: int
     num_output_tokens: int
     finished: bool
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" (a request that fails raises instead)
     stop_reason: int | str | None = None
     text: str | None = None  # the whole output text, on the finished output only
 
@@ -55,6 +55,10 @@ class _Stream:
 
 class EngineDeadError(RuntimeError):
     """The engine loop stopped after an error; the worker needs replacing."""
+
+
+class RequestFailedError(RuntimeError):
+    """This request's own step work failed (its logits, its stop check); the engine goes on with the rest."""
 
 
 @dataclass
@@ -201,7 +205,7 @@ class AsyncEngine:
     def _publish(self, requests: list[Request]) -> None:
         """Hand these requests' new outputs to their streams: one wake-up per event loop, not one per
         request, so a step's outputs reach the loop together (and leave it together, see token_stream)."""
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StepOutput]]] = {}
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StepOutput | BaseException]]] = {}
         for req in requests:
             stream = self._streams.get(req.request_id)
             out = None if stream is None else self._output(req, stream)
@@ -210,8 +214,12 @@ class AsyncEngine:
         for loop, items in batches.items():
             loop.call_soon_threadsafe(_put_all, items)
 
-    def _output(self, req: Request, stream: _Stream) -> StepOutput | None:
-        """The request's output since the stream's last one (None: nothing new); marks it sent."""
+    def _output(self, req: Request, stream: _Stream) -> StepOutput | RequestFailedError | None:
+        """The request's output since the stream's last one (None: nothing new); marks it sent. A request
+        that failed gives its error instead, which the stream raises after the tokens it already sent."""
+        if req.status == RequestStatus.FINISHED_ERROR:
+            self._streams.pop(req.request_id, None)
+            return RequestFailedError(f"request {req.request_id!r} failed: {req.error}")
         new = req.output_token_ids[stream.sent:]
         if not new and not req.is_finished:
             return None
@@ -253,7 +261,7 @@ def _coalesce(first: StepOutput, stream: _Stream) -> StepOutput:
     return out
 
 
-def _put_all(items: list[tuple[asyncio.Queue, StepOutput]]) -> None:
+def _put_all(items: list[tuple[asyncio.Queue, StepOutput | BaseException]]) -> None:
     for queue_, out in items:
         queue_.put_nowait(out)
 

@@ -26,7 +26,7 @@ from engine.model import kv_layout, load_model
 from engine.model_runner import ModelRunner
 from engine.outputs import EngineStats
 from engine.request import Request, RequestStatus
-from engine.sampler import Sampler
+from engine.sampler import Sampler, SamplingError
 from engine.scheduler import Scheduler
 
 
@@ -35,6 +35,7 @@ class _Counters:
     prompt_tokens_computed: int = 0
     prompt_tokens_cached: int = 0
     generated_tokens: int = 0
+    request_errors: int = 0  # requests ended by a failure of their own step work (FINISHED_ERROR)
 
 
 class Engine:
@@ -251,8 +252,14 @@ class Engine:
             req.num_computed_tokens = start + n
         sampled = self.sampler(logits, batch.sample_requests)
         now = time.monotonic()
-        for req, (token, logprobs) in zip(batch.sample_requests, sampled, strict=True):
-            self._accept_token(req, token, logprobs, now)
+        for req, result in zip(batch.sample_requests, sampled, strict=True):
+            if isinstance(result, SamplingError):
+                self._fail(req, result)
+                continue
+            try:
+                self._accept_token(req, *result, now)
+            except Exception as exc:  # one request's stop check (a tokenizer, a stop string) fails alone
+                self._fail(req, exc)
         return batch.sample_requests
 
     def _accept_token(self, req: Request, token: int, logprobs: dict[int, float] | None, now: float) -> None:
@@ -269,6 +276,17 @@ class Engine:
             self._finished.append(req)
             if req.hold_kv:
                 self.held[req.request_id] = req
+
+    def _fail(self, req: Request, exc: BaseException) -> None:
+        """End one request whose step work failed (FINISHED_ERROR, blocks freed even under hold_kv: there is
+        nothing to export); the batch's other requests are not touched."""
+        if req.is_finished:  # failed after its last token was accepted: it ended already
+            return
+        req.error = f"{type(exc).__name__}: {exc}"
+        self._counters.request_errors += 1
+        self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
+        self.requests.pop(req.request_id, None)
+        self._finished.append(req)
 
     def _check_stop(self, req: Request) -> RequestStatus | None:
         params = req.sampling_params
@@ -317,6 +335,7 @@ class Engine:
             prompt_tokens_cached=self._counters.prompt_tokens_cached,
             num_preemptions=self.scheduler.num_preemptions,
             num_generated_tokens=self._counters.generated_tokens,
+            num_request_errors=self._counters.request_errors,
             num_admission_failures=self.scheduler.num_admission_failures,
             num_admission_failures_free_memory=self.scheduler.num_admission_failures_free_memory,
             num_growth_failures=self.scheduler.num_growth_failures,

@@ -10,7 +10,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop", "length", "abort" or None while running
+    finish_reason: str | None  # "stop", "length", "abort", "error" or None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     logprobs: list[dict[int, float]] | None = None  # per output token, when asked for
 
@@ -42,6 +42,7 @@ class EngineStats:
     prompt_tokens_cached: int
     num_preemptions: int
     num_generated_tokens: int
+    num_request_errors: int = 0  # requests ended by a failure of their own step work (finish_reason "error")
     # KV layout health, the incident's symptoms (see engine/scheduler.py); the
     # move counters stay 0 for the paged layout, which never moves KV.
     num_admission_failures: int = 0  # times the head waiting request was refused KV room

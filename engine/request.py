@@ -29,11 +29,12 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"  # this request's step work failed (Request.error says how); the others went on
 
     @property
     def finished(self) -> bool:
         return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
-                        RequestStatus.FINISHED_ABORTED)
+                        RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR)
 
 
 @dataclass(eq=False)
@@ -54,6 +55,7 @@ class Request:
     num_published_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
+    error: str | None = None  # why it ended with FINISHED_ERROR
     num_preemptions: int = 0
     generator: torch.Generator | None = None
     first_token_time: float | None = None
@@ -67,7 +69,8 @@ class Request:
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
         if self.sampling_params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.sampling_params.seed)
+            # torch takes 64-bit seeds; any integer maps onto one, so a huge or negative seed is still a seed
+            self.generator = torch.Generator().manual_seed(self.sampling_params.seed % (1 << 64))
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from typing import Literal
+
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
 
 Transport = Literal["local", "ray", "grpc"]
 Fault = Literal["corrupt", "truncate", "timeout", "wrong_layout"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class KVTransferConfig:
     """Units: seconds and bytes.
 
@@ -32,18 +34,18 @@ class KVTransferConfig:
     """
 
     transport: Transport = "ray"
-    lease_s: float = 30.0
-    timeout_s: float = 10.0
-    chunk_bytes: int = 1 << 20
-    max_payload_bytes: int = 4 << 30
+    lease_s: float = Field(30.0, gt=0)
+    timeout_s: float = Field(10.0, gt=0)
+    chunk_bytes: int = Field(1 << 20, ge=1 << 10, le=64 << 20)  # [1 KiB, 64 MiB]
+    max_payload_bytes: int = Field(4 << 30, gt=0)
     grpc_host: str = "127.0.0.1"
-    grpc_port: int = 0  # 0: pick a free port
+    grpc_port: int = Field(0, ge=0, le=65535)  # 0: pick a free port
     fault: Fault | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     tls_ca_file: str | None = None
     tls_server_name: str | None = None
-    auth_token: str | None = field(default=None, repr=False)  # a secret: kept out of logs and reprs
+    auth_token: str | None = Field(default=None, repr=False)  # a secret: kept out of logs and reprs
     auth_token_env: str | None = None
 
     @classmethod
@@ -52,12 +54,6 @@ class KVTransferConfig:
         return value if isinstance(value, cls) else cls(**(value or {}))
 
     def __post_init__(self) -> None:
-        if self.transport not in ("local", "ray", "grpc"):
-            raise ValueError(f"transport must be local, ray or grpc, got {self.transport!r}")
-        if self.lease_s <= 0 or self.timeout_s <= 0:
-            raise ValueError("lease_s and timeout_s must be > 0")
-        if not 1 << 10 <= self.chunk_bytes <= 64 << 20:
-            raise ValueError(f"chunk_bytes must be in [1 KiB, 64 MiB], got {self.chunk_bytes}")
         self._check_security()
 
     @property

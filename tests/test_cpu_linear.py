@@ -138,7 +138,7 @@ def test_resolution() -> None:
     assert _resolve_linear_backend("torch", "float32") == "torch"
     with pytest.raises(ValueError, match="linear_backend 'onednn'"):
         _resolve_linear_backend("onednn", "float16")
-    with pytest.raises(ValueError, match="linear_backend must be"):
+    with pytest.raises(ValueError, match="linear_backend"):
         LLM(linear_backend="mkl")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine import LLM, SamplingParams
+from engine.config import EngineConfig, error_message
 from tests.engine_helpers import assert_all_free
 
 
@@ -14,17 +15,41 @@ def llm() -> LLM:
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"temperature": -0.1}, "temperature"),
-    ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
-    ({"top_p": 1.5}, "top_p"),
-    ({"top_k": -1}, "top_k"),
-    ({"n": 0}, "n must be"),
-    ({"stop": [""]}, "stop"),
+    ({"max_tokens": 0}, "max_tokens: Input should be greater than or equal to 1"),
+    ({"temperature": -0.1}, "temperature: Input should be greater than or equal to 0"),
+    ({"top_p": 0.0}, "top_p: Input should be greater than 0"),
+    ({"top_p": 1.5}, "top_p: Input should be less than or equal to 1"),
+    ({"top_k": -1}, "top_k: Input should be greater than or equal to 0"),
+    ({"n": 0}, "n: Input should be greater than or equal to 1"),
+    ({"stop": [""]}, "stop.0: String should have at least 1 character"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids.0: Input should be greater than or equal to 0"),
+    ({"logprobs": 21}, "logprobs: Input should be less than or equal to 20"),
+    ({"max_tokens": 2.5}, "max_tokens: Input should be a valid integer"),
+    ({"temprature": 0.5}, "temprature: Unexpected keyword argument"),
 ])
 def test_bad_sampling_params(kwargs: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError) as info:
         SamplingParams(**kwargs)
+    assert error_message(info.value) == message or error_message(info.value).startswith(message)
+
+
+def test_sampling_params_take_lists_or_one_string_and_store_tuples() -> None:
+    params = SamplingParams(stop="###", stop_token_ids=[7, 8])
+    assert params.stop == ("###",) and params.stop_token_ids == (7, 8)
+    assert SamplingParams(stop=None).stop == () and hash(params) == hash(SamplingParams(stop=("###",),
+                                                                                         stop_token_ids=(7, 8)))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"block_size": 3}, "block_size must be a power of two >= 1, got 3"),
+    ({"max_num_seqs": 0}, "max_num_seqs: Input should be greater than or equal to 1"),
+    ({"dtype": "int8"}, "dtype: Input should be 'float32', 'bfloat16' or 'float16'"),
+    ({"kv_cache_byte": 1}, "kv_cache_byte: Unexpected keyword argument"),
+])
+def test_bad_engine_configs(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        EngineConfig(**kwargs)
+    assert error_message(info.value) == message
 
 
 @pytest.mark.parametrize("prompt, message", [
