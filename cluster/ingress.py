@@ -198,6 +198,10 @@ async def _json_body(request: Request) -> dict:
 
 
 def _parse(model: type, body: dict):
+    field = oai.unimplemented_field(body)
+    if field is not None:
+        raise APIError(400, f"`{field}` is not supported by pdserve (only its default value is accepted)",
+                       code="unsupported_parameter", param=field)
     try:
         return model.model_validate(body)
     except ValidationError as exc:

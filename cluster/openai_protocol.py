@@ -17,6 +17,41 @@ MAX_STOP_SEQUENCES = 4
 MAX_N = 8
 
 
+# Fields of OpenAI's API that pdserve does not implement, with the values that ask for nothing (sending one of
+# those is fine). Any other value is refused with a 400 naming the field: accepting and ignoring it would be
+# a silent lie (a client asking for JSON output or a penalty would get neither, and not know).
+UNIMPLEMENTED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "repetition_penalty": (None, 1, 1.0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+}
+
+
+def unimplemented_field(body: dict[str, Any]) -> str | None:
+    """The first field of `body` that asks for something pdserve does not do (None: nothing does)."""
+    for name, inert in UNIMPLEMENTED.items():
+        if name in body and not any(body[name] == v and type(body[name]) is type(v) or body[name] is v
+                                    for v in inert):
+            return name
+    return None
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -34,7 +69,6 @@ class _SamplingFields(BaseModel):
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: Any = None
     ignore_eos: bool = False  # vLLM extension: benchmarks need exact output lengths
     cache_salt: str | None = Field(None, max_length=256)  # vLLM extension: a tenant namespace inside a product
 

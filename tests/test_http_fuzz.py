@@ -275,3 +275,29 @@ def test_unknown_fields_alone_are_ignored(pdserve_url: str, path: str, body: dic
     status, payload, _ = _post(f"{pdserve_url}{path}", {**body, "user": "u-1", "metadata": {"k": "v"},
                                                          "unknown_field_xyz": [1, 2]})
     assert status == 200, payload
+
+
+@pytest.mark.parametrize("path, body, field, value", [
+    ("/v1/chat/completions", CHAT, "tools", [{"type": "function", "function": {"name": "lookup"}}]),
+    ("/v1/chat/completions", CHAT, "response_format", {"type": "json_object"}),
+    ("/v1/chat/completions", CHAT, "frequency_penalty", 0.5),
+    ("/v1/chat/completions", CHAT, "logprobs", True),
+    ("/v1/chat/completions", CHAT, "top_logprobs", 2),
+    ("/v1/chat/completions", CHAT, "logit_bias", {"5": 10}),
+    ("/v1/completions", COMPLETION, "best_of", 3),
+    ("/v1/completions", COMPLETION, "logprobs", 0),
+    ("/v1/completions", COMPLETION, "presence_penalty", -1.0),
+])
+def test_fields_pdserve_does_not_implement_are_refused_by_name(pdserve_url: str, path: str, body: dict, field: str,
+                                                              value: Any) -> None:
+    """Accepting and ignoring them would be a silent lie: the client would not get what it asked for."""
+    status, payload, _ = _post(f"{pdserve_url}{path}", {**body, field: value})
+    assert status == 400 and payload["error"]["param"] == field, payload
+    assert payload["error"]["code"] == "unsupported_parameter" and f"`{field}`" in payload["error"]["message"]
+
+
+def test_those_fields_at_values_that_ask_for_nothing_are_accepted(pdserve_url: str) -> None:
+    inert = {"frequency_penalty": 0, "presence_penalty": 0.0, "logprobs": False, "top_logprobs": None, "tools": [],
+             "tool_choice": "none", "response_format": {"type": "text"}, "logit_bias": None}
+    status, payload, _ = _post(f"{pdserve_url}/v1/chat/completions", {**CHAT, **inert})
+    assert status == 200, payload
