@@ -51,7 +51,7 @@ class ReplayConfig:
 
     num_requests: int = 240
     seed: int = 0
-    scale: float = 0.25  # of WORKLOAD.md's lengths: 55-token system prompt, outputs 12 and 375
+    scale: float = 0.25  # of the workload's lengths (bench/workload.py): 55-token system prompt, outputs 12 and 375
     rate_per_step: float = 0.1
     num_kv_blocks: int = 256
     block_size: int = 16

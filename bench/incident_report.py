@@ -288,5 +288,5 @@ def _markdown(replay: Mapping[str, Mapping[str, float]], outputs_identical: bool
         effects_table(effects(sim), sim[BASELINE]), "",
         "## 4. Which change first", "",
         *[line + "\n" for line in answer(replay, sim)],
-        "## Targets (issue 5)", "", *targets(replay, sim), "",
+        "## Targets", "", *targets(replay, sim), "",
     ])

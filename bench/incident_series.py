@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-FREE_FRACTION = 0.25  # "while at least a quarter of memory is free" (WORKLOAD.md); same as engine/scheduler.py
+FREE_FRACTION = 0.25  # "while at least a quarter of memory is free" (the incident); same as engine/scheduler.py
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
     python -m bench.soak --concurrency 200 --duration 60 --out results/soak
     pdserve down
 
-What it shows (issue 6): past its queue a product answers 429 with Retry-After instead of taking the
+What it shows: past its queue a product answers 429 with Retry-After instead of taking the
 request (and memory); every accepted request completes or ends with a clear error; the memory (PSS)
 of the processes serving at idle stays within what they held idle plus a stated margin (the KV pools
 are allocated and zeroed at start, so load must not grow them), sampled every 0.5 s over every process

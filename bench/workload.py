@@ -1,8 +1,8 @@
-"""A deterministic generator of WORKLOAD.md's two-product mix, as token ids.
+"""A deterministic generator of the two-product mix (support chat, report generator), as token ids.
 
 Two products share one model and one system prompt:
 - "support-chat": short answers (50 output tokens by default);
-- "report-gen": long reports (WORKLOAD.md says ~1,500 output tokens; the
+- "report-gen": long reports (about 1,500 output tokens; the
   offline benchmark scales that down to 300 by default).
 
 Every prompt is the same shared system prompt (`system_prompt_tokens` ids)
@@ -111,7 +111,7 @@ def offline_mix(num_requests: int, seed: int, vocab_size: int, system_prompt_tok
 # ---- the mix as chat requests, with arrivals (HTTP benchmarks) ---------------------------------------
 
 PRODUCTS_DIR = Path(__file__).resolve().parent.parent / "deploy" / "products"
-# Output tokens (inclusive ranges) per product: WORKLOAD.md's "about 50" and "about 1,500", each with a
+# Output tokens (inclusive ranges) per product: the workload's "about 50" and "about 1,500", each with a
 # mean of exactly that. report-gen stays <= 1,536, its product's max_output_tokens (deploy/products).
 CHAT_OUTPUTS: Mapping[str, tuple[int, int]] = {SUPPORT_CHAT: (40, 60), REPORT_GEN: (1464, 1536)}
 
@@ -187,7 +187,7 @@ class ChatMix:
 
 def default_mix(weights: Mapping[str, float] | None = None, scale: float = 1.0,
                 products_dir: str | Path = PRODUCTS_DIR) -> ChatMix:
-    """WORKLOAD.md's mix with the products' own system prompts (deploy/products/*.yaml).
+    """The two-product mix with the products' own system prompts (deploy/products/*.yaml).
 
     weights: product -> relative share of requests (default 1:1).
     """

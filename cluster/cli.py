@@ -24,7 +24,7 @@ STATE_FILE = Path(os.environ.get("PDSERVE_STATE_DIR") or cache_root()) / "up.jso
 DETACHED_TEMP_DIR = "/tmp/pdserve-up"
 APP_NAME = "pdserve"
 
-# Local runs: no token auth, no usage stats, autoscaling that reacts in seconds (PLATFORM.md).
+# Local runs: no token auth, no usage stats, autoscaling that reacts in seconds (metrics pushed every second).
 LOCAL_ENV = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",

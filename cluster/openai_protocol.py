@@ -45,9 +45,8 @@ UNIMPLEMENTED: dict[str, tuple[Any, ...]] = {
 
 def unimplemented_field(body: dict[str, Any]) -> str | None:
     """The first field of `body` that asks for something pdserve does not do (None: nothing does)."""
-    for name, inert in UNIMPLEMENTED.items():
-        if name in body and not any(body[name] == v and type(body[name]) is type(v) or body[name] is v
-                                    for v in inert):
+    for name, inert in UNIMPLEMENTED.items():  # types compared too: False is not 0, nor 1.0 True
+        if name in body and not any(type(body[name]) is type(v) and body[name] == v for v in inert):
             return name
     return None
 

@@ -78,7 +78,7 @@ def decode_attention_torch(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     query [B, H, D]; block_tables [B, max_blocks] int64; seq_lens [B] (tokens,
     the new one included, already written to the cache). Returns [B, H, D].
     One padded gather through the block table into a reused buffer, then SDPA
-    with a padding mask: the fastest CPU shape measured (PLATFORM.md).
+    with a padding mask: the fastest CPU shape measured on the 2-core development machine.
     """
     batch, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape

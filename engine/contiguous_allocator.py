@@ -1,4 +1,4 @@
-"""Contiguous regions over block ids: the KV allocator of the incident (WORKLOAD.md), built carefully.
+"""Contiguous regions over block ids: the KV allocator of the incident (bench/incident.py), built carefully.
 
 A pure data structure (no torch): the engine's `kv_layout="contiguous"` uses
 it over its real KV arena, and bench/incident's GPU-scale simulation uses it

@@ -15,6 +15,7 @@ where the hash covers the file's bytes and CONVERTER_VERSION.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import importlib.metadata
 from pathlib import Path
@@ -32,13 +33,14 @@ def folder_for(gguf_file: str | Path) -> str:
     source = Path(gguf_file).expanduser().resolve()
     if not source.is_file():
         raise ValueError(f"GGUF file {str(gguf_file)!r} does not exist")
-    final = models_dir() / f"{source.stem}-{_digest(source)}"
+    stat = source.stat()
+    final = models_dir() / f"{source.stem}-{_digest(source, stat.st_size, stat.st_mtime_ns)}"
     return build_once(final, "model.safetensors", lambda folder: convert(source, folder))
 
 
 def convert(gguf_file: Path, folder: Path) -> None:
     """Write the float32 Hugging Face folder of `gguf_file` into the empty `folder`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory, name = str(gguf_file.parent), gguf_file.name
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
@@ -48,7 +50,7 @@ def convert(gguf_file: Path, folder: Path) -> None:
         del config.quantization_config  # the weights below are plain float32
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict(), strict=True)
-    plain.generation_config = _generation_config(loaded.generation_config, config, GenerationConfig)
+    plain.generation_config = copy.deepcopy(loaded.generation_config)  # eos/bos as the GGUF declares them
     plain.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
 
@@ -70,15 +72,9 @@ def installed_file(distribution: str, suffix: str = ".gguf") -> Path:
     return Path(found[0].locate())
 
 
-def _generation_config(loaded, config, cls):
-    """The GGUF's generation settings, with the end-of-sequence ids the config declares."""
-    gen = cls.from_dict(loaded.to_dict()) if loaded is not None else cls()
-    gen.eos_token_id = gen.eos_token_id if gen.eos_token_id is not None else config.eos_token_id
-    gen.bos_token_id = gen.bos_token_id if gen.bos_token_id is not None else config.bos_token_id
-    return gen
-
-
-def _digest(file: Path) -> str:
+@functools.lru_cache(maxsize=8)
+def _digest(file: Path, size: int, mtime_ns: int) -> str:
+    """Hash of the file's bytes; size and mtime only key the cache (resolve runs per engine, per product)."""
     h = hashlib.sha256(f"converter-{CONVERTER_VERSION}\0".encode())
     with open(file, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -25,7 +25,7 @@ from engine.contiguous_kv_cache_manager import ContiguousKVCacheManager
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus
 
-# "Out of memory while a quarter of memory is free" (WORKLOAD.md): a refused
+# "Out of memory while a quarter of memory is free" (the incident, bench/incident.py): a refused
 # admission with at least this fraction of KV blocks free is the incident's symptom.
 FREE_MEMORY_FRACTION = 0.25
 

@@ -18,11 +18,11 @@ if not torch.cuda.is_available():
 # threads fighting for a busy core made matmuls up to 10x slower (measured).
 torch.set_num_threads(1)
 
-# Ray: token auth off and no usage stats for every cluster a test starts (PLATFORM.md).
+# Ray: token auth off and no usage stats for every cluster a test starts (local test clusters only).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-# Serve autoscaling reacts in seconds instead of tens of seconds (PLATFORM.md).
+# Serve autoscaling reacts in seconds instead of tens of seconds (metrics pushed every second).
 os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
 os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
 
