@@ -338,6 +338,7 @@ def _hf_generate_batch(model, prompts: list[tuple[int, ...]], max_new_tokens: in
     for i, p in enumerate(prompts):
         ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[i, width - len(p):] = 1
+    ids, mask = ids.to(model.device), mask.to(model.device)
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              min_new_tokens=0, do_sample=False, pad_token_id=0, eos_token_id=None)

@@ -148,8 +148,15 @@ class ProductConfig(_Frozen):
         return self.cache_salt or self.name
 
     def engine_config(self, role: Role | None = None) -> EngineConfig:
-        """The product's engine settings, with `role`'s own on top (None: the product's alone)."""
-        return EngineConfig(**{"model": self.model, **self.engine, **(role.engine if role else {})})
+        """The product's engine settings, with `role`'s own on top (None: the product's alone).
+
+        A role's device "auto" becomes what its actors get: CUDA with num_gpus, else the CPU, so a process
+        without the GPU (the ingress, the driver) derives the same dtype and KV layout as the engine.
+        """
+        fields = {"model": self.model, **self.engine, **(role.engine if role else {})}
+        if role is not None and fields.get("device", "auto") == "auto":
+            fields["device"] = "cuda" if role.num_gpus else "cpu"
+        return EngineConfig(**fields)
 
     def transfer_config(self) -> KVTransferConfig:
         return KVTransferConfig(**self.transfer)

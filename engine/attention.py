@@ -30,6 +30,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+# [start, end) decode rows and the longest context among them (tokens), known on the host so that
+# sizing a bucket's gather needs no device-to-host sync.
+DecodeBucket = tuple[int, int, int]
+
 # Fixed cost of one extra decode bucket (a gather + an SDPA call), in tokens of
 # padded context it is worth: measured with bench/decode_buckets.py on the
 # small model (see BENCHMARKS.md).
@@ -53,17 +57,20 @@ class ForwardContext:
     block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
     num_decodes: int
     decode_seq_lens: torch.Tensor  # [num_decodes] int64
-    decode_buckets: list[tuple[int, int]] | None = None  # [start, end) decode rows; None: one bucket
+    decode_buckets: list[DecodeBucket] | None = None  # None: one bucket
     backend: str = "torch"
     workspace: dict = field(default_factory=dict)  # reused gather buffers, keyed by shape
 
 
 def store_kv_torch(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
-    """Write key/value [T, Hkv, D] into the cache at slot_mapping [T] (slots < 0 skipped)."""
+    """Write key/value [T, Hkv, D] into the cache at slot_mapping [T] (slots < 0 skipped on the CPU).
+
+    Off the CPU no slot may be < 0: finding them costs a device-to-host sync per layer, and only padded
+    batches have them, which the Triton store (engine/kernels) handles.
+    """
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    valid = slot_mapping >= 0
-    if not bool(valid.all()):
+    if slot_mapping.device.type == "cpu" and not bool((valid := slot_mapping >= 0).all()):
         key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
@@ -72,22 +79,23 @@ def store_kv_torch(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
 def decode_attention_torch(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            sliding_window: int | None = None,
-                           workspace: dict | None = None) -> torch.Tensor:
+                           workspace: dict | None = None, max_len: int | None = None) -> torch.Tensor:
     """One new token per sequence attending to its whole paged context.
 
     query [B, H, D]; block_tables [B, max_blocks] int64; seq_lens [B] (tokens,
-    the new one included, already written to the cache). Returns [B, H, D].
+    the new one included, already written to the cache); max_len: max(seq_lens) when the caller knows it
+    on the host (else read from the tensor, a sync on a GPU). Returns [B, H, D].
     One padded gather through the block table into a reused buffer, then SDPA
     with a padding mask: the fastest CPU shape measured on the 2-core development machine.
     """
     batch, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    max_len = int(seq_lens.max())
+    max_len = int(seq_lens.max()) if max_len is None else max_len
     num_blocks = (max_len + block_size - 1) // block_size
     table = block_tables[:, :num_blocks].reshape(-1)
     k = _gather(k_cache, table, workspace, "k").view(batch, num_blocks * block_size, num_kv_heads, head_dim)
     v = _gather(v_cache, table, workspace, "v").view(batch, num_blocks * block_size, num_kv_heads, head_dim)
-    positions = torch.arange(num_blocks * block_size)
+    positions = torch.arange(num_blocks * block_size, device=query.device)
     mask = positions[None, :] < seq_lens[:, None]
     if sliding_window is not None:
         mask &= positions[None, :] > (seq_lens[:, None] - 1 - sliding_window)
@@ -101,21 +109,24 @@ def decode_attention_torch(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 def decode_attention_bucketed(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                               sliding_window: int | None, workspace: dict | None,
-                              buckets: list[tuple[int, int]] | None) -> torch.Tensor:
-    """decode_attention_torch per [start, end) row range of `buckets` (all rows when None)."""
-    if not buckets or len(buckets) == 1:
+                              buckets: list[DecodeBucket] | None) -> torch.Tensor:
+    """decode_attention_torch per row range of `buckets` (all rows when None)."""
+    if not buckets:
         return decode_attention_torch(query, k_cache, v_cache, block_tables, seq_lens, scale,
                                       sliding_window, workspace)
+    if len(buckets) == 1:
+        return decode_attention_torch(query, k_cache, v_cache, block_tables, seq_lens, scale,
+                                      sliding_window, workspace, buckets[0][2])
     out = torch.empty_like(query)
-    for start, end in buckets:
+    for start, end, max_len in buckets:
         out[start:end] = decode_attention_torch(query[start:end], k_cache, v_cache, block_tables[start:end],
-                                                seq_lens[start:end], scale, sliding_window, workspace)
+                                                seq_lens[start:end], scale, sliding_window, workspace, max_len)
     return out
 
 
 def plan_decode_buckets(sorted_lens: list[int], block_size: int,
-                        bucket_cost_tokens: int = DECODE_BUCKET_COST_TOKENS) -> list[tuple[int, int]]:
-    """Split decodes, sorted by context length ascending, into [start, end) buckets.
+                        bucket_cost_tokens: int = DECODE_BUCKET_COST_TOKENS) -> list[DecodeBucket]:
+    """Split decodes, sorted by context length ascending, into (start, end, longest length) buckets.
 
     Minimises sum over buckets of (rows x padded length of its longest row, in
     tokens) + bucket_cost_tokens per bucket (the fixed cost of one gather +
@@ -137,10 +148,10 @@ def plan_decode_buckets(sorted_lens: list[int], block_size: int,
     for g in range(1, len(ends)):
         longest = groups[g - 1][0]
         best[g], cut[g] = min((best[s] + (ends[g] - ends[s]) * longest + bucket_cost_tokens, s) for s in range(g))
-    buckets: list[tuple[int, int]] = []
+    buckets: list[DecodeBucket] = []
     g = len(ends) - 1
     while g > 0:
-        buckets.append((ends[cut[g]], ends[g]))
+        buckets.append((ends[cut[g]], ends[g], sorted_lens[ends[g] - 1]))
         g = cut[g]
     return buckets[::-1]
 
@@ -160,7 +171,7 @@ def prefill_attention_torch(query: torch.Tensor, key: torch.Tensor, value: torch
     """
     num_q, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[1]
-    if sliding_window is not None or _FLASH_WITH_LSE is None:
+    if sliding_window is not None or _FLASH_WITH_LSE is None or query.device.type != "cpu":
         return _prefill_attention_masked(query, key, value, context_len, scale, sliding_window)
     groups = num_heads // num_kv_heads
     q = query.reshape(num_q, num_kv_heads, groups, head_dim).permute(1, 2, 0, 3)  # [Hkv, G, Tq, D]
@@ -184,7 +195,8 @@ def prefill_attention_torch(query: torch.Tensor, key: torch.Tensor, value: torch
 
 def _prefill_attention_masked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, context_len: int,
                               scale: float, sliding_window: int | None) -> torch.Tensor:
-    """prefill_attention_torch with an explicit mask: sliding windows, and torch builds without the op."""
+    """prefill_attention_torch with an explicit mask: sliding windows, devices other than the CPU (the
+    merged flash path uses a CPU-only op), and torch builds without that op."""
     num_q, num_heads, _ = query.shape
     groups = num_heads // key.shape[1]
     if groups > 1:  # torch's CPU flash kernel takes neither GQA nor 3-D inputs: expand, add a batch dim
@@ -192,8 +204,8 @@ def _prefill_attention_masked(query: torch.Tensor, key: torch.Tensor, value: tor
     use_causal_flag = num_q == context_len and sliding_window is None
     mask = None
     if not use_causal_flag:
-        q_pos = torch.arange(context_len - num_q, context_len)[:, None]
-        k_pos = torch.arange(context_len)[None, :]
+        q_pos = torch.arange(context_len - num_q, context_len, device=query.device)[:, None]
+        k_pos = torch.arange(context_len, device=query.device)[None, :]
         mask = k_pos <= q_pos
         if sliding_window is not None:
             mask &= k_pos > q_pos - sliding_window
@@ -277,7 +289,7 @@ def _gather(cache: torch.Tensor, index: torch.Tensor, workspace: dict | None, na
     buf = workspace.get(key)
     numel = shape[0] * shape[1] * shape[2] * shape[3]
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=cache.dtype)
+        buf = torch.empty(numel, dtype=cache.dtype, device=cache.device)
         workspace[key] = buf
     out = buf[:numel].view(shape)
     torch.index_select(cache, 0, index, out=out)

@@ -14,7 +14,10 @@ from typing import Annotated, Literal
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
+from engine.device import check_device_name
+
 MiB = 1 << 20
+CPU_KV_CACHE_BYTES = 512 * MiB  # the KV pool when kv_cache_bytes is None and the engine is not on CUDA
 # Temperatures below this sample greedily, as vLLM does: dividing logits by 1e-38 overflows to inf and
 # the softmax to NaN, while the distribution it stands for is already the argmax.
 GREEDY_BELOW = 1e-5
@@ -60,15 +63,20 @@ class EngineConfig:
     """One engine's resources and limits.
 
     Units: kv_cache_bytes in bytes (split into fixed blocks at start, never
-    grown); block_size, max_num_batched_tokens and max_model_len in tokens.
+    grown); gpu_memory_utilization a fraction of the GPU's total memory that
+    the engine may fill (weights, activations and KV together); block_size, max_num_batched_tokens and max_model_len in tokens.
     num_kv_blocks, when set, overrides kv_cache_bytes (tests use it to force
     preemption with an exact block count).
     """
 
     model: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"  # auto: CUDA when torch sees a GPU, else the CPU; also cpu, cuda, cuda:N, meta
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 on CUDA, else float32
     block_size: int = Field(16, ge=1)  # a power of two
-    kv_cache_bytes: int = Field(512 * MiB, gt=0)
+    # The KV pool. None: 512 MiB on the CPU; on CUDA what gpu_memory_utilization leaves after the weights
+    # and a profiled peak step. A byte count is taken as it is on any device.
+    kv_cache_bytes: int | None = Field(None, gt=0)
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, allow_inf_nan=False)
     num_kv_blocks: int | None = Field(None, ge=1)
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=1)
@@ -90,6 +98,11 @@ class EngineConfig:
     def coerce(cls, value: EngineConfig | dict | None) -> EngineConfig:
         """An EngineConfig from itself, a dict of its fields (config files, Ray args) or None (defaults)."""
         return value if isinstance(value, cls) else cls(**(value or {}))
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return check_device_name(v)
 
     def __post_init__(self) -> None:
         _check(self.block_size & (self.block_size - 1) == 0,

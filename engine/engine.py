@@ -16,18 +16,19 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoTokenizer, GenerationConfig, PretrainedConfig
 
-from engine import cpu_attention, cpu_linear, cpu_norm, models
+from engine import cpu_attention, cpu_linear, cpu_norm, memory_profile, models
 from engine.block_hash import extra_keys
-from engine.config import EngineConfig, SamplingParams
+from engine.config import CPU_KV_CACHE_BYTES, EngineConfig, SamplingParams
 from engine.contiguous_kv_cache_manager import ContiguousKVCacheManager
-from engine.kv_cache import DTYPES, KVLayout, PagedKVCache
+from engine.device import resolve_device, resolve_dtype
+from engine.kv_cache import DTYPES, KVLayout, PagedKVCache, blocks_in
 from engine.kv_cache_manager import KVCacheManager
 from engine.model import kv_layout, load_model
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, StepBatch
 from engine.outputs import EngineStats
 from engine.request import Request, RequestStatus
 from engine.sampler import Sampler, SamplingError
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
 
 
 @dataclass
@@ -46,29 +47,40 @@ class Engine:
         self.model_path = models.resolve(config.model)
         self.model_id = os.path.basename(os.path.normpath(self.model_path))
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
-        self.model = load_model(self.model_path, config.dtype)
-        self.linear_backend = _resolve_linear_backend(config.linear_backend, config.dtype)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.model = load_model(self.model_path, self.dtype, self.device)
+        self.linear_backend = _resolve_linear_backend(config.linear_backend, self.dtype, self.device)
         if self.linear_backend == "onednn":  # the CPU fast path: packed GEMMs, one-call norms
             cpu_linear.pack_linears(self.model)
             cpu_norm.fuse_rms_norms(self.model)
         hf_config = self.model.config.get_text_config()
         self.vocab_size: int = hf_config.vocab_size
         self.eos_token_ids = _eos_token_ids(self.model_path, hf_config)
-        self.layout = kv_layout(self.model.config, config.block_size, config.dtype)
-        if config.num_kv_blocks is not None:
-            self.kv_cache = PagedKVCache(self.layout, config.num_kv_blocks)
-        else:
-            self.kv_cache = PagedKVCache.from_budget(self.layout, config.kv_cache_bytes)
-        self.max_model_len = context_limit(config, self.model.config)
+        self.layout = kv_layout(self.model.config, config.block_size, self.dtype)
+        self.attention_backend = _resolve_backend(config.attention_backend, self.layout, self.device)
+        self.kv_cache = PagedKVCache(self.layout, self._num_kv_blocks(), self.device)
+        self.max_model_len = context_limit(config, self.model.config, self.kv_cache.num_blocks)
         self.kv = self._kv_manager()
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.kv_cache, _resolve_backend(config.attention_backend, self.layout))
+        self.runner = ModelRunner(self.model, self.kv_cache, self.attention_backend)
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, Request] = {}  # unfinished requests, deferred ones included
         self.held: dict[str, Request] = {}  # finished hold_kv requests whose blocks are kept
         self._finished: list[Request] = []  # ended since the last pop_finished() or step()
         self._counters = _Counters()
         self._ids = itertools.count()
+
+    def _num_kv_blocks(self) -> int:
+        """The KV pool in blocks: num_kv_blocks, else kv_cache_bytes, else (CUDA) what the GPU has left after a
+        profiled peak step, else the CPU default."""
+        config = self.config
+        if config.num_kv_blocks is not None:
+            return config.num_kv_blocks
+        if config.kv_cache_bytes is not None or self.device.type != "cuda":
+            return blocks_in(self.layout, config.kv_cache_bytes or CPU_KV_CACHE_BYTES)
+        return blocks_in(self.layout, memory_profile.kv_budget_from_gpu(
+            self.model, self.layout, self.attention_backend, self.device, config))
 
     def _kv_manager(self) -> KVCacheManager | ContiguousKVCacheManager:
         config = self.config
@@ -79,7 +91,7 @@ class Engine:
 
     def _copy_kv_blocks(self, src: list[int], dst: list[int]) -> None:
         """Copy whole blocks inside the KV tensor (every layer, K and V); src and dst may overlap."""
-        self.kv_cache.write_blocks(dst, self.kv_cache.read_blocks(src))
+        self.kv_cache.copy_blocks(src, dst)
 
     # ---- requests -------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -239,17 +251,7 @@ class Engine:
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             return []
-        for req, first_block in sched.imports:
-            n = req.pending_kv.shape[2]
-            self.kv_cache.write_blocks([b.block_id for b in req.block_table[first_block:first_block + n]],
-                                       req.pending_kv)
-            req.pending_kv, req.pending_kv_tokens = None, 0
-        batch = self.runner.prepare(sched.scheduled)
-        logits = self.runner.forward(batch)
-        for req, n in sched.scheduled:
-            start = req.num_computed_tokens
-            self._counters.prompt_tokens_computed += max(0, min(start + n, req.num_prompt_tokens) - start)
-            req.num_computed_tokens = start + n
+        batch, logits = self.execute_model(sched)
         sampled = self.sampler(logits, batch.sample_requests)
         now = time.monotonic()
         for req, result in zip(batch.sample_requests, sampled, strict=True):
@@ -261,6 +263,22 @@ class Engine:
             except Exception as exc:  # one request's stop check (a tokenizer, a stop string) fails alone
                 self._fail(req, exc)
         return batch.sample_requests
+
+    def execute_model(self, sched: SchedulerOutput) -> tuple[StepBatch, torch.Tensor]:
+        """The device part of a step: write imported KV, run the packed forward, advance the computed
+        counts. Returns the batch and its logits [len(batch.sample_requests), vocab] on the device."""
+        for req, first_block in sched.imports:
+            n = req.pending_kv.shape[2]
+            self.kv_cache.write_blocks([b.block_id for b in req.block_table[first_block:first_block + n]],
+                                       req.pending_kv)
+            req.pending_kv, req.pending_kv_tokens = None, 0
+        batch = self.runner.prepare(sched.scheduled)
+        logits = self.runner.forward(batch)
+        for req, n in sched.scheduled:
+            start = req.num_computed_tokens
+            self._counters.prompt_tokens_computed += max(0, min(start + n, req.num_prompt_tokens) - start)
+            req.num_computed_tokens = start + n
+        return batch, logits
 
     def _accept_token(self, req: Request, token: int, logprobs: dict[int, float] | None, now: float) -> None:
         """Append a sampled token, then end the request if a stop condition holds."""
@@ -357,14 +375,20 @@ def _set_cached(req: Request, num_cached_tokens: int | None) -> None:
         req.num_cached_tokens = min(num_cached_tokens, req.num_prompt_tokens)
 
 
-def context_limit(config: EngineConfig, hf_config: PretrainedConfig) -> int:
+def context_limit(config: EngineConfig, hf_config: PretrainedConfig, num_blocks: int | None = None) -> int:
     """max_model_len in tokens: the configured limit, capped by the model's positions and by the
-    whole KV pool (a request must always fit alone, or preemption could loop forever)."""
-    layout = kv_layout(hf_config, config.block_size, config.dtype)
-    num_blocks = config.num_kv_blocks or config.kv_cache_bytes // layout.bytes_per_block
-    capacity = num_blocks * config.block_size
-    model_max = getattr(hf_config.get_text_config(), "max_position_embeddings", capacity)
-    return min(config.max_model_len or model_max, model_max, capacity)
+    whole KV pool (a request must always fit alone, or preemption could loop forever).
+
+    num_blocks: the pool's size when known (the engine's own); else it follows from the config, except
+    for a pool sized from free GPU memory, which only the engine knows (then the pool does not cap it).
+    """
+    device = resolve_device(config.device)
+    if num_blocks is None and (config.num_kv_blocks or config.kv_cache_bytes or device.type != "cuda"):
+        layout = kv_layout(hf_config, config.block_size, resolve_dtype(config.dtype, device))
+        num_blocks = config.num_kv_blocks or (config.kv_cache_bytes or CPU_KV_CACHE_BYTES) // layout.bytes_per_block
+    model_max = getattr(hf_config.get_text_config(), "max_position_embeddings", None)
+    limits = [n for n in (config.max_model_len, model_max, num_blocks and num_blocks * config.block_size) if n]
+    return min(limits)
 
 
 def _eos_token_ids(path: str, hf_config) -> set[int]:
@@ -381,24 +405,29 @@ def _eos_token_ids(path: str, hf_config) -> set[int]:
     return ids
 
 
-def _resolve_linear_backend(name: str, dtype: str) -> str:
+def _resolve_linear_backend(name: str, dtype: str, device: torch.device) -> str:
     """auto: oneDNN with packed weights where the model runs on the CPU in a dtype oneDNN packs, else torch."""
     if name not in ("auto", "onednn"):
         return name
-    fits = not torch.cuda.is_available() and cpu_linear.supports(DTYPES[dtype])
+    fits = device.type == "cpu" and cpu_linear.supports(DTYPES[dtype])
     return _fitting(name, "onednn", fits, f"linear_backend 'onednn' needs the CPU, float32 or bfloat16 and a "
                                           f"torch with oneDNN; got {dtype}")
 
 
-def _resolve_backend(name: str, layout: KVLayout) -> str:
-    """auto: the Triton kernels on CUDA; on the CPU the C kernel where it fits and builds, else torch."""
-    if name == "auto" and torch.cuda.is_available():
+def _resolve_backend(name: str, layout: KVLayout, device: torch.device) -> str:
+    """auto: the Triton kernels on CUDA; on the CPU the C kernel where it fits and builds, else torch.
+
+    "triton" off CUDA runs only under Triton's interpreter (tests); "cpu" needs the CPU.
+    """
+    if name == "auto" and device.type == "cuda":
         return "triton"
     if name not in ("auto", "cpu"):
         return name
-    fits = cpu_attention.supports(layout.dtype, layout.head_dim) and cpu_attention.available()
-    return _fitting(name, "cpu", fits, f"attention_backend 'cpu' needs float32, head_dim % 16 == 0 and a C "
-                                       f"compiler; got {layout.dtype}, head_dim {layout.head_dim}")
+    fits = (device.type == "cpu" and cpu_attention.supports(layout.dtype, layout.head_dim)
+            and cpu_attention.available())
+    return _fitting(name, "cpu", fits, f"attention_backend 'cpu' needs the CPU, float32, head_dim % 16 == 0 "
+                                       f"and a C compiler; got {device.type}, {layout.dtype}, head_dim "
+                                       f"{layout.head_dim}")
 
 
 def _fitting(name: str, backend: str, fits: bool, refusal: str) -> str:

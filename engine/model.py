@@ -38,10 +38,21 @@ def _paged_attention_fn(module: torch.nn.Module, query: torch.Tensor, key: torch
 AttentionInterface.register(ATTN_IMPL, _paged_attention_fn)
 
 
-def load_model(path: str, dtype: str) -> PreTrainedModel:
-    """The causal LM in `path` (a local folder), in eval mode, with pdserve's paged attention."""
+def load_model(path: str, dtype: str, device: torch.device | str = "cpu") -> PreTrainedModel:
+    """The causal LM in `path` (a local folder), in eval mode on `device`, with pdserve's paged attention.
+
+    Weights load straight onto the device (no second copy in host memory). On `meta` only the
+    architecture is built, from the folder's config: shapes without data.
+    """
+    device = torch.device(device)
+    if device.type == "meta":
+        with device:
+            model = AutoModelForCausalLM.from_config(load_config(path), attn_implementation=ATTN_IMPL,
+                                                     dtype=DTYPES[dtype])
+        return model.eval()
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=ATTN_IMPL, dtype=DTYPES[dtype],
-                                                 local_files_only=True)
+                                                 local_files_only=True,
+                                                 device_map=None if device.type == "cpu" else device)
     return model.eval()
 
 

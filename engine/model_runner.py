@@ -1,5 +1,8 @@
 """Turns a scheduled step into one packed forward pass and returns the logits to sample.
 
+Every tensor of a step is built on the host and moved to the KV cache's
+device (the model's) in one copy; nothing else crosses.
+
 Packing: every scheduled token of every sequence in one row (batch dim 1),
 decodes first, then prefill chunks. positions restart per sequence (RoPE
 needs them); logits are computed only for the last token of sequences whose
@@ -35,6 +38,7 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.block_size = kv_cache.layout.block_size
         self.backend = backend
+        self.device = kv_cache.device
         self._layer_caches = kv_cache.layer_caches()
         self._workspace: dict = {}  # gather buffers reused across steps
 
@@ -74,30 +78,44 @@ class ModelRunner:
         block_tables = torch.zeros(len(tables), width, dtype=torch.long)
         for i, t in enumerate(tables):
             block_tables[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        input_ids, pos, slot_mapping, decode_seq_lens, logits_rows, block_tables = self._to_device(
+            torch.tensor([tokens], dtype=torch.long), torch.tensor([positions], dtype=torch.long),
+            torch.tensor(slots, dtype=torch.long), torch.tensor(seq_lens[:num_decodes], dtype=torch.long),
+            torch.tensor(logits_indices, dtype=torch.long), block_tables)
         ctx = ForwardContext(
             kv_caches=self._layer_caches,
-            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            slot_mapping=slot_mapping,
             query_lens=query_lens,
             seq_lens=seq_lens,
             block_tables=block_tables,
             num_decodes=num_decodes,
-            decode_seq_lens=torch.tensor(seq_lens[:num_decodes], dtype=torch.long),
+            decode_seq_lens=decode_seq_lens,
             decode_buckets=plan_decode_buckets(seq_lens[:num_decodes], bs) if self.backend == "torch" else None,
             backend=self.backend,
             workspace=self._workspace,
         )
-        return StepBatch(
-            input_ids=torch.tensor([tokens], dtype=torch.long),
-            positions=torch.tensor([positions], dtype=torch.long),
-            ctx=ctx,
-            logits_indices=torch.tensor(logits_indices, dtype=torch.long),
-            sample_requests=sample_requests,
-        )
+        return StepBatch(input_ids=input_ids, positions=pos, ctx=ctx, logits_indices=logits_rows,
+                         sample_requests=sample_requests)
+
+    def _to_device(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The step's int64 host tensors on the model's device, in one host-to-device copy (pinned on CUDA)."""
+        if self.device.type == "cpu":
+            return tensors
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        if self.device.type == "cuda":
+            flat = flat.pin_memory()
+        flat = flat.to(self.device, non_blocking=True)
+        out, start = [], 0
+        for t in tensors:
+            out.append(flat[start:start + t.numel()].view(t.shape))
+            start += t.numel()
+        return tuple(out)
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """Logits [S, vocab] in float32 for batch.sample_requests (S may be 0)."""
-        keep = batch.logits_indices if len(batch.logits_indices) else torch.tensor([0])
+        keep = batch.logits_indices if len(batch.logits_indices) else torch.zeros(1, dtype=torch.long,
+                                                                                      device=self.device)
         out = self.model(input_ids=batch.input_ids, position_ids=batch.positions, logits_to_keep=keep,
                          use_cache=False, pdserve_ctx=batch.ctx)
         logits = out.logits[0].float()

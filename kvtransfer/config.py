@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Literal
 
 from pydantic import ConfigDict, Field
@@ -10,6 +11,7 @@ from pydantic.dataclasses import dataclass
 
 Transport = Literal["local", "ray", "grpc"]
 Fault = Literal["corrupt", "truncate", "timeout", "wrong_layout"]
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})  # bind every interface; never dialable
 
 
 @dataclass(frozen=True, config=ConfigDict(extra="forbid"))
@@ -38,8 +40,11 @@ class KVTransferConfig:
     timeout_s: float = Field(10.0, gt=0)
     chunk_bytes: int = Field(1 << 20, ge=1 << 10, le=64 << 20)  # [1 KiB, 64 MiB]
     max_payload_bytes: int = Field(4 << 30, gt=0)
-    grpc_host: str = "127.0.0.1"
+    grpc_host: str = "127.0.0.1"  # the address the server binds; 0.0.0.0 or :: for every interface
     grpc_port: int = Field(0, ge=0, le=65535)  # 0: pick a free port
+    # The host importers dial, written into every locator. None: grpc_host, unless that is a wildcard,
+    # which no other node can dial: then workers fill in their node's IP (for_node).
+    grpc_advertise_host: str | None = None
     fault: Fault | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
@@ -55,6 +60,22 @@ class KVTransferConfig:
 
     def __post_init__(self) -> None:
         self._check_security()
+
+    @property
+    def advertised_host(self) -> str:
+        """The host in this connector's locators. Raises ValueError for a wildcard bind with nothing to
+        advertise: a locator of 0.0.0.0 would send other nodes' fetches to themselves."""
+        host = self.grpc_advertise_host or self.grpc_host
+        if host in WILDCARD_HOSTS:
+            raise ValueError(f"grpc_host {self.grpc_host!r} listens on every interface: set grpc_advertise_host "
+                             "to an address other nodes can reach")
+        return host
+
+    def for_node(self, node_ip: str) -> KVTransferConfig:
+        """This config on a node whose IP is node_ip: a wildcard bind advertises that IP."""
+        if self.grpc_host in WILDCARD_HOSTS and self.grpc_advertise_host is None:
+            return replace(self, grpc_advertise_host=node_ip)
+        return self
 
     @property
     def tls(self) -> bool:

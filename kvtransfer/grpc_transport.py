@@ -1,7 +1,8 @@
 """GrpcConnector: KV blocks streamed over gRPC with msgpack framing (between clusters, or without an object store).
 
 Exporting side: a grpcio server (started on first export or first read of
-.address) bound to config.grpc_host:config.grpc_port (0 = ephemeral) serves
+.address) bound to config.grpc_host:config.grpc_port (0 = ephemeral; locators
+name config.advertised_host, the address other nodes dial) serves
 one unary-stream method, /pdserve.kvtransfer.KVTransfer/Fetch, through a
 generic handler with bytes in and out (no .proto). The staged payload is a
 reference to the exported bytes (no copy). An export is freed once streamed in
@@ -298,6 +299,10 @@ class GrpcConnector(KVConnector):
             if self._closing.is_set():
                 raise KVTransferError("connector is closed")
             credentials = self._server_credentials()  # before any resource: a bad PEM path leaks nothing
+            try:
+                advertised = self.config.advertised_host
+            except ValueError as e:
+                raise KVTransferError(str(e)) from e
             executor = ThreadPoolExecutor(max_workers=_SERVER_THREADS, thread_name_prefix="kv-grpc")
             server = grpc.server(executor, maximum_concurrent_rpcs=4 * _SERVER_THREADS, options=[
                 ("grpc.max_send_message_length", self._frame_limit),
@@ -315,7 +320,7 @@ class GrpcConnector(KVConnector):
                 raise KVTransferError(f"cannot bind {self.config.grpc_host}:{self.config.grpc_port}: {e}") from e
             server.start()
             self._server, self._executor = server, executor
-            self._address = _join(self.config.grpc_host, port)
+            self._address = _join(advertised, port)
             return self._address
 
     def _server_credentials(self) -> grpc.ServerCredentials | None:

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from engine.attention import decode_attention_bucketed, plan_decode_buckets
 
 
-def _padded_work(lengths: list[int], buckets: list[tuple[int, int]], block_size: int) -> int:
-    return sum((end - start) * -(-lengths[end - 1] // block_size) * block_size for start, end in buckets)
+def _padded_work(lengths: list[int], buckets: list[tuple[int, int, int]], block_size: int) -> int:
+    return sum((end - start) * -(-lengths[end - 1] // block_size) * block_size for start, end, _ in buckets)
 
 
 @settings(max_examples=200, deadline=None)
@@ -18,8 +18,8 @@ def _padded_work(lengths: list[int], buckets: list[tuple[int, int]], block_size:
 def test_buckets_cover_sorted_rows_in_order(lengths: list[int], block_size: int, cost: int) -> None:
     lengths = sorted(lengths)
     buckets = plan_decode_buckets(lengths, block_size, cost)
-    assert [r for start, end in buckets for r in range(start, end)] == list(range(len(lengths)))
-    assert all(end > start for start, end in buckets)
+    assert [r for start, end, _ in buckets for r in range(start, end)] == list(range(len(lengths)))
+    assert all(end > start and longest == lengths[end - 1] for start, end, longest in buckets)
     # never more padded work + bucket cost than a single bucket
     if lengths:
         single = _padded_work(lengths, [(0, len(lengths))], block_size) + cost
@@ -29,7 +29,7 @@ def test_buckets_cover_sorted_rows_in_order(lengths: list[int], block_size: int,
 def test_spread_lengths_get_several_buckets_and_equal_lengths_one() -> None:
     spread = [20, 30, 40, 500, 520, 2000]
     assert len(plan_decode_buckets(spread, 16, 256)) == 3
-    assert plan_decode_buckets([100] * 10, 16, 0) == [(0, 10)]
+    assert plan_decode_buckets([100] * 10, 16, 0) == [(0, 10, 100)]
 
 
 @settings(max_examples=25, deadline=None)

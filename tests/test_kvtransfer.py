@@ -217,6 +217,21 @@ def test_export_rejects_blocks_that_do_not_fit() -> None:
 
 # ---- gRPC specifics -------------------------------------------------------------------------------------
 
+def test_grpc_on_every_interface_advertises_a_dialable_address() -> None:
+    """A server bound to 0.0.0.0 must put an address other nodes can dial in its locators: the node's IP
+    (workers pass Ray's), never the wildcard, and it refuses to export with nothing to advertise."""
+    blocks = make_blocks(LAYOUT, 2, 9)
+    with make_connector(KVTransferConfig(transport="grpc", grpc_host="0.0.0.0")) as nowhere, \
+            pytest.raises(KVTransferError, match="grpc_advertise_host"):
+        export(nowhere, blocks)
+    wildcard = KVTransferConfig(transport="grpc", grpc_host="0.0.0.0").for_node("127.0.0.1")
+    assert wildcard.grpc_advertise_host == "127.0.0.1"
+    assert KVTransferConfig(transport="grpc").for_node("10.1.2.3").advertised_host == "127.0.0.1"  # bound: kept
+    with make_connector(wildcard) as exporter, make_connector(KVTransferConfig(transport="grpc")) as importer:
+        handle = export(exporter, blocks)
+        assert handle.locator.startswith("127.0.0.1:")
+        assert same_bytes(importer.fetch(handle, LAYOUT), blocks)
+
 def test_grpc_rejects_oversized_frames_and_payloads() -> None:
     with make_connector(KVTransferConfig(transport="grpc", chunk_bytes=1 << 20)) as exporter, \
             make_connector(KVTransferConfig(transport="grpc", chunk_bytes=1 << 10)) as small_frames, \

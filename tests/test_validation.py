@@ -43,7 +43,7 @@ def test_sampling_params_take_lists_or_one_string_and_store_tuples() -> None:
 @pytest.mark.parametrize("kwargs, message", [
     ({"block_size": 3}, "block_size must be a power of two >= 1, got 3"),
     ({"max_num_seqs": 0}, "max_num_seqs: Input should be greater than or equal to 1"),
-    ({"dtype": "int8"}, "dtype: Input should be 'float32', 'bfloat16' or 'float16'"),
+    ({"dtype": "int8"}, "dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16'"),
     ({"kv_cache_byte": 1}, "kv_cache_byte: Unexpected keyword argument"),
 ])
 def test_bad_engine_configs(kwargs: dict, message: str) -> None:
