@@ -3,7 +3,7 @@
 Without CUDA the kernels run in Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1 before triton is imported). The interpreter is 100-2000x
 slower than a GPU, so shapes stay tiny; it also accepts code a GPU compile
-rejects, so a second group of tests compiles both kernels to cubin for sm_90
+rejects, so a second group of tests compiles every kernel to cubin for sm_90
 and sm_80 (no GPU needed) in a subprocess.
 """
 
@@ -180,7 +180,8 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from engine.kernels.cache_write import _store_kv_kernel
-    from engine.kernels.paged_attention import _paged_decode_kernel
+    from engine.kernels.paged_attention import _merge_partitions_kernel, _paged_decode_kernel
+    from engine.kernels.prefill_attention import _paged_prefill_kernel
 
     def compile_one(kernel, pointers, scalars, constexprs, arch):
         # Signature: every parameter by name; pointers "*<dtype>", scalars "i32"/"fp32",
@@ -197,13 +198,29 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         return {"stages": list(compiled.asm), "ptx_target": target,
                 "cubin_bytes": len(compiled.asm.get("cubin", b""))}
 
-    def decode(dtype, arch):
-        ptrs = {"out_ptr": "*" + dtype, "q_ptr": "*" + dtype, "k_cache_ptr": "*" + dtype,
-                "v_cache_ptr": "*" + dtype, "block_tables_ptr": "*i64", "seq_lens_ptr": "*i64"}
-        consts = {"QUERIES_PER_KV": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "GROUP_PAD": 16,
-                  "HEAD_DIM_PAD": 128, "TILE": 32, "SLIDING": True,
-                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+    def decode(dtype, arch, split=False):
+        ptrs = {"out_ptr": "*" + dtype, "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32",
+                "q_ptr": "*" + dtype, "k_cache_ptr": "*" + dtype, "v_cache_ptr": "*" + dtype,
+                "block_tables_ptr": "*i64", "seq_lens_ptr": "*i64"}
+        consts = {"QUERIES_PER_KV": 4, "NUM_HEADS": 32, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "GROUP_PAD": 16,
+                  "HEAD_DIM_PAD": 128, "TILE": 32, "SLIDING": True, "SPLIT": split,
+                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "DOT_FP32": False}
         return compile_one(_paged_decode_kernel, ptrs, {"qk_scale": "fp32"}, consts, arch)
+
+    def merge(arch):
+        ptrs = {"out_ptr": "*bf16", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32"}
+        consts = {"NUM_HEADS": 32, "HEAD_DIM": 128, "SPLITS_PAD": 16, "HEAD_DIM_PAD": 128}
+        return compile_one(_merge_partitions_kernel, ptrs, {}, consts, arch)
+
+    def prefill(dtype, arch, head_dim=128, group=4, sliding=True):
+        ptrs = {"out_ptr": "*" + dtype, "q_ptr": "*" + dtype, "k_cache_ptr": "*" + dtype,
+                "v_cache_ptr": "*" + dtype, "block_tables_ptr": "*i64", "query_start_ptr": "*i32",
+                "seq_lens_ptr": "*i64"}
+        pad = max(16, 1 << (head_dim - 1).bit_length())
+        consts = {"QUERIES_PER_KV": group, "HEAD_DIM": head_dim, "BLOCK_SIZE": 16, "GROUP_PAD": group,
+                  "TILE_Q": 64 // group, "HEAD_DIM_PAD": pad, "TILE": 32, "SLIDING": sliding,
+                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "DOT_FP32": False}
+        return compile_one(_paged_prefill_kernel, ptrs, {"qk_scale": "fp32"}, consts, arch)
 
     def store(dtype, arch):
         ptrs = {"key_ptr": "*" + dtype, "value_ptr": "*" + dtype, "k_cache_ptr": "*" + dtype,
@@ -214,8 +231,15 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     results = {
         "decode-fp32-sm90": decode("fp32", 90),
         "decode-bf16-sm90": decode("bf16", 90),
+        "decode-split-bf16-sm90": decode("bf16", 90, split=True),
+        "merge-sm90": merge(90),
+        "prefill-fp32-sm90": prefill("fp32", 90),
+        "prefill-bf16-sm90": prefill("bf16", 90),
+        "prefill-fp16-d256-sm90": prefill("fp16", 90, head_dim=256, group=1, sliding=False),
         "store-bf16-sm90": store("bf16", 90),
         "decode-bf16-sm80": decode("bf16", 80),
+        "decode-split-fp16-sm80": decode("fp16", 80, split=True),
+        "prefill-bf16-d80-sm80": prefill("bf16", 80, head_dim=80, group=2),
         "store-fp32-sm80": store("fp32", 80),
     }
     json.dump(results, sys.stdout)
@@ -233,8 +257,10 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", ["decode-fp32-sm90", "decode-bf16-sm90", "store-bf16-sm90",
-                                  "decode-bf16-sm80", "store-fp32-sm80"])
+@pytest.mark.parametrize("case", ["decode-fp32-sm90", "decode-bf16-sm90", "decode-split-bf16-sm90", "merge-sm90",
+                                  "prefill-fp32-sm90", "prefill-bf16-sm90", "prefill-fp16-d256-sm90",
+                                  "store-bf16-sm90", "decode-bf16-sm80", "decode-split-fp16-sm80",
+                                  "prefill-bf16-d80-sm80", "store-fp32-sm80"])
 def test_compiles_to_cubin(compiled: dict, case: str) -> None:
     result = compiled[case]
     arch = case.rsplit("-", 1)[1]  # "sm90"
