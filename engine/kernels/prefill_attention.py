@@ -53,7 +53,7 @@ TILE_N = 32
 
 @triton.jit
 def _paged_prefill_kernel(
-    out_ptr,                       # [T, H, D], stride 1 along D
+    out_ptr,                       # [T, H, D], any strides
     q_ptr,                         # [T, H, D], any strides
     k_cache_ptr, v_cache_ptr,      # [num_blocks, BLOCK_SIZE, Hkv, D], stride 1 along D
     block_tables_ptr,              # [P, max_blocks] int64, stride 1 along blocks
@@ -63,7 +63,7 @@ def _paged_prefill_kernel(
     qk_scale,                      # fp32: softmax scale * log2(e), scores live in the log2 domain
     window,                        # i32: sliding window in tokens (read only if SLIDING)
     stride_qt, stride_qh, stride_qd,
-    stride_ot, stride_oh,
+    stride_ot, stride_oh, stride_od,
     stride_cb, stride_ct, stride_ch,  # cache strides (elements) of block, token, head
     stride_btb,
     QUERIES_PER_KV: tl.constexpr,  # H // Hkv
@@ -138,7 +138,7 @@ def _paged_prefill_kernel(
 
     # A real row always sees its own key, so l_i > 0 there; padded rows are not stored.
     out = acc / tl.where(row_ok, l_i, 1.0)[:, None]
-    tl.store(out_ptr + row_off[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :],
+    tl.store(out_ptr + row_off[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :] * stride_od,
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_mask[None, :])
 
 
@@ -156,9 +156,9 @@ def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
     [num_blocks, block_size, Hkv, D] in query's dtype, one layout, D contiguous,
     block_size a power of two. H must be a multiple of Hkv (head h reads kv head
     h // (H // Hkv)). `scale` multiplies q.k; with sliding_window W a query at
-    position p attends keys in (p - W, p]. Writes into `out` ([T, H, D], D
-    contiguous, e.g. a row range of a larger output) when given, else into a new
-    tensor; returns it. Accumulation is fp32 whatever the dtype.
+    position p attends keys in (p - W, p]. Writes into `out` ([T, H, D] in
+    query's dtype, any strides, e.g. a row range of a larger output) when given,
+    else into a new tensor; returns it. Accumulation is fp32 whatever the dtype.
     """
     check_paged_inputs(query, k_cache, v_cache, sliding_window)
     num_tokens, num_heads, head_dim = query.shape
@@ -169,8 +169,8 @@ def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
                          f"{tuple(query_start.shape)} and {tuple(block_tables.shape)}")
     if out is None:
         out = torch.empty((num_tokens, num_heads, head_dim), dtype=query.dtype, device=query.device)
-    elif out.shape != query.shape or out.dtype != query.dtype or out.stride(2) != 1:
-        raise ValueError(f"out must be {tuple(query.shape)} {query.dtype} with D contiguous")
+    elif out.shape != query.shape or out.dtype != query.dtype:
+        raise ValueError(f"out must be {tuple(query.shape)} {query.dtype}, got {tuple(out.shape)} {out.dtype}")
     if num_tokens == 0:
         return out
     block_tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
@@ -182,7 +182,7 @@ def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
     _paged_prefill_kernel[(num_tokens // tile_q + num_seqs, num_kv_heads)](
         out, query, k_cache, v_cache, block_tables, query_start, seq_lens, num_seqs,
         float(scale) * LOG2E, window_arg(sliding_window),
-        *query.stride(), out.stride(0), out.stride(1),
+        *query.stride(), *out.stride(),
         *k_cache.stride()[:3], block_tables.stride(0),
         QUERIES_PER_KV=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         GROUP_PAD=group_pad, TILE_Q=tile_q, HEAD_DIM_PAD=padded(head_dim),
