@@ -44,9 +44,11 @@ from engine.kernels.paged_tile import (
     window_arg,
 )
 
-# Rows (tokens x group heads) per query tile, and key positions per inner
-# iteration. 64 x 32 keeps q, k, v and the fp32 accumulator of head_dim 256 in
-# registers/shared memory of one program; not tuned on a GPU (none available).
+# Rows (tokens x group heads) per query tile (a group wider than BLOCK_M takes
+# one token per tile), and key positions per inner iteration. The usual flash
+# attention shapes; they compile for sm_80/sm_90 up to head_dim 256
+# (tests/test_kernels.py), but register use and speed are not measured or tuned:
+# no GPU was available.
 BLOCK_M = 64
 TILE_N = 32
 
