@@ -20,7 +20,9 @@ enough to keep SDPA busy.
 
 Backends for decodes: "torch" (the bucketed gather + SDPA above), "cpu" (a C
 kernel reading blocks in place, engine/cpu_attention.py), "triton" (CUDA,
-engine/kernels). Prefill chunks always take the torch path.
+engine/kernels). Prefill chunks take the torch path one by one, except with
+"triton": there all chunks of the step go through one launch of a kernel that
+reads every key from the cache in place (engine/kernels/prefill_attention.py).
 """
 
 from __future__ import annotations
@@ -60,6 +62,13 @@ class ForwardContext:
     decode_buckets: list[DecodeBucket] | None = None  # None: one bucket
     backend: str = "torch"
     workspace: dict = field(default_factory=dict)  # reused gather buffers, keyed by shape
+    # Prefill rows for the triton backend, P = len(query_lens) - num_decodes. prefill_query_start
+    # [P + 1] int32: prefill sequence i (sequence num_decodes + i) owns packed rows
+    # [num_decodes + prefill_query_start[i], num_decodes + prefill_query_start[i + 1]); it starts at 0
+    # and ends at sum(query_lens[num_decodes:]). prefill_seq_lens [P] int64 == seq_lens[num_decodes:].
+    # Both on the device of the packed tensors; None: paged_attention builds them there on first use.
+    prefill_query_start: torch.Tensor | None = None
+    prefill_seq_lens: torch.Tensor | None = None
 
 
 def store_kv_torch(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -239,6 +248,11 @@ def paged_attention(ctx: ForwardContext, layer_idx: int, query: torch.Tensor, ke
     if nd:
         out[:nd] = ops.decode(query[:nd], k_cache, v_cache, ctx.block_tables[:nd], ctx.decode_seq_lens,
                               scale, sliding_window, ctx.workspace, ctx.decode_buckets)
+    if ops.prefill is not None and len(ctx.query_lens) > nd:  # every chunk in one launch, keys read in place
+        query_start, seq_lens = _prefill_offsets(ctx, query.device)
+        ops.prefill(query[nd:], k_cache, v_cache, ctx.block_tables[nd:], query_start, seq_lens, scale,
+                    sliding_window, out=out[nd:])
+        return out
     start = nd
     for i in range(nd, len(ctx.query_lens)):
         q_len, ctx_len = ctx.query_lens[i], ctx.seq_lens[i]
@@ -253,10 +267,23 @@ def paged_attention(ctx: ForwardContext, layer_idx: int, query: torch.Tensor, ke
     return out
 
 
+def _prefill_offsets(ctx: ForwardContext, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ctx.prefill_query_start and ctx.prefill_seq_lens, built from the lists once per step if unset."""
+    if ctx.prefill_query_start is None or ctx.prefill_seq_lens is None:
+        lens = ctx.query_lens[ctx.num_decodes:]
+        starts = [0]
+        for n in lens:
+            starts.append(starts[-1] + n)
+        ctx.prefill_query_start = torch.tensor(starts, dtype=torch.int32, device=device)
+        ctx.prefill_seq_lens = torch.tensor(ctx.seq_lens[ctx.num_decodes:], dtype=torch.int64, device=device)
+    return ctx.prefill_query_start, ctx.prefill_seq_lens
+
+
 @dataclass(frozen=True)
 class _Ops:
     store_kv: object
     decode: object
+    prefill: object = None  # all prefill chunks in one call; None: prefill_attention_torch per sequence
 
 
 def _backend_ops(backend: str) -> _Ops:
@@ -268,12 +295,12 @@ def _backend_ops(backend: str) -> _Ops:
 
         return _Ops(store_kv=store_kv_torch, decode=decode_cpu)
     if backend == "triton":
-        from engine.kernels import paged_decode_attention, store_kv
+        from engine.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 
         def decode(q, kc, vc, bt, sl, scale, window, _ws, _buckets):  # one launch; no padding to bucket
             return paged_decode_attention(q, kc, vc, bt, sl, scale, window)
 
-        return _Ops(store_kv=store_kv, decode=decode)
+        return _Ops(store_kv=store_kv, decode=decode, prefill=paged_prefill_attention)
     return _TORCH_OPS
 
 

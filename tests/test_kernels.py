@@ -3,7 +3,7 @@
 Without CUDA the kernels run in Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1 before triton is imported). The interpreter is 100-2000x
 slower than a GPU, so shapes stay tiny; it also accepts code a GPU compile
-rejects, so a second group of tests compiles both kernels to cubin for sm_90
+rejects, so a second group of tests compiles every kernel to cubin for sm_90
 and sm_80 (no GPU needed) in a subprocess.
 """
 
@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from engine.attention import ForwardContext, decode_attention_torch, paged_attention, store_kv_torch
+from engine.kernels import paged_attention as kernel_module
 from engine.kernels import paged_decode_attention, store_kv
-from engine.kernels.paged_attention import TILE_N
+from engine.kernels.paged_attention import SPLIT_MAX, TILE_N, decode_splits
 from tests.engine_helpers import random_paged_batch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -85,13 +86,16 @@ def test_decode_strided_query_and_large_block() -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_decode_fp16() -> None:
-    q, kc, vc, table, lens = _paged_batch([3, 16, 45], 16, group=2, dtype=torch.float16, seed=3)
+# bf16 keeps 8 significant bits to fp16's 11: output rounding and probabilities rounded before the
+# P.V dot cost up to ~2**-9 relative each (see BF16_TOL in tests/test_prefill_kernel.py).
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+def test_decode_16_bit(dtype: torch.dtype, tol: float) -> None:
+    q, kc, vc, table, lens = _paged_batch([3, 16, 45], 16, group=2, dtype=dtype, seed=3)
     got = paged_decode_attention(q, kc, vc, table, lens, 0.25)
     want = decode_attention_torch(q.float(), kc.float(), vc.float(), table, lens, 0.25)
-    assert got.dtype == torch.float16
-    # Probabilities are rounded to fp16 before the P.V dot, as on tensor cores.
-    torch.testing.assert_close(got.float(), want, rtol=2e-3, atol=2e-3)
+    assert got.dtype == dtype
+    # Probabilities are rounded to the 16-bit dtype before the P.V dot, as on tensor cores.
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
 
 
 def test_decode_empty_batch() -> None:
@@ -100,6 +104,57 @@ def test_decode_empty_batch() -> None:
     out = paged_decode_attention(q, kc, vc, torch.zeros(0, 1, dtype=torch.int64),
                                  torch.zeros(0, dtype=torch.int64), 1.0)
     assert out.shape == (0, NUM_KV_HEADS, HEAD_DIM)
+
+
+class _GridSpy:
+    """Stands in for a Triton kernel in its module and records the grid of every launch."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize(("num_splits", "window", "launched"), [(2, None, 2), (3, 11, 2), (5, None, 4), (4, 40, 3)])
+def test_decode_split_k_matches_torch(monkeypatch: pytest.MonkeyPatch, num_splits: int, window: int | None,
+                                      launched: int) -> None:
+    """Forced partitions, merged by the second kernel, equal the unsplit result.
+
+    The table is 14 blocks of 16 (224 positions) wide; partitions are whole tiles
+    (TILE_N), so 5 asked become 4 of 64 positions, and with a window only its
+    span is split (11 -> 2 partitions of 32, 40 -> 3). Sequences of 1 and 31
+    tokens leave their later partitions empty; windows leave whole tiles before
+    the first visible key.
+    """
+    seq_lens = [1, 31, 70, 150, 200]
+    q, kc, vc, table, lens = _paged_batch(seq_lens, 16, group=2, seed=num_splits)
+    decode_spy = _GridSpy(kernel_module._paged_decode_kernel)
+    merge_spy = _GridSpy(kernel_module._merge_partitions_kernel)
+    monkeypatch.setattr(kernel_module, "_paged_decode_kernel", decode_spy)
+    monkeypatch.setattr(kernel_module, "_merge_partitions_kernel", merge_spy)
+    got = paged_decode_attention(q, kc, vc, table, lens, 0.3, window, num_splits=num_splits)
+    assert decode_spy.grids == [(len(seq_lens), NUM_KV_HEADS, launched)]
+    assert merge_spy.grids == [(len(seq_lens), NUM_KV_HEADS * 2)]
+    torch.testing.assert_close(got, decode_attention_torch(q, kc, vc, table, lens, 0.3, window),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_decode_split_rule() -> None:
+    assert decode_splits(batch=64, num_kv_heads=8, span=4096) == 1  # 512 programs fill the GPU already
+    assert decode_splits(batch=1, num_kv_heads=8, span=4096) == 16  # 4096 / SPLIT_MIN_TOKENS
+    assert decode_splits(batch=2, num_kv_heads=8, span=1 << 20) == 17  # ceil(264 / 16) programs' worth
+    assert decode_splits(batch=1, num_kv_heads=1, span=1 << 20) == SPLIT_MAX
+    assert decode_splits(batch=1, num_kv_heads=2, span=200) == 1  # too short to split
+
+
+def test_decode_split_by_default_for_one_long_sequence() -> None:
+    # One 600-token sequence on 2 kv heads: the rule picks 3 partitions (624 table positions / 256).
+    q, kc, vc, table, lens = _paged_batch([600], 16, group=4, seed=9)
+    assert decode_splits(1, NUM_KV_HEADS, table.shape[1] * 16) == 3
+    got = paged_decode_attention(q, kc, vc, table, lens, 0.25)
+    torch.testing.assert_close(got, decode_attention_torch(q, kc, vc, table, lens, 0.25), rtol=1e-5, atol=1e-5)
 
 
 # --- store_kv ------------------------------------------------------------------------------------
@@ -139,13 +194,14 @@ def test_store_kv_empty_and_all_skipped() -> None:
 
 # --- through engine.attention with backend="triton" ----------------------------------------------
 
-def test_paged_attention_backend_triton_matches_torch() -> None:
-    """The `_backend_ops` contract: store, then decode, in a mixed decode + prefill batch."""
+@pytest.mark.parametrize("window", [None, 6])
+def test_paged_attention_backend_triton_matches_torch(window: int | None) -> None:
+    """The `_backend_ops` contract: store, decode, then every prefill chunk in one kernel call."""
     gen = torch.Generator().manual_seed(5)
     block_size, heads, num_blocks = 8, NUM_KV_HEADS * 2, 10
-    # Two decodes (contexts 9 and 17) then one 5-token prefill chunk after 3 cached tokens.
-    query_lens, seq_lens = [1, 1, 5], [9, 17, 8]
-    table = torch.tensor([[3, 7, 0], [1, 9, 4], [6, 2, 0]])
+    # Two decodes (contexts 9 and 17), a 5-token prefill chunk after 3 cached tokens, a fresh 7-token one.
+    query_lens, seq_lens = [1, 1, 5, 7], [9, 17, 8, 7]
+    table = torch.tensor([[3, 7, 0], [1, 9, 4], [6, 2, 0], [5, 8, 0]])
     slot_rows = [[p for p in range(n - q, n)] for q, n in zip(query_lens, seq_lens, strict=True)]
     slots = torch.tensor([int(table[i, p // block_size]) * block_size + p % block_size
                           for i, row in enumerate(slot_rows) for p in row])
@@ -162,7 +218,9 @@ def test_paged_attention_backend_triton_matches_torch() -> None:
         ctx = ForwardContext(kv_caches=kv, slot_mapping=slots, query_lens=query_lens, seq_lens=seq_lens,
                              block_tables=table, num_decodes=2, decode_seq_lens=torch.tensor(seq_lens[:2]),
                              backend=backend)
-        outs[backend] = (paged_attention(ctx, 0, query, key, value, 0.25, 6), kv[0])
+        outs[backend] = (paged_attention(ctx, 0, query, key, value, 0.25, window), kv[0])
+        if backend == "triton":  # filled on first use: offsets relative to the first prefill row
+            assert ctx.prefill_query_start.tolist() == [0, 5, 12] and ctx.prefill_seq_lens.tolist() == [8, 7]
     torch.testing.assert_close(outs["triton"][0], outs["torch"][0], rtol=1e-5, atol=1e-5)
     assert torch.equal(outs["triton"][1][0], outs["torch"][1][0])
     assert torch.equal(outs["triton"][1][1], outs["torch"][1][1])
@@ -180,7 +238,8 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from engine.kernels.cache_write import _store_kv_kernel
-    from engine.kernels.paged_attention import _paged_decode_kernel
+    from engine.kernels.paged_attention import _merge_partitions_kernel, _paged_decode_kernel
+    from engine.kernels.prefill_attention import _paged_prefill_kernel
 
     def compile_one(kernel, pointers, scalars, constexprs, arch):
         # Signature: every parameter by name; pointers "*<dtype>", scalars "i32"/"fp32",
@@ -197,13 +256,29 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         return {"stages": list(compiled.asm), "ptx_target": target,
                 "cubin_bytes": len(compiled.asm.get("cubin", b""))}
 
-    def decode(dtype, arch):
-        ptrs = {"out_ptr": "*" + dtype, "q_ptr": "*" + dtype, "k_cache_ptr": "*" + dtype,
-                "v_cache_ptr": "*" + dtype, "block_tables_ptr": "*i64", "seq_lens_ptr": "*i64"}
-        consts = {"QUERIES_PER_KV": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "GROUP_PAD": 16,
-                  "HEAD_DIM_PAD": 128, "TILE": 32, "SLIDING": True,
-                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+    def decode(dtype, arch, split=False):
+        ptrs = {"out_ptr": "*" + dtype, "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32",
+                "q_ptr": "*" + dtype, "k_cache_ptr": "*" + dtype, "v_cache_ptr": "*" + dtype,
+                "block_tables_ptr": "*i64", "seq_lens_ptr": "*i64"}
+        consts = {"QUERIES_PER_KV": 4, "NUM_HEADS": 32, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "GROUP_PAD": 16,
+                  "HEAD_DIM_PAD": 128, "TILE": 32, "SLIDING": True, "SPLIT": split,
+                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "DOT_FP32": False}
         return compile_one(_paged_decode_kernel, ptrs, {"qk_scale": "fp32"}, consts, arch)
+
+    def merge(arch):
+        ptrs = {"out_ptr": "*bf16", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32"}
+        consts = {"NUM_HEADS": 32, "HEAD_DIM": 128, "SPLITS_PAD": 16, "HEAD_DIM_PAD": 128}
+        return compile_one(_merge_partitions_kernel, ptrs, {}, consts, arch)
+
+    def prefill(dtype, arch, head_dim=128, group=4, sliding=True):
+        ptrs = {"out_ptr": "*" + dtype, "q_ptr": "*" + dtype, "k_cache_ptr": "*" + dtype,
+                "v_cache_ptr": "*" + dtype, "block_tables_ptr": "*i64", "query_start_ptr": "*i32",
+                "seq_lens_ptr": "*i64"}
+        pad = max(16, 1 << (head_dim - 1).bit_length())
+        consts = {"QUERIES_PER_KV": group, "HEAD_DIM": head_dim, "BLOCK_SIZE": 16, "GROUP_PAD": group,
+                  "TILE_Q": 64 // group, "HEAD_DIM_PAD": pad, "TILE": 32, "SLIDING": sliding,
+                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "DOT_FP32": False}
+        return compile_one(_paged_prefill_kernel, ptrs, {"qk_scale": "fp32"}, consts, arch)
 
     def store(dtype, arch):
         ptrs = {"key_ptr": "*" + dtype, "value_ptr": "*" + dtype, "k_cache_ptr": "*" + dtype,
@@ -214,8 +289,15 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     results = {
         "decode-fp32-sm90": decode("fp32", 90),
         "decode-bf16-sm90": decode("bf16", 90),
+        "decode-split-bf16-sm90": decode("bf16", 90, split=True),
+        "merge-sm90": merge(90),
+        "prefill-fp32-sm90": prefill("fp32", 90),
+        "prefill-bf16-sm90": prefill("bf16", 90),
+        "prefill-fp16-d256-sm90": prefill("fp16", 90, head_dim=256, group=1, sliding=False),
         "store-bf16-sm90": store("bf16", 90),
         "decode-bf16-sm80": decode("bf16", 80),
+        "decode-split-fp16-sm80": decode("fp16", 80, split=True),
+        "prefill-bf16-d80-sm80": prefill("bf16", 80, head_dim=80, group=2),
         "store-fp32-sm80": store("fp32", 80),
     }
     json.dump(results, sys.stdout)
@@ -233,8 +315,10 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", ["decode-fp32-sm90", "decode-bf16-sm90", "store-bf16-sm90",
-                                  "decode-bf16-sm80", "store-fp32-sm80"])
+@pytest.mark.parametrize("case", ["decode-fp32-sm90", "decode-bf16-sm90", "decode-split-bf16-sm90", "merge-sm90",
+                                  "prefill-fp32-sm90", "prefill-bf16-sm90", "prefill-fp16-d256-sm90",
+                                  "store-bf16-sm90", "decode-bf16-sm80", "decode-split-fp16-sm80",
+                                  "prefill-bf16-d80-sm80", "store-fp32-sm80"])
 def test_compiles_to_cubin(compiled: dict, case: str) -> None:
     result = compiled[case]
     arch = case.rsplit("-", 1)[1]  # "sm90"
