@@ -13,6 +13,8 @@ from engine.engine import _resolve_backend
 from engine.kv_cache import KVLayout
 from tests.engine_helpers import assert_all_free, hf_greedy, random_paged_batch, random_prompts
 
+CPU = torch.device("cpu")
+
 pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="no C compiler on this machine")
 
 
@@ -68,11 +70,14 @@ def test_refuses_what_it_does_not_handle() -> None:
 
 def test_auto_picks_it_on_the_cpu_and_falls_back_where_it_does_not_fit() -> None:
     fits = KVLayout(num_layers=2, num_kv_heads=4, head_dim=64, block_size=16, dtype="float32")
-    assert _resolve_backend("auto", fits) == "cpu"
+    assert _resolve_backend("auto", fits, CPU) == "cpu"
     half = KVLayout(num_layers=2, num_kv_heads=4, head_dim=64, block_size=16, dtype="bfloat16")
-    assert _resolve_backend("auto", half) == "torch"
+    assert _resolve_backend("auto", half, CPU) == "torch"
     with pytest.raises(ValueError, match="attention_backend 'cpu'"):
-        _resolve_backend("cpu", half)
+        _resolve_backend("cpu", half, CPU)
+    # CUDA takes the Triton kernels; a CPU kernel cannot read a meta (or CUDA) cache
+    assert _resolve_backend("auto", fits, torch.device("cuda")) == "triton"
+    assert _resolve_backend("auto", fits, torch.device("meta")) == "torch"
 
 
 def test_a_failed_build_leaves_the_torch_path(monkeypatch, tmp_path, caplog) -> None:
