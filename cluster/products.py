@@ -162,12 +162,18 @@ class ProductConfig(_Frozen):
         return KVTransferConfig(**self.transfer)
 
     def resolved_api_keys(self) -> frozenset[str]:
+        """The Bearer keys; empty (no auth) only when api_keys is. Raises ValueError when api_keys names
+        only variables that are unset or empty, so an ingress missing its Secret fails to start rather
+        than serve the product open."""
         keys: set[str] = set()
         for key in self.api_keys:
             if key.startswith("env:"):
                 keys.update(k.strip() for k in os.environ.get(key[4:], "").split(",") if k.strip())
             else:
                 keys.add(key)
+        if self.api_keys and not keys:
+            raise ValueError(f"product {self.name!r}: api_keys {list(self.api_keys)} resolve to no key "
+                             f"(set the variables they name)")
         return frozenset(keys)
 
 

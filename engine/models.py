@@ -1,8 +1,9 @@
 """What the `model` setting may name, resolved to a local Hugging Face folder.
 
 - None: the built-in `tiny` model (random weights; tests and quick checks).
-- A built-in random model (`tiny`, `small`, `tiny-qwen2`, `tiny-mistral`;
-  engine/tiny_model.py): a fixed shape and speed, built from a fixed seed.
+- A built-in random model (`tiny`, `small`, `tiny-qwen2`, `tiny-mistral`,
+  `llama-1b-shape`; engine/tiny_model.py): a fixed shape and speed, built
+  from a fixed seed.
 - A real model shipped by a package from the registry (REAL_MODELS):
   `smollm2-135m-instruct`, SmolLM2-135M-Instruct (Apache-2.0, Llama
   architecture: 30 layers, hidden 576, 9 query and 3 KV heads, a 49,152-token

@@ -11,6 +11,8 @@ Invariants:
   `torch.Generator` in a fixed order, as a *uniform* distribution mapped with
   exact or singly rounded float32 arithmetic; normal sampling is avoided
   because its vectorised log/cos differ in the last bit between CPUs.
+  A model whose config names another dtype (`llama-1b-shape`: bfloat16)
+  is stored rounded to it, a deterministic cast of those float32 values.
 - The folder lives at `<cache>/models/<name>-<hash>` (engine/model_store.py:
   built once, complete when it exists), and the hash covers the spec, the
   seed, the generator version and the shipped tokenizer.
@@ -97,6 +99,22 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "architectures": ["MistralForCausalLM"],
         **_TINY_SHAPE,
         "sliding_window": 32,
+    },
+    # GPU benchmarks: the shape of a 1B Llama (Llama 3.2 1B's layers, grouped-query attention),
+    # about 1.0e9 parameters. The vocabulary stays the shipped tokenizer's 8192 tokens instead of
+    # a real 1B model's 128k, so the embedding and lm_head are 34M of the total rather than 525M.
+    # Stored in bfloat16 (2 GB instead of 4; the weights are drawn in float32 as for every model,
+    # then rounded once), as GPU engines run it.
+    "llama-1b-shape": {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 2048,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "intermediate_size": 8192,
+        "dtype": "bfloat16",
     },
 }
 NAMES: tuple[str, ...] = tuple(CONFIGS)
@@ -228,7 +246,11 @@ def _write_folder(folder: Path, name: str, tokenizer_json: bytes) -> None:
     GenerationConfig(
         bos_token_id=None, eos_token_id=list(_COMMON["eos_token_id"]), pad_token_id=ENDOFTEXT_ID
     ).save_pretrained(folder)
-    save_file(make_weights(name), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    weights = make_weights(name)
+    dtype = getattr(torch, {**_COMMON, **CONFIGS[name]}["dtype"])
+    for key in weights:  # one tensor at a time, so the float32 and rounded copies never coexist whole
+        weights[key] = weights[key].to(dtype)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "tokenizer.json").write_bytes(tokenizer_json)
     _write_json(folder / "tokenizer_config.json", _tokenizer_config())
     _write_json(folder / "special_tokens_map.json", {

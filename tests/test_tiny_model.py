@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.utils import logging as hf_logging
 
+from engine import models as model_names
 from engine import tiny_model
 
 TINY_NAMES = ("tiny", "tiny-qwen2", "tiny-mistral")
@@ -100,7 +101,7 @@ def _digest(weights: dict[str, torch.Tensor]) -> str:
 
 
 def test_names_and_unknown_name(cache_dir: Path) -> None:
-    assert tiny_model.NAMES == ("tiny", "small", "tiny-qwen2", "tiny-mistral")
+    assert tiny_model.NAMES == ("tiny", "small", "tiny-qwen2", "tiny-mistral", "llama-1b-shape")
     with pytest.raises(ValueError, match="unknown built-in model"):
         tiny_model.path("huge")
 
@@ -230,6 +231,38 @@ def test_small_builds_at_benchmark_scale(cache_dir: Path) -> None:
         skeleton = AutoModelForCausalLM.from_config(cfg)
     assert shapes == {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     shutil.rmtree(folder)  # 400 MB; pytest keeps recent temp dirs around
+
+
+def test_llama_1b_shape_is_about_1e9_parameters_on_the_meta_device() -> None:
+    # Never built here: 1e9 parameters are 4 GB while drawn in float32 (2 GB stored in bfloat16).
+    cfg = tiny_model.make_config("llama-1b-shape")
+    assert cfg.architectures == ["LlamaForCausalLM"]
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size) == (2048, 16, 8192)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (32, 8, 64)
+    # The shipped tokenizer's vocabulary, not a real 1B model's: every built-in model shares it.
+    assert cfg.vocab_size == Tokenizer.from_file(str(tiny_model.TOKENIZER_FILE)).get_vocab_size() == 8192
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(cfg)
+    count = sum(p.numel() for p in skeleton.parameters())
+    assert 0.95e9 <= count <= 1.05e9, count
+    assert "llama-1b-shape" in model_names.NAMES  # what models.resolve accepts
+
+
+def test_folder_stores_the_dtype_its_config_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # llama-1b-shape's bfloat16 storage, on a copy of tiny: the float32 recipe rounded once.
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(tiny_model.CONFIGS, "tiny-bf16", {**tiny_model.CONFIGS["tiny"], "dtype": "bfloat16"})
+    folder = Path(tiny_model.path("tiny-bf16"))
+    assert AutoConfig.from_pretrained(folder).dtype == torch.bfloat16
+    expected = tiny_model.make_weights("tiny-bf16")
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        assert set(f.keys()) == set(expected)
+        for key in expected:
+            stored = f.get_tensor(key)
+            assert stored.dtype == torch.bfloat16 and torch.equal(stored, expected[key].to(torch.bfloat16)), key
+    # The float32 models are unchanged: their folders hold the recipe's bytes.
+    with safe_open(str(Path(tiny_model.path("tiny")) / "model.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
 
 
 def test_tokenizer_asset_ids_and_size() -> None:
