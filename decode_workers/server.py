@@ -56,7 +56,8 @@ class DecodeServer:
         handle or a Serve DeploymentHandle), or None for colocated mode. dedup=False asks for
         every block even when this worker holds some (for measuring what dedup saves)."""
         self.engine = AsyncEngine(EngineConfig.coerce(engine_config))
-        self.connector = make_connector(KVTransferConfig.coerce(transfer_config).for_node(ray.util.get_node_ip_address()))
+        self.connector = make_connector(
+            KVTransferConfig.coerce(transfer_config).for_node(ray.util.get_node_ip_address()))
         self.prefill_handle = prefill
         self.prefill_timeout_s = prefill_timeout_s
         self.dedup = dedup

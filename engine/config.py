@@ -64,7 +64,8 @@ class EngineConfig:
 
     Units: kv_cache_bytes in bytes (split into fixed blocks at start, never
     grown); gpu_memory_utilization a fraction of the GPU's total memory that
-    the engine may fill (weights, activations and KV together); block_size, max_num_batched_tokens and max_model_len in tokens.
+    the engine may fill (weights, activations and KV together); block_size,
+    max_num_batched_tokens and max_model_len in tokens.
     num_kv_blocks, when set, overrides kv_cache_bytes (tests use it to force
     preemption with an exact block count).
     """
@@ -82,7 +83,8 @@ class EngineConfig:
     max_num_batched_tokens: int = Field(2048, ge=1)
     max_model_len: int | None = Field(None, ge=1)  # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
-    attention_backend: Literal["auto", "torch", "cpu", "triton"] = "auto"  # auto: triton on CUDA, else cpu, else torch
+    # auto: triton on CUDA, else cpu, else torch
+    attention_backend: Literal["auto", "torch", "cpu", "triton"] = "auto"
     # Linear layers: "onednn" packs CPU weights once for oneDNN, q/k/v and gate/up fused (engine/cpu_linear.py),
     # and runs RMSNorms as one call (engine/cpu_norm.py); auto: onednn where it applies (CPU, float32 or
     # bfloat16), else the model's own modules as transformers built them.
@@ -92,6 +94,9 @@ class EngineConfig:
     kv_layout: Literal["paged", "contiguous"] = "paged"
     contiguous_reserve: Literal["grow", "max"] = "grow"  # contiguous: grow while decoding, or reserve max at once
     num_threads: int | None = Field(None, ge=1)  # torch intra-op threads; None leaves torch's default
+    # False: on CUDA with the Triton kernels, decode-only steps replay CUDA graphs captured per batch size
+    # (engine/cuda_graphs.py). True by default until a GPU run has checked them; elsewhere always eager.
+    enforce_eager: bool = True
     seed: int = 0
 
     @classmethod

@@ -20,6 +20,7 @@ from engine import cpu_attention, cpu_linear, cpu_norm, memory_profile, models
 from engine.block_hash import extra_keys
 from engine.config import CPU_KV_CACHE_BYTES, EngineConfig, SamplingParams
 from engine.contiguous_kv_cache_manager import ContiguousKVCacheManager
+from engine.cuda_graphs import cuda_capture
 from engine.device import resolve_device, resolve_dtype
 from engine.kv_cache import DTYPES, KVLayout, PagedKVCache, blocks_in
 from engine.kv_cache_manager import KVCacheManager
@@ -64,6 +65,9 @@ class Engine:
         self.kv = self._kv_manager()
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_cache, self.attention_backend)
+        if not config.enforce_eager and self.device.type == "cuda" and self.attention_backend == "triton":
+            self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len,
+                                              cuda_capture(torch.cuda.graph_pool_handle()))
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, Request] = {}  # unfinished requests, deferred ones included
         self.held: dict[str, Request] = {}  # finished hold_kv requests whose blocks are kept

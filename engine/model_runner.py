@@ -17,6 +17,7 @@ import torch
 from transformers import PreTrainedModel
 
 from engine.attention import ForwardContext, plan_decode_buckets
+from engine.cuda_graphs import Capture, DecodeGraphs, bucket_sizes
 from engine.kv_cache import PagedKVCache
 from engine.request import Request
 
@@ -41,6 +42,7 @@ class ModelRunner:
         self.device = kv_cache.device
         self._layer_caches = kv_cache.layer_caches()
         self._workspace: dict = {}  # gather buffers reused across steps
+        self.graphs: DecodeGraphs | None = None  # set by capture_decode_graphs
 
     def prepare(self, scheduled: list[tuple[Request, int]]) -> StepBatch:
         """scheduled: (request, new tokens this step), decodes (1 token) first.
@@ -111,12 +113,26 @@ class ModelRunner:
             start += t.numel()
         return tuple(out)
 
+    def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int, capture: Capture) -> None:
+        """From now on, decode-only batches of up to max_num_seqs replay captured forwards (engine/cuda_graphs.py)."""
+        with torch.inference_mode():
+            self.graphs = DecodeGraphs(self._forward, self._layer_caches, bucket_sizes(max_num_seqs),
+                                       -(-max_model_len // self.block_size), self.backend, self.device, capture)
+
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """Logits [S, vocab] in float32 for batch.sample_requests (S may be 0)."""
-        keep = batch.logits_indices if len(batch.logits_indices) else torch.zeros(1, dtype=torch.long,
-                                                                                      device=self.device)
-        out = self.model(input_ids=batch.input_ids, position_ids=batch.positions, logits_to_keep=keep,
-                         use_cache=False, pdserve_ctx=batch.ctx)
-        logits = out.logits[0].float()
-        return logits if len(batch.logits_indices) else logits[:0]
+        ctx = batch.ctx
+        num = len(batch.sample_requests)
+        if self.graphs is not None and 0 < num == ctx.num_decodes == len(ctx.query_lens) <= self.graphs.max_batch:
+            return self.graphs.run(batch.input_ids, batch.positions, ctx.slot_mapping, ctx.block_tables,
+                                   ctx.decode_seq_lens)
+        keep = batch.logits_indices if num else torch.zeros(1, dtype=torch.long, device=self.device)
+        logits = self._forward(batch.input_ids, batch.positions, ctx, keep)
+        return logits if num else logits[:0]
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,
+                 logits_indices: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, position_ids=positions, logits_to_keep=logits_indices,
+                         use_cache=False, pdserve_ctx=ctx)
+        return out.logits[0].float()

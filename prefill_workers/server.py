@@ -49,7 +49,8 @@ class PrefillServer:
                  directory: str | ray.actor.ActorHandle | None = None,
                  directory_namespace: str = "pdserve", worker_id: str | None = None) -> None:
         self.engine = AsyncEngine(EngineConfig.coerce(engine_config))
-        self.connector = make_connector(KVTransferConfig.coerce(transfer_config).for_node(ray.util.get_node_ip_address()))
+        self.connector = make_connector(
+            KVTransferConfig.coerce(transfer_config).for_node(ray.util.get_node_ip_address()))
         self.block_size = self.engine.engine.config.block_size
         self.layout = self.engine.engine.layout
         self.worker_id = worker_id or f"prefill-{uuid.uuid4().hex[:8]}"
