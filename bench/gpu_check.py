@@ -3,8 +3,15 @@
     python -m bench.gpu_check                         # on a GPU machine, about 6 minutes
     python -m bench.gpu_check --device cpu --quick    # the same code paths on small shapes, here
 
-Needs torch, transformers, triton (on CUDA), pydantic and this repository; no
-Ray, no network. Results go to $OUT (else results/) as gpu_check.json, and a
+Needs torch, transformers, accelerate, triton (on CUDA), pydantic and this
+repository; no Ray, no network. On a machine whose image lacks pydantic,
+bench/gpu_wheels.sh fetches its wheels into .whl/ beforehand; the run there is
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
+      && PYTHONPATH=/tmp/site:. PDSERVE_CACHE_DIR=/tmp/pdserve PYTHONUNBUFFERED=1 python3 -m bench.gpu_check
+
+(the built-in models, llama-1b-shape included, are built on first use: about
+half a minute for the 1B one). Results go to $OUT (else results/) as gpu_check.json, and a
 summary is printed. Each section runs on its own: a failing one is recorded
 with its error and the others still run.
 
@@ -157,13 +164,11 @@ def _copy_bandwidth(device: torch.device, nbytes: int) -> float:
     return 2 * nbytes / statistics.median(times[1:])
 
 
-def check_decode(args: argparse.Namespace) -> dict[str, Any]:
-    """Median decode step with 64 sequences of `context` tokens, against weights + KV bytes at copy rate."""
-    path = _big_model(args)
-    dtype = "float32" if args.device.type == "cpu" else "bfloat16"
-    seqs, context = (8, 64) if args.quick else (64, 1024)
+def _decode_step(args: argparse.Namespace, path: str, dtype: str, seqs: int, context: int,
+                 enforce_eager: bool) -> tuple[float, Any]:
+    """Median seconds of a decode step with `seqs` sequences of `context` tokens, and the engine."""
     llm = LLM(path, device=str(args.device), dtype=dtype, max_num_seqs=seqs, max_num_batched_tokens=8192,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, enforce_eager=enforce_eager)
     engine = llm.engine
     g = torch.Generator().manual_seed(1)
     for i in range(seqs):
@@ -178,14 +183,31 @@ def check_decode(args: argparse.Namespace) -> dict[str, Any]:
         engine.step()
         _sync(args.device)
         times.append(time.perf_counter() - t0)
+    return statistics.median(times), engine
+
+
+def check_decode(args: argparse.Namespace) -> dict[str, Any]:
+    """Decode step with 64 sequences of 1,024 tokens, eager and replaying CUDA graphs, against the HBM
+    roofline: weight bytes + KV bytes read per step at the device-to-device copy rate measured here."""
+    path = _big_model(args)
+    dtype = "float32" if args.device.type == "cpu" else "bfloat16"
+    seqs, context = (8, 64) if args.quick else (64, 1024)
+    eager, engine = _decode_step(args, path, dtype, seqs, context, enforce_eager=True)
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     kv_bytes = seqs * (context + 10) * engine.layout.bytes_per_block // engine.layout.block_size
+    del engine
+    graphs = None
+    if args.device.type == "cuda":
+        graphs, graph_engine = _decode_step(args, path, dtype, seqs, context, enforce_eager=False)
+        assert graph_engine.runner.graphs is not None, "enforce_eager=False captured no graphs"
+        del graph_engine
     bandwidth = _copy_bandwidth(args.device, 64 << 20 if args.quick else 2 << 30)
-    step = statistics.median(times)
     roofline = (weight_bytes + kv_bytes) / bandwidth
-    return {"sequences": seqs, "context": context, "step_ms_eager": step * 1e3, "weight_bytes": weight_bytes,
-            "kv_bytes": kv_bytes, "copy_bandwidth_gb_s": bandwidth / 1e9, "roofline_ms": roofline * 1e3,
-            "eager_over_roofline": step / roofline, "cuda_graphs": "not implemented: decode runs eager"}
+    return {"sequences": seqs, "context": context, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
+            "copy_bandwidth_gb_s": bandwidth / 1e9, "roofline_ms": roofline * 1e3,
+            "step_ms_eager": eager * 1e3, "eager_over_roofline": eager / roofline,
+            "step_ms_graphs": None if graphs is None else graphs * 1e3,
+            "graphs_over_roofline": None if graphs is None else graphs / roofline}
 
 
 def _gemm_rate(device: torch.device, n: int, dtype: torch.dtype) -> float:
