@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "deploy" / "serve.yaml"
 # `up --detach` records what it started here; $PDSERVE_STATE_DIR moves it without moving the model cache.
 STATE_FILE = Path(os.environ.get("PDSERVE_STATE_DIR") or cache_root()) / "up.json"
-DETACHED_TEMP_DIR = "/tmp/pdserve-up"
+STOP_WAIT_S = 10.0  # how long `down` lets the started head's processes exit on SIGTERM before SIGKILL
 APP_NAME = "pdserve"
 
 # Local runs: no token auth, no usage stats, autoscaling that reacts in seconds (metrics pushed every second).
@@ -163,36 +164,60 @@ def _up(args: argparse.Namespace) -> int:
 
 def _up_detached(args: argparse.Namespace) -> int:
     """Start a Ray head that outlives this command, deploy, record it for `status` and `down`."""
-    started_head = False
     address = args.address
+    pids: list[int] = []
     if not address:
-        subprocess.run(["ray", "start", "--head", "--disable-usage-stats", "--include-dashboard=false",
-                        f"--num-cpus={args.num_cpus}", f"--temp-dir={DETACHED_TEMP_DIR}"], check=True,
-                       env={**LOCAL_ENV, **os.environ})  # a variable the user set wins
-        started_head = True
+        temp_dir = private_dir(detached_temp_dir())
+        # Ray's CLI through this interpreter: its `ray` script is on PATH only in an activated environment
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--disable-usage-stats",
+                        "--include-dashboard=false", f"--num-cpus={args.num_cpus}", f"--temp-dir={temp_dir}"],
+                       check=True, env={**LOCAL_ENV, **os.environ})  # a variable the user set wins
+        pids = _head_pids(temp_dir)
     try:
-        if started_head:
+        if pids:
             address = _started_head_address()
         url = _deploy(args, {"address": address, "namespace": "pdserve", "log_to_driver": False})
     except BaseException as exc:  # a bad config, a failed deploy, Ctrl-C: leave no head behind
-        if started_head:
+        if pids:
             _shutdown()
-            _stop_started_head()
+            _stop_started_head(pids)
         if isinstance(exc, StopRequested):
             raise SystemExit(f"{exc} while deploying: stopped, nothing left running") from None
         raise
-    STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
-    STATE_FILE.write_text(json.dumps({"url": url, "address": address, "started_head": started_head,
+    private_dir(STATE_FILE.parent)
+    STATE_FILE.write_text(json.dumps({"url": url, "address": address, "started_head": bool(pids), "pids": pids,
                                       "since": time.time()}))
     print("detached: `pdserve status` shows it, `pdserve down` stops it.")
     return 0
 
 
+def detached_temp_dir() -> Path:
+    """Ray's temp dir for the head `up --detach` starts: one per user (short: Ray's socket paths must stay
+    under 108 characters), so its processes are told apart from any other Ray on the machine."""
+    return Path(tempfile.gettempdir()) / f"pdserve-up-{os.getuid()}"
+
+
+def private_dir(path: Path) -> Path:
+    """path, created 0700 if missing; refused (SystemExit) unless this user owns it and nobody else can write
+    it or read it: another user could otherwise plant state or sockets there."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise SystemExit(f"{path} must belong to this user and be private (chmod 700); it is not")
+    return path
+
+
+def _head_pids(temp_dir: Path) -> list[int]:
+    """Process ids of the Ray head just started in temp_dir (its processes name it in their arguments)."""
+    out = subprocess.run(["pgrep", "-u", str(os.getuid()), "-f", str(temp_dir)], capture_output=True, text=True)
+    return sorted(int(pid) for pid in out.stdout.split())
+
+
 def _started_head_address() -> str:
-    """The GCS address of the head `ray start --temp-dir=DETACHED_TEMP_DIR` just started, from the file it
-    writes there. Not "auto": that resolves through Ray's default temp dir and may name another cluster
-    on this machine (a test session, a user's own Ray), which `up` would then deploy to and `down` stop."""
-    record = Path(DETACHED_TEMP_DIR) / "ray_current_cluster"
+    """The GCS address of the head `ray start` just started in detached_temp_dir(), from the file it writes
+    there. Not "auto": that resolves through Ray's default temp dir and may name another cluster on this
+    machine (a test session, a user's own Ray), which `up` would then deploy to and `down` stop."""
+    record = detached_temp_dir() / "ray_current_cluster"
     if not record.exists():
         raise SystemExit(f"ray start did not record its address in {record}")
     return record.read_text().strip()
@@ -251,17 +276,37 @@ def _down(args: argparse.Namespace) -> int:
     ray.init(address=state["address"], namespace="pdserve", log_to_driver=False)
     _shutdown()
     if state.get("started_head"):
-        _stop_started_head()
+        _stop_started_head(state.get("pids", []))
     STATE_FILE.unlink(missing_ok=True)
     print("pdserve stopped")
     return 0
 
 
-def _stop_started_head() -> None:
-    """Stop the Ray head `up --detach` started: `ray stop` would stop every Ray on the machine."""
-    subprocess.run(["pkill", "-f", DETACHED_TEMP_DIR], check=False)
-    time.sleep(3)  # the GCS does not always exit on SIGTERM: make sure
-    subprocess.run(["pkill", "-9", "-f", DETACHED_TEMP_DIR], check=False)
+def _stop_started_head(pids: list[int]) -> None:
+    """Stop the Ray head `up --detach` started, by the process ids it recorded (`ray stop` would stop every
+    Ray on the machine). A pid is signalled only while it still names our temp dir: after a reboot or a
+    long time it may belong to something else. SIGTERM, then SIGKILL for what outlives STOP_WAIT_S."""
+    ours = str(detached_temp_dir()).encode()
+
+    def alive() -> list[int]:
+        left = []
+        for pid in pids:
+            try:
+                if ours in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    left.append(pid)
+            except OSError:  # gone
+                pass
+        return left
+
+    for sig, wait_s in ((signal.SIGTERM, STOP_WAIT_S), (signal.SIGKILL, STOP_WAIT_S)):
+        for pid in alive():
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ built-in tiny model, which starts faster."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -108,6 +109,19 @@ def _sid(pid: int) -> int | None:
         return None
 
 
+def test_private_dirs_refuse_what_others_can_write(tmp_path) -> None:
+    from cluster.cli import detached_temp_dir, private_dir
+
+    made = private_dir(tmp_path / "new" / "state")
+    assert made.stat().st_mode & 0o777 == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    with pytest.raises(SystemExit, match="private"):
+        private_dir(shared)
+    assert str(os.getuid()) in detached_temp_dir().name  # one per user, not one fixed shared path
+
+
 def test_direct_ingress_needs_a_ray_this_command_starts() -> None:
     from cluster.cli import main
 
@@ -128,16 +142,21 @@ def test_detached_up_status_down(tmp_path) -> None:
     import subprocess
 
     port = free_port()
-    env = {**os.environ, "PDSERVE_STATE_DIR": str(tmp_path)}  # its own state file, not the user's
+    # its own state file, not the user's; no virtual environment on PATH (Ray's `ray` script not found there)
+    env = {**os.environ, "PDSERVE_STATE_DIR": str(tmp_path / "state"), "PATH": "/usr/bin:/bin"}
 
     def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([cli("pdserve"), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
     config = write_serve_config(tmp_path, tiny_products())  # the life cycle, not the model: the tiny one
     up = run("up", "--detach", "--port", str(port), "--config", str(config), timeout=STARTUP_TIMEOUT_S)
+    pids: list[int] = []
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        assert (tmp_path / "up.json").exists()
+        state = tmp_path / "state"
+        assert (state / "up.json").exists() and state.stat().st_mode & 0o777 == 0o700  # private
+        pids = json.loads((state / "up.json").read_text())["pids"]
+        assert pids and all(_sid(pid) is not None for pid in pids)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
         assert chat(client, deadline=time.monotonic() + 60).status_code == 200
         status = run("status")
@@ -147,7 +166,8 @@ def test_detached_up_status_down(tmp_path) -> None:
     finally:
         down = run("down")
     assert down.returncode == 0 and "pdserve stopped" in down.stdout, down.stdout + down.stderr
-    assert not (tmp_path / "up.json").exists()
+    assert not (tmp_path / "state" / "up.json").exists()
+    assert all(_sid(pid) is None for pid in pids), "a process of the started head outlived `down`"
     assert run("status").returncode != 0  # nothing left to report on
 
 
@@ -157,7 +177,7 @@ def test_detached_up_that_fails_to_deploy_stops_the_head_it_started(tmp_path) ->
     running with no state file for `down` to find it by."""
     import subprocess
 
-    from cluster.cli import DETACHED_TEMP_DIR
+    from cluster.cli import detached_temp_dir
 
     config = tmp_path / "serve.yaml"
     config.write_text("applications:\n  - {name: pdserve, route_prefix: /, import_path: \"cluster.app:app_builder\", "
@@ -168,7 +188,7 @@ def test_detached_up_that_fails_to_deploy_stops_the_head_it_started(tmp_path) ->
     assert up.returncode != 0
     assert "no-such-dir" in up.stderr
     assert not (tmp_path / "up.json").exists()
-    left = subprocess.run(["pgrep", "-f", DETACHED_TEMP_DIR], capture_output=True, text=True).stdout.split()
+    left = subprocess.run(["pgrep", "-f", str(detached_temp_dir())], capture_output=True, text=True).stdout.split()
     assert not left, f"processes of the started head still running: {left}"
 
 
