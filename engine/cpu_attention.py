@@ -10,7 +10,9 @@ builds in about a second with the system C compiler (a torch extension takes a
 minute of C++ headers), and ctypes releases the GIL for the call, so the
 asyncio side of a worker keeps running while a step computes.
 
-The library is compiled with -march=native into a per-user cache keyed by the
+The library is compiled with -march=native into a per-user cache (created
+0700; a library is loaded only when it and its folder belong to this user and
+nobody else can write them) keyed by the
 source, the flags, the compiler and this CPU's feature flags; the object is
 written under a temporary name and renamed, so concurrent builders (several
 engine processes starting at once) never load a half-written file. When no
@@ -53,14 +55,21 @@ def load() -> ctypes.CDLL | None:
     if compiler is None or platform.system() != "Linux":
         log.warning("no C compiler (or not Linux): CPU paged attention uses the torch path")
         return None
-    target = cache_dir() / f"paged_decode_attention-{_build_key(compiler)}.so"
-    if not target.exists():
-        try:
+    directory = cache_dir()
+    target = directory / f"paged_decode_attention-{_build_key(compiler)}.so"
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not target.exists():
             _build(compiler, target)
-        except (OSError, subprocess.CalledProcessError) as exc:
-            output = getattr(exc, "stderr", "") or ""
-            log.warning("building the CPU attention kernel failed, using the torch path: %r %s", exc, output[-2000:])
-            return None
+    except (OSError, subprocess.CalledProcessError) as exc:
+        output = getattr(exc, "stderr", "") or ""
+        log.warning("building the CPU attention kernel failed, using the torch path: %r %s", exc, output[-2000:])
+        return None
+    untrusted = [p for p in (directory, target) if not _trusted(p)]
+    if untrusted:  # loading a library runs its code: never one another user could have written
+        log.warning("%s must belong to this user and be writable by nobody else; the CPU attention kernel "
+                    "is not loaded, using the torch path", untrusted[0])
+        return None
     lib = ctypes.CDLL(str(target))
     fn = getattr(lib, SYMBOL)
     i64p, f32p = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_float)
@@ -115,6 +124,12 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     return out
 
 
+def _trusted(path: Path) -> bool:
+    """path belongs to this user and no one else can write it."""
+    info = path.stat()
+    return info.st_uid == os.getuid() and not info.st_mode & 0o022
+
+
 def _ptr(tensor: torch.Tensor, ctype: type) -> ctypes._Pointer:
     return ctypes.cast(tensor.data_ptr(), ctypes.POINTER(ctype))
 
@@ -139,7 +154,6 @@ def _cpu_flags() -> str:
 
 
 def _build(compiler: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
     try:

@@ -90,9 +90,21 @@ def test_a_failed_build_leaves_the_torch_path(monkeypatch, tmp_path, caplog) -> 
 
 
 def test_builds_into_an_empty_cache(monkeypatch, tmp_path) -> None:
-    monkeypatch.setenv("PDSERVE_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("PDSERVE_KERNEL_CACHE", str(tmp_path / "kernels"))
     assert cpu_attention.load.__wrapped__() is not None
-    assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
+    assert [p.suffix for p in (tmp_path / "kernels").iterdir()] == [".so"]
+    assert (tmp_path / "kernels").stat().st_mode & 0o777 == 0o700  # created private
+
+
+@pytest.mark.parametrize("loose", ["folder", "library"])
+def test_a_library_others_could_write_is_not_loaded(monkeypatch, tmp_path, caplog, loose: str) -> None:
+    cache = tmp_path / "kernels"
+    monkeypatch.setenv("PDSERVE_KERNEL_CACHE", str(cache))
+    assert cpu_attention.load.__wrapped__() is not None  # built and trusted
+    (cache if loose == "folder" else next(cache.iterdir())).chmod(0o777)
+    with caplog.at_level(logging.WARNING, logger="engine.cpu_attention"):
+        assert cpu_attention.load.__wrapped__() is None
+    assert "writable by nobody else" in caplog.text
 
 
 def test_engine_on_the_cpu_kernel_equals_transformers() -> None:
