@@ -159,3 +159,45 @@ def test_engine_triton_backend_matches_transformers(monkeypatch: pytest.MonkeyPa
     assert llm.stats().prefix_cache_hits >= 2 * 32  # two whole blocks of the shared prefix, per request
     assert calls and max(calls) <= 24
     assert_all_free(llm)
+
+
+def test_engine_triton_backend_under_preemption_matches_transformers() -> None:
+    """Few KV blocks: sequences are preempted and recomputed through the Triton kernels, and still
+    give transformers' greedy tokens."""
+    path = model_path("tiny")
+    llm = LLM(path, attention_backend="triton", num_kv_blocks=10, max_num_batched_tokens=32,
+              enable_prefix_caching=False, block_size=16)
+    prompts = random_prompts([40, 35, 30], llm.engine.vocab_size, seed=31)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)  # 15 blocks wanted, 10 held
+    outputs = llm.generate(prompts, params)
+    assert llm.stats().num_preemptions > 0
+    for prompt, out in zip(prompts, outputs, strict=True):
+        assert out.outputs[0].token_ids == hf_greedy(path, prompt, 40)[0]
+    assert_all_free(llm)
+
+
+# bfloat16 keeps 8 significant bits: a logit near 10 is known to 0.0625. Two paths that round in different
+# places (our kernels vs transformers' eager attention) may pick different tokens only where transformers'
+# own top two logits are within a few such steps: a near-tie.
+BF16_NEAR_TIE = 0.25
+
+
+def test_engine_triton_backend_in_bfloat16_parts_from_transformers_only_at_near_ties() -> None:
+    from transformers import AutoModelForCausalLM
+
+    path = model_path("tiny")
+    llm = LLM(path, attention_backend="triton", dtype="bfloat16", max_num_batched_tokens=24, block_size=16)
+    prompts = random_prompts([40, 17, 5], llm.engine.vocab_size, seed=41)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, local_files_only=True).eval()
+    for prompt, out in zip(prompts, outputs, strict=True):
+        ours = out.outputs[0].token_ids
+        with torch.inference_mode():
+            theirs = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                    pad_token_id=0)[0, len(prompt):].tolist()
+            first = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b), None)
+            if first is None:
+                continue
+            logits = model(input_ids=torch.tensor([prompt + theirs[:first]])).logits[0, -1].float()
+        top = torch.topk(logits, 2).values
+        assert float(top[0] - top[1]) < BF16_NEAR_TIE, f"diverged at token {first} with a clear winner"
