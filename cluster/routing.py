@@ -4,6 +4,9 @@ Prefill: prefer the replica that last served the longest prefix of this
 prompt (its pool holds those blocks: no directory fetch, no compute), unless
 that replica's queue is `imbalance` requests longer than the least loaded
 one; then, and when no prefix matches, fall back to the least loaded.
+A prefill replica's `release_kv(export_id, owner)` goes to the replica
+named `owner` (its worker id, the Serve replica id): only that one holds the
+export, and a release sent elsewhere would leave it to its lease.
 Decode: the shortest queue among the replicas with KV headroom (at least a
 quarter of their KV free, reported through `record_routing_stats`), then the
 replicas short of KV; ties go to the most free blocks. Queue length leads
@@ -56,6 +59,14 @@ def _prefill_request(pending: PendingRequest | None):
     return request if hasattr(request, "prompt_token_ids") else None
 
 
+def _release_owner(pending: PendingRequest | None) -> str | None:
+    """The owner argument of a release_kv(export_id, owner) call, else None."""
+    metadata = getattr(pending, "metadata", None)
+    if getattr(metadata, "call_method", None) != "release_kv" or len(pending.args) < 2:
+        return None
+    return pending.args[1]
+
+
 class PrefixAffinityRouter(FIFOMixin, RequestRouter):
     """Longest-prefix affinity with a load-imbalance escape hatch."""
 
@@ -75,6 +86,9 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
         by_load = sorted(candidate_replicas, key=lambda r: _queue_len(self, r))
         if not by_load:
             return []
+        owner = _release_owner(pending_request)
+        if owner is not None:  # a gone owner took its exports with it: any replica answers the no-op
+            return _ranks([r for r in by_load if r.replica_id.to_full_id_str() == owner]) or _ranks(by_load[:1])
         by_id = {r.replica_id: r for r in candidate_replicas}
         for h in reversed(self._hashes(pending_request)):  # longest prefix first
             owner = by_id.get(self._owner.get(h))

@@ -103,7 +103,10 @@ class DecodeServer:
                         await self._import_kv(rid, result)
                 finally:
                     if result is not None:
-                        self._release_remote(result.kv.export_id)
+                        self._release_remote(result.kv.export_id, result.worker_id)
+                # drop the export's handle (with the Ray transport, a reference to its object) now, not when
+                # the request ends: the imported KV is in this pool
+                result = None
                 if not finished:
                     await self.engine.call(lambda e: e.enqueue(rid))
                     async for out in outputs:
@@ -191,9 +194,9 @@ class DecodeServer:
     def observe_transfer(self, seconds: float, nbytes: int) -> None:
         """Called once per successful KV fetch; a hook for metrics (the cluster layer records it)."""
 
-    def _release_remote(self, export_id: str) -> None:
-        try:
-            self.prefill_handle.release_kv.remote(export_id)  # fire and forget: the lease is the backstop
+    def _release_remote(self, export_id: str, owner: str) -> None:
+        try:  # to the replica that holds it (owner); fire and forget: the lease is the backstop
+            self.prefill_handle.release_kv.remote(export_id, owner)
         except Exception as exc:
             log.debug("release of %s not delivered: %r", export_id, exc)
 

@@ -106,8 +106,10 @@ class PrefillServer:
             sampler_state=sampler_state,
         )
 
-    async def release_kv(self, export_id: str) -> bool:
-        """The decode side fetched an export (or gave up on it): free it now rather than at lease end."""
+    async def release_kv(self, export_id: str, owner: str | None = None) -> bool:
+        """The decode side fetched an export (or gave up on it): free it now rather than at lease end.
+        owner: the worker_id of the result that named the export; the prefill router sends the call to
+        that replica by it."""
         return self.connector.release(export_id)
 
     async def abort(self, request_id: str) -> None:

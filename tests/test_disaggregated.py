@@ -220,7 +220,7 @@ class _ForeignTokenPrefill:
 
         self.prefill = _Call(prefill)
         # fire and forget, as a handle's .remote() is
-        self.release_kv = _Call(lambda export_id: asyncio.ensure_future(server.release_kv(export_id)))
+        self.release_kv = _Call(lambda export_id, owner: asyncio.ensure_future(server.release_kv(export_id, owner)))
 
 
 def test_first_token_the_decode_engine_refuses_is_recomputed() -> None:

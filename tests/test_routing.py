@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from ray.serve._private.common import DeploymentHandleSource, DeploymentID
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
 from ray.serve.request_router import PendingRequest, ReplicaID
 
 from cluster.routing import KVHeadroomRouter, PrefixAffinityRouter
@@ -58,6 +58,25 @@ async def _prefill_affinity() -> None:
     router._replica_queue_len_cache.update("c", 3)
     assert (await choose([a, b, c], _pending(system + [2] * 30)))[0] == [a]
     assert all(rank for rank in await choose([a], None))  # never an empty rank
+
+
+def test_a_release_goes_to_the_replica_that_holds_the_export() -> None:
+    asyncio.run(_release_routing())
+
+
+async def _release_routing() -> None:
+    router = _router(PrefixAffinityRouter)
+    deployment = DeploymentID(name="d", app_name="a")
+    a, b, c = (FakeReplica(ReplicaID(unique_id=n, deployment_id=deployment)) for n in "abc")
+    router._replica_queue_len_cache.update(b.replica_id, 9)  # the owner is the busiest: still the one
+
+    def release(owner: str) -> PendingRequest:
+        metadata = RequestMetadata(request_id="x", internal_request_id="y", call_method="release_kv")
+        return PendingRequest(args=["export-1", owner], kwargs={}, metadata=metadata)
+
+    assert await router.choose_replicas([a, b, c], release(b.replica_id.to_full_id_str())) == [[b]]
+    gone = await router.choose_replicas([a, b, c], release("d#gone"))  # its exports went with it: anyone
+    assert len(gone) == 1 and len(gone[0]) == 1
 
 
 def test_decode_prefers_kv_headroom_then_the_shortest_queue() -> None:
