@@ -36,6 +36,8 @@ from tests.test_http_api import _metrics
 APP = "faults"
 PRODUCT = "faults"
 CORRUPT = "faults-corrupt"
+TWO_PREFILLS = "faults-two-prefills"
+LONG_LEASE_S = 120  # far past the idle check below: an export released late is not reaped in time
 TIMEOUT_S = 120
 
 
@@ -53,11 +55,18 @@ def faults_url(pdserve_url: str):
         "decode": base.decode.model_copy(update={"autoscaling": _fixed(2)}),
     })
     corrupt = base.model_copy(update={
-        "name": CORRUPT, "cache_salt": CORRUPT, "transfer": {**base.transfer, "fault": "corrupt", "lease_s": 2},
+        "name": CORRUPT, "cache_salt": CORRUPT, "transfer": {**base.transfer, "fault": "corrupt", "lease_s": LONG_LEASE_S},
         "prefill": base.prefill.model_copy(update={"autoscaling": _fixed(1)}),
         "decode": base.decode.model_copy(update={"autoscaling": _fixed(1)}),
     })
-    serve.run(build_app({PRODUCT: faults, CORRUPT: corrupt}), name=APP, route_prefix=f"/{APP}")
+    two_prefills = base.model_copy(update={
+        "name": TWO_PREFILLS, "cache_salt": TWO_PREFILLS, "system_prompt": "",  # no shared prefix: no affinity
+        "transfer": {**base.transfer, "lease_s": LONG_LEASE_S},
+        "prefill": base.prefill.model_copy(update={"autoscaling": _fixed(2)}),
+        "decode": base.decode.model_copy(update={"autoscaling": _fixed(1)}),
+    })
+    serve.run(build_app({PRODUCT: faults, CORRUPT: corrupt, TWO_PREFILLS: two_prefills}), name=APP,
+              route_prefix=f"/{APP}")
     yield f"{pdserve_url}/{APP}"
     serve.delete(APP)
 
@@ -212,6 +221,17 @@ def test_transfer_faults_are_recomputed_counted_and_leave_no_export(client: open
         assert time.monotonic() < deadline, "transfer failures not counted"
         time.sleep(0.5)
     _assert_idle((CORRUPT,))  # includes kv_exports_alive == 0 on the prefill side
+
+
+def test_with_two_prefill_replicas_every_export_is_released_at_once(client: openai.OpenAI) -> None:
+    """Concurrent requests spread over two prefill replicas; each export's release reaches the replica that
+    holds it, so none waits for its lease (LONG_LEASE_S, far past the idle check's 30 s)."""
+    contents = [" ".join(f"w{i}x{j}" for j in range(40)) for i in range(8)]  # no two share a block
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda c: _chat(client, c, 4, model=TWO_PREFILLS), contents))
+    assert all(a.usage.completion_tokens == 4 for a in answers)
+    assert len(_sources("prefill", TWO_PREFILLS)) == 2
+    _assert_idle((TWO_PREFILLS,))  # kv_exports_alive == 0 on both prefill replicas
 
 
 def test_client_disconnect_frees_blocks_on_both_sides(faults_url: str) -> None:
