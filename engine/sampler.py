@@ -67,7 +67,9 @@ class Sampler:
         plan = _Plan.build(requests, vocab)
         errors: dict[int, SamplingError] = {}
         seeded: list[tuple[int, torch.Generator]] = []  # (position among the sampled rows, its generator)
-        for pos, row in enumerate(plan.sample_rows):
+        # meta tensors have no values to draw: the shapes run through, the request's generator is not made,
+        # and the device -> host copy at the end is where the call fails (NotImplementedError)
+        for pos, row in enumerate(plan.sample_rows if device.type != "meta" else ()):
             req = requests[row]
             try:
                 generator = req.generator_on(device)
@@ -111,7 +113,9 @@ class Sampler:
             u[pos] = torch.rand(scores.shape[1], dtype=torch.float64, device=scores.device, generator=generator)
         return u.log_().neg_().float()
 
-    def _generator(self, device: torch.device) -> torch.Generator:
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if device.type == "meta":  # torch makes no generator for meta, whose draws have no values anyway
+            return None
         generator = self._generators.get(device)
         if generator is None:
             generator = self._generators[device] = torch.Generator(device=device).manual_seed(self._seed)

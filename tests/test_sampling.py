@@ -306,6 +306,22 @@ def test_tensor_part_runs_on_meta_and_refuses_other_devices() -> None:
             sample_scores(*mixed)
     with pytest.raises(ValueError, match="device"):
         race(scores, torch.ones(n, vocab))
+    # the whole sampler: every op up to the device -> host copy runs on meta (a CPU tensor mixed in would
+    # raise a device error first), and no request's generator is made there
+    requests = [_req(f"m{i}", **MIXED[i % len(MIXED)]) for i in range(len(MIXED))]
+    with pytest.raises(NotImplementedError, match="meta"):
+        Sampler(0)(torch.empty(len(requests), vocab, device=meta), requests)
+    assert all(r.generator is None for r in requests)
+
+
+def test_one_device_to_host_copy_per_call(monkeypatch) -> None:
+    calls = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append(self.shape) or tolist(self))
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("item() syncs the device"))
+    requests = [_req(f"c{i}", **MIXED[i % len(MIXED)]) for i in range(12)]
+    Sampler(0)(_logits(len(requests), 700, seed=12), requests)
+    assert len(calls) == 1
 
 
 def test_generator_is_made_on_first_use_and_its_state_carries_over() -> None:
