@@ -184,7 +184,7 @@ def _same_device(*tensors: torch.Tensor | None) -> None:
 
 @dataclass
 class _Params:
-    """One call's per-row parameters and row indices on the device (views into one uploaded tensor)."""
+    """One call's per-row parameters and row indices on the device, cut from one uploaded tensor."""
 
     temperature: torch.Tensor  # [n] float32, the sampled rows
     top_k: torch.Tensor  # [m] float32, the cut rows
