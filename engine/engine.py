@@ -181,8 +181,8 @@ class Engine:
             raise ValueError(f"request {request_id!r} already has its first token")
         if not 0 <= token < self.vocab_size:
             raise ValueError(f"first_token {token} outside the vocabulary [0, {self.vocab_size})")
-        if sampler_state is not None and req.generator is not None:
-            req.generator.set_state(torch.frombuffer(bytearray(sampler_state), dtype=torch.uint8))
+        if sampler_state is not None:
+            req.restore_sampler_state(sampler_state)
         _set_cached(req, num_cached_tokens)
         self._accept_token(req, token, logprobs, time.monotonic())
         return not req.is_finished
@@ -216,9 +216,9 @@ class Engine:
         return self.kv_cache.read_blocks(ids)
 
     def sampler_state(self, request_id: str) -> bytes | None:
-        """The random state of a held seeded request after its first token (None when unseeded)."""
-        req = self.held[request_id]
-        return None if req.generator is None else req.generator.get_state().numpy().tobytes()
+        """The random state of a held seeded request after its first token (None when the seed alone
+        restores it: unseeded, or nothing drawn)."""
+        return self.held[request_id].sampler_state()
 
     def read_cached_blocks(self, block_hashes: list[bytes]) -> torch.Tensor:
         """A copy of the blocks of the leading run of block_hashes still in the prefix cache

@@ -57,6 +57,7 @@ class Request:
     stop_reason: int | str | None = None
     error: str | None = None  # why it ended with FINISHED_ERROR
     num_preemptions: int = 0
+    # seeded requests: created from the seed by generator_on() at the first draw, on the sampling device
     generator: torch.Generator | None = None
     first_token_time: float | None = None
     hold_kv: bool = False  # on finish keep the blocks (prefill role: until the KV is exported)
@@ -65,12 +66,45 @@ class Request:
     # fresh blocks when the scheduler admits the request.
     pending_kv: torch.Tensor | None = None
     pending_kv_tokens: int = 0
+    # a random state carried over from another engine before this one created the generator
+    carried_sampler_state: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
-        if self.sampling_params.seed is not None:
+
+    def generator_on(self, device: torch.device) -> torch.Generator | None:
+        """A seeded request's generator on `device` (None when unseeded): made at the first call, from the
+        seed and then any carried-over state. Raises ValueError for another device than the first call's,
+        RuntimeError for a carried-over state the device's generator cannot take."""
+        seed = self.sampling_params.seed
+        if seed is None:
+            return None
+        if self.generator is None:
             # torch takes 64-bit seeds; any integer maps onto one, so a huge or negative seed is still a seed
-            self.generator = torch.Generator().manual_seed(self.sampling_params.seed % (1 << 64))
+            generator = torch.Generator(device=device).manual_seed(seed % (1 << 64))
+            if self.carried_sampler_state is not None:
+                generator.set_state(_state_tensor(self.carried_sampler_state))
+                self.carried_sampler_state = None
+            self.generator = generator
+        elif self.generator.device != device:
+            raise ValueError(f"request {self.request_id!r} samples on {self.generator.device}, not {device}")
+        return self.generator
+
+    def sampler_state(self) -> bytes | None:
+        """The random state to continue this request elsewhere (an engine on the same kind of device), or
+        None when the seed alone restores it (unseeded, or nothing drawn here yet)."""
+        if self.generator is not None:
+            return self.generator.get_state().numpy().tobytes()
+        return self.carried_sampler_state
+
+    def restore_sampler_state(self, state: bytes) -> None:
+        """Continue the random stream another engine's sampler_state() gave; ignored when unseeded."""
+        if self.sampling_params.seed is None:
+            return
+        if self.generator is not None:
+            self.generator.set_state(_state_tensor(state))
+        else:
+            self.carried_sampler_state = bytes(state)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -100,3 +134,8 @@ class Request:
             self.block_hashes = hash_full_blocks(self.all_token_ids[:num_tokens], block_size,
                                                  self.hash_extra, self.block_hashes)
         return self.block_hashes[: num_tokens // block_size]
+
+
+def _state_tensor(state: bytes) -> torch.Tensor:
+    """A generator state as torch wants it: a CPU uint8 tensor, for CPU and CUDA generators alike."""
+    return torch.frombuffer(bytearray(state), dtype=torch.uint8)
