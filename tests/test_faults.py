@@ -55,7 +55,8 @@ def faults_url(pdserve_url: str):
         "decode": base.decode.model_copy(update={"autoscaling": _fixed(2)}),
     })
     corrupt = base.model_copy(update={
-        "name": CORRUPT, "cache_salt": CORRUPT, "transfer": {**base.transfer, "fault": "corrupt", "lease_s": LONG_LEASE_S},
+        "name": CORRUPT, "cache_salt": CORRUPT,
+        "transfer": {**base.transfer, "fault": "corrupt", "lease_s": LONG_LEASE_S},
         "prefill": base.prefill.model_copy(update={"autoscaling": _fixed(1)}),
         "decode": base.decode.model_copy(update={"autoscaling": _fixed(1)}),
     })
