@@ -49,6 +49,10 @@ class Engine:
         self.model_id = os.path.basename(os.path.normpath(self.model_path))
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
         self.device = resolve_device(config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            raise ValueError(f"device={config.device!r}, but torch sees no CUDA GPU here "
+                             f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES={visible!r})")
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.model = load_model(self.model_path, self.dtype, self.device)
         self.linear_backend = _resolve_linear_backend(config.linear_backend, self.dtype, self.device)

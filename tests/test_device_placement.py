@@ -131,6 +131,12 @@ def test_bad_device_names_are_refused(name: str) -> None:
         EngineConfig(device=name)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_asked_for_without_a_gpu_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="torch sees no CUDA GPU"):
+        Engine(EngineConfig(model="tiny", device="cuda", num_kv_blocks=8))
+
+
 def test_cpu_engine_takes_the_cpu_fast_paths() -> None:
     engine = Engine(EngineConfig(model="tiny", device="cpu", num_kv_blocks=8))
     assert engine.dtype == "float32" and engine.kv_cache.data.device.type == "cpu"
