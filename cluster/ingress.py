@@ -376,7 +376,8 @@ class OpenAIIngress:
         product = self._product(req.model, request)
         ids = req.prompt if isinstance(req.prompt, list) else product.tokenizer.encode(req.prompt,
                                                                                       add_special_tokens=False)
-        return await self._serve(self._prepare(product, req, ids, req.max_tokens, chat=False))
+        key = getattr(request.state, "api_key", None)
+        return await self._serve(self._prepare(product, req, ids, req.max_tokens, chat=False, api_key=key))
 
     async def _chat_completions(self, request: Request) -> Response:
         body = await _json_body(request)
@@ -389,7 +390,8 @@ class OpenAIIngress:
             messages = [{"role": "system", "content": product.config.system_prompt}, *messages]
         ids = product.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
                                                     return_dict=False)
-        return await self._serve(self._prepare(product, req, ids, req.requested_max_tokens, chat=True))
+        key = getattr(request.state, "api_key", None)
+        return await self._serve(self._prepare(product, req, ids, req.requested_max_tokens, chat=True, api_key=key))
 
     # ---- Serve hooks ------------------------------------------------------------------------------
     async def check_health(self) -> None:
@@ -397,12 +399,16 @@ class OpenAIIngress:
         self._ensure_warm()
 
     async def warm(self) -> dict[str, int]:
-        """Compute each product's system prompt once and pin it in the prefix directory."""
+        """Compute each system prompt once and pin it in the prefix directory: once per namespace, so products
+        sharing a model and a system prompt (one salt) leave it to the first of them."""
         results = {}
+        done: set[tuple[str, tuple[int, ...]]] = set()
         for name, product in self._products.items():
             prefill = self._prefills.get(name)
-            if prefill is None or not product.system_prefix or not product.config.prefix_caching:
+            key = (product.config.salt, tuple(product.system_prefix))
+            if prefill is None or not product.system_prefix or not product.config.prefix_caching or key in done:
                 continue
+            done.add(key)
             results[name] = await prefill.warm_prefix.remote(product.system_prefix, product.config.salt)
         return results
 
@@ -428,11 +434,12 @@ class OpenAIIngress:
             if token not in product.keys:
                 raise APIError(401, "Incorrect or missing API key for this model.", "authentication_error",
                                "invalid_api_key")
+            request.state.api_key = token
         self._ensure_warm()
         return product
 
     def _prepare(self, product: _Product, req: oai._SamplingFields, ids: list[int], max_tokens: int | None,
-                 chat: bool) -> _Prepared:
+                 chat: bool, api_key: str | None = None) -> _Prepared:
         config = product.config
         max_tokens = max_tokens if max_tokens is not None else config.default_max_tokens
         if max_tokens > config.max_output_tokens:
@@ -455,7 +462,7 @@ class OpenAIIngress:
                 max_tokens=max_tokens, stop=req.stop, ignore_eos=req.ignore_eos)
         except ValueError as exc:
             raise APIError(400, error_message(exc)) from exc
-        salt = config.salt if req.cache_salt is None else f"{config.salt}/{req.cache_salt}"
+        salt = config.tenant_salt(api_key, req.cache_salt)
         return _Prepared(product, list(ids), params, salt, req.n, req.stream, req.include_usage, chat)
 
     async def _serve(self, job: _Prepared) -> Response:

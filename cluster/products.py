@@ -1,13 +1,16 @@
 """Per-product deployment configs (deploy/products/*.yaml), validated with pydantic.
 
 A product is what the OpenAI `model` field names: its model folder, system
-prompt, cache salt (its prefix-cache namespace: products never share blocks),
-output limits, SLOs, API keys, and its own prefill and decode deployments
+prompt, cache salt (its prefix-cache namespace: by default one per model and
+system prompt, so products that share both share the prompt's cached blocks
+and it is computed once for the cluster; a product that must not share names
+its own salt), output limits, SLOs, API keys, and its own prefill and decode deployments
 with their replica bounds and autoscaling.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -91,7 +94,7 @@ class ProductConfig(_Frozen):
     name: str
     model: str | None = None  # a name, a .gguf file or a local Hugging Face folder (engine/models.py); None: tiny
     system_prompt: str = ""
-    cache_salt: str | None = None  # default: the product name
+    cache_salt: str | None = None  # default: shared by every product with this model and system prompt
     default_max_tokens: int = Field(64, ge=1)
     max_output_tokens: int = Field(512, ge=1)
     slo: SLO = SLO()
@@ -106,7 +109,7 @@ class ProductConfig(_Frozen):
     prefill: Role = Role()
     decode: Role = Role()
     # Products naming the same pool share one prefill and one decode deployment (one engine pool, as
-    # several products share one GPU pool); each keeps its cache salt, so their prefix caches stay apart.
+    # several products share one GPU pool); each keeps its cache salt (shared only where it is the same).
     pool: str | None = None
 
     @field_validator("name", "pool")
@@ -145,7 +148,19 @@ class ProductConfig(_Frozen):
 
     @property
     def salt(self) -> str:
-        return self.cache_salt or self.name
+        """The prefix-cache namespace: cache_salt, else one derived from the model and the system prompt."""
+        if self.cache_salt:
+            return self.cache_salt
+        digest = hashlib.sha256(f"{self.model}\0{self.system_prompt}".encode()).hexdigest()[:16]
+        return f"shared-{digest}"
+
+    def tenant_salt(self, api_key: str | None, client_salt: str | None) -> str:
+        """The namespace of one request: the product's, narrowed by the client's cache_salt under its API key
+        (a digest, never the key), so a tenant cannot pick a salt that lands in another key's namespace."""
+        if client_salt is None:
+            return self.salt
+        key = hashlib.sha256(api_key.encode()).hexdigest()[:16] if api_key else "anonymous"
+        return f"{self.salt}/{key}/{client_salt}"
 
     def engine_config(self, role: Role | None = None) -> EngineConfig:
         """The product's engine settings, with `role`'s own on top (None: the product's alone).

@@ -78,7 +78,8 @@ def pdserve_url(_ray_session, tmp_path_factory):
                        downscale_delay_s=4, look_back_period_s=2)
     products["support-chat"] = chat.model_copy(update={"max_queue_len": 24,
                                                        "decode": chat.decode.model_copy(update={"autoscaling": fast})})
-    products["report-gen"] = products["report-gen"].model_copy(update={"api_keys": ("sk-report-test",)})
+    report_keys = ("sk-report-test", "sk-report-other")  # two tenants (tests/test_http_api.py)
+    products["report-gen"] = products["report-gen"].model_copy(update={"api_keys": report_keys})
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -1,4 +1,4 @@
-"""Prefix-cache isolation: products and tenants (cache salts) never share cached blocks, nor leak timing.
+"""Prefix-cache isolation: namespaces (cache salts) never share cached blocks, nor leak timing.
 
 The block hash chain includes the cache salt, so the same tokens under another salt
 are other blocks. Shown three ways:
@@ -9,9 +9,9 @@ are other blocks. Shown three ways:
   prompt's, while the victim's own repeat is clearly faster (so the measurement can
   see a hit). Asserted loosely on medians of per-round ratios, with the three kinds of
   request interleaved in every round so machine load hits them alike (2 busy cores);
-- over HTTP: two products given the same prompt, and two tenants of one product
-  (request `cache_salt`), get `usage.prompt_tokens_details.cached_tokens == 0` where
-  the owner's own repeat gets a hit.
+- over HTTP: two tenants of one product (request `cache_salt`), and one salt under two
+  API keys, get `usage.prompt_tokens_details.cached_tokens == 0` where the owner's own
+  repeat gets a hit; products of one model and system prompt share one namespace.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pytest
 
 from engine import LLM, SamplingParams
 from tests.engine_helpers import assert_all_free, random_prompts
-from tests.test_http_api import REPORT_KEY
+from tests.test_http_api import REPORT_KEY, REPORT_OTHER_KEY
 
 ONE_TOKEN = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
 BLOCK = 16  # EngineConfig's default block_size
@@ -114,11 +114,23 @@ def _unique_prompt() -> str:
     return f"Incident {uuid.uuid4().hex}: " + " ".join(f"line {i} of the confidential report" for i in range(16))
 
 
-def test_products_do_not_share_cached_blocks_over_http(clients: dict[str, openai.OpenAI]) -> None:
+def test_products_with_one_model_and_system_prompt_share_cached_blocks_over_http(
+        clients: dict[str, openai.OpenAI]) -> None:
+    """support-chat and report-gen serve one model with one system prompt and set no cache_salt: one
+    namespace, so what one computed the other reuses (the shared system prompt is computed once)."""
     prompt = _unique_prompt()
     assert _cached(clients["report-gen"], "report-gen", prompt) == 0
-    assert _cached(clients["support-chat"], "support-chat", prompt) == 0  # same tokens, other product
-    assert _cached(clients["report-gen"], "report-gen", prompt) > 0  # the owner's repeat hits
+    assert _cached(clients["support-chat"], "support-chat", prompt) > 0
+
+
+def test_a_tenant_salt_is_tied_to_the_api_key(pdserve_url: str, clients: dict[str, openai.OpenAI]) -> None:
+    """Two API keys sending the same cache_salt are two namespaces: a tenant cannot step into another's
+    namespace by naming its salt."""
+    other = openai.OpenAI(base_url=f"{pdserve_url}/v1", api_key=REPORT_OTHER_KEY, max_retries=0, timeout=120)
+    prompt = _unique_prompt()
+    assert _cached(clients["report-gen"], "report-gen", prompt, tenant="team") == 0
+    assert _cached(other, "report-gen", prompt, tenant="team") == 0
+    assert _cached(clients["report-gen"], "report-gen", prompt, tenant="team") > 0
 
 
 def test_tenants_do_not_share_cached_blocks_over_http(clients: dict[str, openai.OpenAI]) -> None:

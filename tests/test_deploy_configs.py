@@ -489,3 +489,24 @@ def test_serve_run_deploy_yaml_answers_openai_requests():
             assert completion.choices[0].finish_reason == "length"
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_products_of_one_model_and_system_prompt_share_a_namespace() -> None:
+    a = ProductConfig(name="a", model="tiny", system_prompt="You help.")
+    b = ProductConfig(name="b", model="tiny", system_prompt="You help.")
+    assert a.salt == b.salt
+    assert ProductConfig(name="c", model="tiny", system_prompt="You write.").salt != a.salt
+    assert ProductConfig(name="d", model="small", system_prompt="You help.").salt != a.salt
+    assert ProductConfig(name="e", model="tiny", system_prompt="You help.", cache_salt="mine").salt == "mine"
+    for folder in (REPO / "deploy" / "products", REPO / "deploy" / "kuberay" / "products"):
+        shipped = load_products(folder)
+        assert len({p.salt for p in shipped.values()}) == 1, folder  # the shipped products share their prompt
+
+
+def test_a_client_salt_lives_under_its_api_key() -> None:
+    p = ProductConfig(name="a", model="tiny")
+    assert p.tenant_salt("k1", None) == p.salt  # no client salt: the product's namespace
+    assert p.tenant_salt("k1", "team") != p.tenant_salt("k2", "team")
+    assert p.tenant_salt("k1", "team") == p.tenant_salt("k1", "team")
+    assert "k1" not in p.tenant_salt("k1", "team")  # a digest, never the key
+    assert p.tenant_salt(None, "team") != p.tenant_salt("k1", "team")

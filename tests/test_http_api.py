@@ -24,6 +24,7 @@ from engine.tiny_model import path as model_path
 from tests.cluster_helpers import tiny_products
 
 REPORT_KEY = "sk-report-test"
+REPORT_OTHER_KEY = "sk-report-other"  # a second tenant of report-gen
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ def test_both_products_are_served_by_the_pool_over_http(pdserve_url: str) -> Non
             out = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hello"}],
                                                  max_tokens=5, temperature=0.0)
             assert out.model == model and out.usage.completion_tokens == 5
-            # each product's own system prompt was pinned under its own salt, and reused
+            # the system prompt was pinned once for both (one model, one prompt: one namespace) and reused
             assert out.usage.prompt_tokens_details.cached_tokens > 0
     finally:
         serve.delete(APP)
