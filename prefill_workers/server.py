@@ -33,6 +33,13 @@ from prefill_workers.protocol import PrefillRequest, PrefillResult
 log = logging.getLogger(__name__)
 
 
+# The directory is an optimisation: a slow or dead one may cost a request at most this much TTFT before
+# the worker computes the blocks itself (seconds; a healthy lookup takes milliseconds).
+DIRECTORY_LOOKUP_TIMEOUT_S = 1.0
+DIRECTORY_PUBLISH_TIMEOUT_S = 10.0  # in the background, after the request: bounds the tasks a hang leaves
+DIRECTORY_RETRY_S = 1.0  # after a failure, how long before the directory's handle is looked up again
+
+
 @dataclass(frozen=True)
 class PrefillStats:
     worker_id: str
@@ -56,6 +63,8 @@ class PrefillServer:
         self.worker_id = worker_id or f"prefill-{uuid.uuid4().hex[:8]}"
         self._directory_ref = directory
         self._directory_namespace = directory_namespace
+        self._directory_handle = None  # the named directory's handle, looked up once and kept until it fails
+        self._directory_retry_at = 0.0  # monotonic seconds: no new lookup before (a GCS outage costs one per period)
         self._fetched = self._published = self._directory_errors = 0
         self._pinned: set[bytes] = set()  # hashes this worker warmed: re-pinned if the directory restarts
         self._background: set[asyncio.Task] = set()
@@ -163,20 +172,33 @@ class PrefillServer:
         if directory is None or num_local >= len(hashes):
             return 0
         try:
-            refs = await directory.lookup.remote(hashes[num_local:])
+            refs, arrays = await asyncio.wait_for(self._lookup(directory, hashes[num_local:]),
+                                                  DIRECTORY_LOOKUP_TIMEOUT_S)
             if not refs:
                 return 0
-            arrays = await asyncio.gather(*refs)
             blocks = torch.from_numpy(np.concatenate(arrays, axis=2)).view(self.engine.engine.kv_cache.data.dtype)
             n = len(refs)
             await self.engine.call(lambda e: e.attach_kv(rid, blocks, n * self.block_size,
                                                          num_cached_tokens=(num_local + n) * self.block_size))
         except Exception as exc:  # the directory is an optimisation: degrade to computing the blocks
-            self._directory_errors += 1
-            log.warning("prefix directory fetch failed, computing instead: %r", exc)
+            self._directory_failed(exc, "fetch failed, computing instead")
             return 0
         self._fetched += n
         return n
+
+    @staticmethod
+    async def _lookup(directory, hashes: list[bytes]) -> tuple[list, list[np.ndarray]]:
+        """The directory's refs for the longest known run of hashes, and their arrays."""
+        refs = await directory.lookup.remote(hashes)
+        return refs, (await asyncio.gather(*refs) if refs else [])
+
+    def _directory_failed(self, exc: BaseException, what: str) -> None:
+        """Count a failed directory call and forget the handle: the next call looks the directory up again
+        (it may have restarted), but not before DIRECTORY_RETRY_S."""
+        self._directory_errors += 1
+        self._directory_handle = None
+        self._directory_retry_at = time.monotonic() + DIRECTORY_RETRY_S
+        log.warning("prefix directory %s: %r", what, exc)
 
     async def _export(self, request: PrefillRequest, prompt_len: int) -> tuple[KVHandle, list[bytes]]:
         """Export blocks [skip_blocks, end) for the caller; return its handle and the prompt's full-block
@@ -200,29 +222,34 @@ class PrefillServer:
         if directory is None or not hashes:
             return
         try:
-            known = await directory.contains.remote(hashes)
-            if known == len(hashes):
-                return
-            blocks = await self.engine.call(lambda e: e.read_cached_blocks(hashes[known:]))
-            n = blocks.shape[2]
-            if n:
-                await directory.publish.remote(hashes[known:known + n], _as_numpy(blocks), False)
-                self._published += n
-            repin = [h for h in hashes[known:known + n] if h in self._pinned]
-            if repin:  # the directory restarted and lost its pins
-                await directory.pin.remote(repin)
+            await asyncio.wait_for(self._offer(directory, hashes), DIRECTORY_PUBLISH_TIMEOUT_S)
         except Exception as exc:
-            self._directory_errors += 1
-            log.warning("prefix directory publish failed: %r", exc)
+            self._directory_failed(exc, "publish failed")
+
+    async def _offer(self, directory, hashes: list[bytes]) -> None:
+        """_publish's calls: the blocks the directory lacks, then the pins it lost."""
+        known = await directory.contains.remote(hashes)
+        if known == len(hashes):
+            return
+        blocks = await self.engine.call(lambda e: e.read_cached_blocks(hashes[known:]))
+        n = blocks.shape[2]
+        if n:
+            await directory.publish.remote(hashes[known:known + n], _as_numpy(blocks), False)
+            self._published += n
+        repin = [h for h in hashes[known:known + n] if h in self._pinned]
+        if repin:  # the directory restarted and lost its pins
+            await directory.pin.remote(repin)
 
     def _directory(self):
         ref = self._directory_ref
         if ref is None or not isinstance(ref, str):
             return ref
-        try:
-            return ray.get_actor(ref, namespace=self._directory_namespace)
-        except ValueError:  # not running (yet, or restarting): serve without it
-            return None
+        if self._directory_handle is None and time.monotonic() >= self._directory_retry_at:
+            try:
+                self._directory_handle = ray.get_actor(ref, namespace=self._directory_namespace)
+            except ValueError:  # not running (yet, or restarting): serve without it for a while
+                self._directory_retry_at = time.monotonic() + DIRECTORY_RETRY_S
+        return self._directory_handle
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)

@@ -304,3 +304,43 @@ def test_abort_frees_blocks_on_both_sides(ray_local) -> None:
                 time.sleep(0.2)
     finally:
         kill_all(prefill, decode)
+
+
+class _HungDirectory:
+    """A prefix directory whose every call hangs, as during a directory or GCS outage."""
+
+    def __init__(self) -> None:
+        def never(*_args):
+            return asyncio.get_running_loop().create_future()
+
+        self.lookup = self.contains = self.publish = self.pin = _Call(never)
+
+
+def test_a_hung_directory_costs_a_bounded_delay_not_the_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In one process, no Ray: the lookup gives up after its timeout and the worker computes the prompt;
+    the background publish gives up too, leaving no task behind. Both are counted as directory errors."""
+    import prefill_workers.server as server
+
+    monkeypatch.setattr(server, "DIRECTORY_LOOKUP_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(server, "DIRECTORY_PUBLISH_TIMEOUT_S", 0.2)
+    prefill = PrefillServer(None, {"transport": "local"}, _HungDirectory())
+    prompt = _prompts(2)[1]
+
+    async def run():
+        started = time.monotonic()
+        first = await prefill.prefill(PrefillRequest("hung-1", prompt, GREEDY))
+        elapsed = time.monotonic() - started
+        prefill.connector.release(first.kv.export_id)
+        again = await prefill.prefill(PrefillRequest("hung-2", prompt, GREEDY))  # a local hit: publishes
+        prefill.connector.release(again.kv.export_id)
+        deadline = time.monotonic() + 30
+        while prefill._background and time.monotonic() < deadline:  # the publish task ends by its timeout
+            await asyncio.sleep(0.05)
+        return first, elapsed, await prefill.stats(), len(prefill._background)
+
+    first, elapsed, stats, pending = asyncio.run(run())
+    assert first.first_token == hf_greedy(model_path("tiny"), prompt, 1)[0][0]
+    assert first.num_computed_tokens == len(prompt)
+    assert elapsed < 30  # the lookup's timeout and the compute, far below a prefill call's own 60 s timeout
+    assert stats.directory_errors >= 2 and pending == 0
+    prefill.engine.shutdown(timeout_s=5)
