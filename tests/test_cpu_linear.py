@@ -133,11 +133,15 @@ def test_an_mlp_of_the_same_shape_but_another_function_is_not_fused() -> None:
 
 
 def test_resolution() -> None:
-    assert _resolve_linear_backend("auto", "float32") == "onednn"
-    assert _resolve_linear_backend("auto", "float16") == "torch"  # oneDNN does not pack float16 here
-    assert _resolve_linear_backend("torch", "float32") == "torch"
+    cpu = torch.device("cpu")
+    assert _resolve_linear_backend("auto", "float32", cpu) == "onednn"
+    assert _resolve_linear_backend("auto", "float16", cpu) == "torch"  # oneDNN does not pack float16 here
+    assert _resolve_linear_backend("torch", "float32", cpu) == "torch"
+    assert _resolve_linear_backend("auto", "bfloat16", torch.device("cuda")) == "torch"  # CPU packing only
     with pytest.raises(ValueError, match="linear_backend 'onednn'"):
-        _resolve_linear_backend("onednn", "float16")
+        _resolve_linear_backend("onednn", "float16", cpu)
+    with pytest.raises(ValueError, match="linear_backend 'onednn'"):
+        _resolve_linear_backend("onednn", "float32", torch.device("meta"))
     with pytest.raises(ValueError, match="linear_backend"):
         LLM(linear_backend="mkl")
 

@@ -22,7 +22,7 @@ def test_buckets_cover_sorted_rows_in_order(lengths: list[int], block_size: int,
     assert all(end > start and longest == lengths[end - 1] for start, end, longest in buckets)
     # never more padded work + bucket cost than a single bucket
     if lengths:
-        single = _padded_work(lengths, [(0, len(lengths))], block_size) + cost
+        single = _padded_work(lengths, [(0, len(lengths), lengths[-1])], block_size) + cost
         assert _padded_work(lengths, buckets, block_size) + cost * len(buckets) <= single
 
 
