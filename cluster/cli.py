@@ -167,7 +167,8 @@ def _up_detached(args: argparse.Namespace) -> int:
     address = args.address
     pids: list[int] = []
     if not address:
-        temp_dir = private_dir(detached_temp_dir())
+        private_dir(detached_home())  # Ray makes its own temp dir world-writable: this 0700 parent guards it
+        temp_dir = detached_temp_dir()
         # Ray's CLI through this interpreter: its `ray` script is on PATH only in an activated environment
         subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--disable-usage-stats",
                         "--include-dashboard=false", f"--num-cpus={args.num_cpus}", f"--temp-dir={temp_dir}"],
@@ -191,10 +192,16 @@ def _up_detached(args: argparse.Namespace) -> int:
     return 0
 
 
+def detached_home() -> Path:
+    """This user's private (0700) directory for the head `up --detach` starts; Ray's temp dir lives in it."""
+    return Path(tempfile.gettempdir()) / f"pdserve-up-{os.getuid()}"
+
+
 def detached_temp_dir() -> Path:
     """Ray's temp dir for the head `up --detach` starts: one per user (short: Ray's socket paths must stay
-    under 108 characters), so its processes are told apart from any other Ray on the machine."""
-    return Path(tempfile.gettempdir()) / f"pdserve-up-{os.getuid()}"
+    under 108 characters), so its processes are told apart from any other Ray on the machine. Ray chmods
+    it 0777 when it starts; the private detached_home() above it is what keeps other users out."""
+    return detached_home() / "ray"
 
 
 def private_dir(path: Path) -> Path:

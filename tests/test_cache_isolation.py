@@ -117,9 +117,24 @@ def _unique_prompt() -> str:
 def test_products_with_one_model_and_system_prompt_share_cached_blocks_over_http(
         clients: dict[str, openai.OpenAI]) -> None:
     """support-chat and report-gen serve one model with one system prompt and set no cache_salt: one
-    namespace, so what one computed the other reuses (the shared system prompt is computed once)."""
+    namespace, so what one computed the other reuses (the shared system prompt is computed once).
+
+    A prefill worker publishes a prefix to the cluster directory once it is reused (seen twice): report-gen
+    sees the prompt twice, the test waits for the directory to hold it, then support-chat's workers, which
+    never saw it, fetch it instead of computing it."""
+    import ray
+
+    from cluster.prefix_directory import DIRECTORY_NAME, NAMESPACE
+
+    directory = ray.get_actor(DIRECTORY_NAME, namespace=NAMESPACE)
+    before = ray.get(directory.stats.remote(), timeout=60).blocks_published
     prompt = _unique_prompt()
     assert _cached(clients["report-gen"], "report-gen", prompt) == 0
+    assert _cached(clients["report-gen"], "report-gen", prompt) > 0  # a reused prefix now: published
+    deadline = time.monotonic() + 60
+    while ray.get(directory.stats.remote(), timeout=60).blocks_published == before:
+        assert time.monotonic() < deadline, "report-gen's reused prefix never reached the directory"
+        time.sleep(0.1)
     assert _cached(clients["support-chat"], "support-chat", prompt) > 0
 
 

@@ -103,14 +103,17 @@ def _wait_announced(directory: Path) -> None:
 
 
 def _sid(pid: int) -> int | None:
+    """pid's session id; None once it has exited. A zombie counts as exited: it runs nothing, and where
+    the container's init does not reap orphans (a daemonized Ray process's parent), it stays one."""
     try:
-        return os.getsid(pid)
-    except OSError:  # gone meanwhile
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return None if state in ("Z", "X") else os.getsid(pid)
+    except (OSError, IndexError):  # gone meanwhile
         return None
 
 
 def test_private_dirs_refuse_what_others_can_write(tmp_path) -> None:
-    from cluster.cli import detached_temp_dir, private_dir
+    from cluster.cli import detached_home, detached_temp_dir, private_dir
 
     made = private_dir(tmp_path / "new" / "state")
     assert made.stat().st_mode & 0o777 == 0o700
@@ -119,7 +122,8 @@ def test_private_dirs_refuse_what_others_can_write(tmp_path) -> None:
     shared.chmod(0o777)
     with pytest.raises(SystemExit, match="private"):
         private_dir(shared)
-    assert str(os.getuid()) in detached_temp_dir().name  # one per user, not one fixed shared path
+    assert str(os.getuid()) in detached_home().name  # one per user, not one fixed shared path
+    assert detached_home() in detached_temp_dir().parents  # Ray's temp dir (Ray makes it 0777) sits inside it
 
 
 def test_direct_ingress_needs_a_ray_this_command_starts() -> None:
