@@ -213,8 +213,11 @@ class DecodeServer:
                 "num_waiting": float(len(engine.scheduler.waiting))}
 
     async def check_health(self) -> None:
-        if not self.engine.alive:
-            raise RuntimeError(f"decode engine loop is dead: {self.engine.error!r}")
+        """Ray Serve's health probe: fail when the engine loop is dead or wedged (Serve then replaces the
+        replica)."""
+        problem = self.engine.health_problem()
+        if problem is not None:
+            raise RuntimeError(f"decode {problem}")
 
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)

@@ -28,6 +28,11 @@ from engine.request import Request, RequestStatus
 
 T = TypeVar("T")
 
+# One loop iteration (a step, or the commands run between steps) longer than this, in seconds, means the
+# engine is wedged (a hung device call, a deadlock): health checks fail so the replica is replaced. Far
+# above any real step: a full 8,192-token prefill chunk of a 1.7B model on this 2-core CPU takes ~20 s.
+STEP_STALL_LIMIT_S = 120.0
+
 
 @dataclass(frozen=True)
 class StepOutput:
@@ -84,7 +89,7 @@ class AsyncEngine:
         self._idle_wait_s = idle_wait_s
         self._stopping = False
         self.error: BaseException | None = None
-        self.last_step_time = time.monotonic()
+        self.last_step_time = time.monotonic()  # monotonic seconds: when the loop last finished an iteration
         self.engine: Engine  # set by the loop thread before `built` hears from it
         built: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, args=(config, built), name="pdserve-engine", daemon=True)
@@ -98,6 +103,16 @@ class AsyncEngine:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
+
+    def health_problem(self, stall_limit_s: float = STEP_STALL_LIMIT_S) -> str | None:
+        """Why this engine cannot serve now, or None: its loop died, or its current iteration has run for
+        more than stall_limit_s seconds. A stalled engine that finishes the iteration is healthy again."""
+        if not self.alive:
+            return f"engine loop is dead: {self.error!r}"
+        stalled_s = time.monotonic() - self.last_step_time
+        if stalled_s > stall_limit_s:
+            return f"engine loop stalled: one iteration has run {stalled_s:.0f} s (limit {stall_limit_s:.0f} s)"
+        return None
 
     async def call(self, fn: Callable[[Engine], T]) -> T:
         """Run fn(engine) in the loop thread between steps and return its result."""
@@ -166,6 +181,7 @@ class AsyncEngine:
         except BaseException as exc:  # bad config, missing model: the constructor re-raises it
             built.put(exc)
             return
+        self.last_step_time = time.monotonic()  # building (loading weights) is not a stall
         built.put(None)
         try:
             while not self._stopping:

@@ -153,9 +153,11 @@ class PrefillServer:
                             self._published, self._directory_errors)
 
     async def check_health(self) -> None:
-        """Ray Serve's health probe: fail when the engine loop is dead."""
-        if not self.engine.alive:
-            raise RuntimeError(f"prefill engine loop is dead: {self.engine.error!r}")
+        """Ray Serve's health probe: fail when the engine loop is dead or wedged (Serve then replaces the
+        replica)."""
+        problem = self.engine.health_problem()
+        if problem is not None:
+            raise RuntimeError(f"prefill {problem}")
 
     async def reap_expired(self) -> int:
         return self.connector.reap_expired()

@@ -138,3 +138,31 @@ def test_engine_that_cannot_be_built_raises_from_the_constructor(tmp_path) -> No
     with pytest.raises(ValueError, match="no-such-model"):
         AsyncEngine(EngineConfig(model=str(tmp_path / "no-such-model")))
     assert not [t for t in threading.enumerate() if t.ident not in before and t.name == "pdserve-engine"]
+
+
+def test_health_reports_a_wedged_step_and_recovers(engine) -> None:
+    """An iteration that runs past the stall limit (here a command that blocks the loop thread, as a hung
+    device call would) makes health_problem name the stall; once it ends, the engine is healthy again."""
+    release = threading.Event()
+    entered = threading.Event()
+
+    def wedge(_engine: Engine) -> None:
+        entered.set()
+        assert release.wait(60), "the test never released the loop"
+
+    async def run() -> tuple[str | None, str | None, str | None]:
+        before = engine.health_problem(stall_limit_s=0.2)
+        blocked = asyncio.ensure_future(engine.call(wedge))
+        assert await asyncio.to_thread(entered.wait, 60)
+        deadline = asyncio.get_running_loop().time() + 60
+        while (during := engine.health_problem(stall_limit_s=0.2)) is None:
+            assert asyncio.get_running_loop().time() < deadline, "the stall was never reported"
+            await asyncio.sleep(0.05)
+        release.set()
+        await blocked
+        await engine.call(lambda e: None)  # one more iteration ended after the stall
+        return before, during, engine.health_problem(stall_limit_s=60)
+
+    before, during, after = asyncio.run(run())
+    assert before is None and after is None
+    assert during is not None and "stalled" in during
