@@ -20,7 +20,7 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from cluster.deployments import DecodeDeployment, PrefillDeployment
-from cluster.ingress import TOKEN_STREAM_MODES, OpenAIIngress
+from cluster.ingress import BODY_READ_TIMEOUT_S, TOKEN_STREAM_MODES, OpenAIIngress
 from cluster.prefix_directory import DIRECTORY_NAME
 from cluster.products import ProductConfig, Role, load_products, pools
 from cluster.routing import KVHeadroomRouter, PrefixAffinityRouter
@@ -58,8 +58,9 @@ def _engine(product: ProductConfig, role: Role) -> dict[str, Any]:
 
 
 def build_app(products: dict[str, ProductConfig], ingress_replicas: int = 1,
-              token_stream: str = "direct") -> Application:
-    """token_stream: how decode workers send outputs to the ingress, "direct" or "serve" (cluster/ingress.py)."""
+              token_stream: str = "direct", body_timeout_s: float = BODY_READ_TIMEOUT_S) -> Application:
+    """token_stream: how decode workers send outputs to the ingress, "direct" or "serve" (cluster/ingress.py).
+    body_timeout_s: seconds a request body may take to arrive (slower: 408)."""
     if token_stream not in TOKEN_STREAM_MODES:
         raise ValueError(f"token_stream must be one of {TOKEN_STREAM_MODES}, not {token_stream!r}")
     for model in {p.model for p in products.values()}:
@@ -87,14 +88,15 @@ def build_app(products: dict[str, ProductConfig], ingress_replicas: int = 1,
     return serve.deployment(OpenAIIngress).options(
         name="ingress", num_replicas=ingress_replicas, ray_actor_options={"num_cpus": 0.1},
         max_ongoing_requests=1024, health_check_period_s=2.0,
-    ).bind({n: p.model_dump() for n, p in products.items()}, decoders, prefills, token_stream)
+    ).bind({n: p.model_dump() for n, p in products.items()}, decoders, prefills, token_stream, body_timeout_s)
 
 
 def app_builder(args: dict[str, Any]) -> Application:
     """Entry point for Serve config files: args {"products_dir": path (relative to the repo or absolute),
-    "ingress_replicas": int, "token_stream": "direct" | "serve"}."""
+    "ingress_replicas": int, "token_stream": "direct" | "serve", "body_timeout_s": seconds}."""
     directory = Path(args.get("products_dir") or DEFAULT_PRODUCTS_DIR)
     if not directory.is_absolute() and not directory.exists():
         directory = DEFAULT_PRODUCTS_DIR.parent.parent / directory
     return build_app(load_products(directory), int(args.get("ingress_replicas", 1)),
-                     str(args.get("token_stream", "direct")))
+                     str(args.get("token_stream", "direct")),
+                     float(args.get("body_timeout_s", BODY_READ_TIMEOUT_S)))

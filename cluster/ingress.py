@@ -5,9 +5,11 @@ check its API key, apply its chat template with its system prompt, tokenize,
 check limits, then stream from the product's DecodeServer deployment and turn
 StepOutputs into OpenAI JSON or server-sent events. Every refusal happens
 before any engine work and in OpenAI's error shape:
-400 malformed JSON / too long, 413 body over MAX_BODY_BYTES, 422 wrong types,
-401 bad key, 404 unknown model, 429 queue full (with Retry-After), 503 no
-healthy replica.
+400 malformed JSON / too long, 408 body too slow, 413 body too large, 422 wrong
+types, 401 bad key, 404 unknown model, 429 queue full (with Retry-After), 503 no
+healthy replica. A request is refused before its body is read where the headers
+suffice: every product asks for an API key and the request's is none of them.
+Tokenizing and chat templates run on one thread of the ingress's own, off its event loop.
 """
 
 # Serve's ingress decorator serializes the class when it is defined, by value: every module-level
@@ -20,6 +22,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import ray
@@ -39,11 +42,13 @@ from cluster.direct_stream import DirectStream
 from cluster.metrics import (
     CONTENT_TYPE,
     E2E_REQUEST_LATENCY,
+    INGRESS_INFLIGHT,
     INTER_TOKEN_LATENCY,
     REQUEST_SUCCESS,
     REQUESTS_REJECTED,
     ROLE_INGRESS,
     TIME_TO_FIRST_TOKEN,
+    TOKEN_STREAMS_OPEN,
     Histogram,
     MetricsReporter,
     MetricsSnapshot,
@@ -65,14 +70,30 @@ log = logging.getLogger(__name__)
 # output its own item of a Serve streaming call.
 TOKEN_STREAM_MODES = ("direct", "serve")
 
-# Far above any prompt a product accepts (its context limit is checked after tokenizing), low enough that a
-# huge body is refused before it is buffered whole, parsed and tokenized.
-MAX_BODY_BYTES = 8 << 20
-# A refused body up to this size is read to its end and dropped before the 413 goes out. Answering while the
-# client is still sending makes the server close a socket with unread data, which sends a TCP reset, and the
-# reset can reach the client before it has read the 413: it then sees "connection reset" instead of the
-# answer. Bodies declared larger still get the 413 at once (reading them would be the attack).
-DRAIN_REFUSED_BYTES = 4 * MAX_BODY_BYTES
+# The body limit follows the longest context served: BODY_BYTES_PER_TOKEN bytes of JSON per token is far above
+# any real prompt (a token is a few characters; six bytes each even as \uXXXX escapes), so no prompt that fits
+# is refused, while a huge body is refused before it is buffered whole, parsed and tokenized. The context
+# limit itself is checked after tokenizing. MIN_BODY_BYTES leaves room for JSON around short contexts.
+BODY_BYTES_PER_TOKEN = 64
+MIN_BODY_BYTES = 1 << 20
+# A refused body up to this many times the limit is read to its end and dropped before the 413 goes out.
+# Answering while the client is still sending makes the server close a socket with unread data, which sends a
+# TCP reset, and the reset can reach the client before it has read the 413: it then sees "connection reset"
+# instead of the answer. Bodies declared larger still get the 413 at once (reading them would be the attack).
+DRAIN_REFUSED_FACTOR = 4
+# A whole body must arrive within this many seconds: a client uploading slower (by accident or to hold
+# connections open) is answered 408 and holds an ingress slot no longer.
+BODY_READ_TIMEOUT_S = 30.0
+# A request refused from its headers alone has its body read and dropped up to this many bytes, for at most
+# UNREAD_DRAIN_S seconds, before the answer: a small body (any real client's) then gets a clean 401 instead
+# of a reset (see DRAIN_REFUSED_FACTOR); a larger or slower one is not worth waiting for.
+UNREAD_DRAIN_BYTES = 64 << 10
+UNREAD_DRAIN_S = 2.0
+
+
+def body_limit_bytes(max_model_len: int) -> int:
+    """The largest request body accepted, in bytes, for a longest context of max_model_len tokens."""
+    return max(MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * max_model_len)
 
 app = FastAPI(title="pdserve", description="OpenAI-compatible API of a disaggregated LLM cluster")
 
@@ -116,12 +137,12 @@ class _Product:
     finished: Counter = field(default_factory=Counter)  # finish reason -> requests
     rejected: Counter = field(default_factory=Counter)  # reason -> requests refused before any work
 
-    def snapshot(self) -> MetricsSnapshot:
+    def snapshot(self, token_streams_open: int) -> MetricsSnapshot:
         return MetricsSnapshot(
             histograms={TIME_TO_FIRST_TOKEN: self.ttft.snapshot(), INTER_TOKEN_LATENCY: self.itl.snapshot(),
                         E2E_REQUEST_LATENCY: self.e2e.snapshot()},
             labelled_counters={REQUEST_SUCCESS: dict(self.finished), REQUESTS_REJECTED: dict(self.rejected)},
-            gauges={"ingress_inflight": float(self.inflight)})
+            gauges={INGRESS_INFLIGHT: float(self.inflight), TOKEN_STREAMS_OPEN: float(token_streams_open)})
 
 
 @dataclass
@@ -157,32 +178,58 @@ def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
     return replace(params, seed=seed)
 
 
-async def _read_body(request: Request) -> bytes:
-    """The raw body; 413 once it passes MAX_BODY_BYTES (declared or actual), keeping no byte past the limit.
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The raw body; 413 once it passes limit bytes (declared or actual), keeping no byte past the limit;
+    408 when it has not all arrived within timeout_s seconds.
 
-    A refused body is still read to its end (and dropped) up to DRAIN_REFUSED_BYTES, see there.
+    A refused body is still read to its end (and dropped) up to DRAIN_REFUSED_FACTOR times the limit, see there.
     """
-    too_large = APIError(413, f"request body over {MAX_BODY_BYTES} bytes", code="body_too_large")
+    too_large = APIError(413, f"request body over {limit} bytes", code="body_too_large")
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > DRAIN_REFUSED_BYTES:
+    if declared.isdigit() and int(declared) > DRAIN_REFUSED_FACTOR * limit:
         raise too_large
     chunks, size = [], 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size <= MAX_BODY_BYTES:
-                chunks.append(chunk)
-            elif size > DRAIN_REFUSED_BYTES:
-                break
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size <= limit:
+                    chunks.append(chunk)
+                elif size > DRAIN_REFUSED_FACTOR * limit:
+                    break
     except ClientDisconnect as exc:  # nobody will read the answer, but it is the client's doing, not a 500
         raise APIError(400, "the client disconnected before sending the whole body", code="incomplete_body") from exc
-    if size > MAX_BODY_BYTES:
+    except TimeoutError as exc:
+        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s", code="body_timeout") from exc
+    if size > limit:
         raise too_large
     return b"".join(chunks)
 
 
-async def _json_body(request: Request) -> dict:
-    raw = await _read_body(request)
+async def _drop_body(request: Request) -> None:
+    """Read and drop a refused request's body, within UNREAD_DRAIN_BYTES and UNREAD_DRAIN_S (see there)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > UNREAD_DRAIN_BYTES:
+        return
+    size = 0
+    try:
+        async with asyncio.timeout(UNREAD_DRAIN_S):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > UNREAD_DRAIN_BYTES:
+                    return
+    except (TimeoutError, ClientDisconnect):
+        return
+
+
+def _bearer(request: Request) -> str:
+    """The request's bearer token ("" without one)."""
+    auth = request.headers.get("authorization", "")
+    return auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+
+
+async def _json_body(request: Request, limit: int, timeout_s: float) -> dict:
+    raw = await _read_body(request, limit, timeout_s)
     try:
         body = json.loads(raw)
         # \ud800-style escapes decode to lone surrogates, which are not text: the tokenizer would raise
@@ -285,6 +332,39 @@ async def _close(stream) -> None:
         cancel()
 
 
+class _Release:
+    """Ends a streamed response's hold on its product exactly once: the in-flight count goes down and, unless
+    every sample finished, its streams are closed (which aborts their requests on the workers and drops their
+    token-stream queues). Called from the body's end and from the response's end: a client that disconnects
+    before the body is first iterated leaves a body generator that never runs, and nothing else would."""
+
+    def __init__(self, product: _Product, streams: list) -> None:
+        self._product, self._streams, self._done = product, streams, False
+
+    async def __call__(self, finished: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._product.inflight -= len(self._streams)
+        if not finished:
+            await asyncio.gather(*(_close(s) for s in self._streams), return_exceptions=True)
+
+
+class _ReleasingStreamingResponse(StreamingResponse):
+    """An SSE response whose release runs when the ASGI call ends, however it ends (a body never iterated,
+    a send to a gone client, a cancellation)."""
+
+    def __init__(self, content: AsyncIterator[str], release: _Release) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self._release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._release(finished=False)  # a no-op when the body ended and released first
+
+
 def _reject_reason(exc: APIError) -> str:
     if exc.status == 400 and exc.code == "context_length_exceeded":
         return "too_long"
@@ -302,7 +382,7 @@ def _describe(exc: BaseException) -> str:
 @serve.ingress(app)
 class OpenAIIngress:
     def __init__(self, products: dict[str, dict], decoders: dict, prefills: dict | None = None,
-                 token_stream: str = "direct") -> None:
+                 token_stream: str = "direct", body_timeout_s: float = BODY_READ_TIMEOUT_S) -> None:
         if token_stream not in TOKEN_STREAM_MODES:
             raise ValueError(f"token_stream must be one of {TOKEN_STREAM_MODES}, not {token_stream!r}")
         configs = {name: ProductConfig(**cfg) for name, cfg in products.items()}
@@ -314,11 +394,19 @@ class OpenAIIngress:
         self._decoders = decoders
         self._prefills = prefills or {}
         self._products = {name: self._load(config) for name, config in configs.items()}
+        self._body_limit = body_limit_bytes(max(p.max_model_len for p in self._products.values()))
+        self._body_timeout_s = body_timeout_s
+        # Keys that can open any product, when every product asks for one (None: some product is open).
+        keyed = all(p.keys for p in self._products.values())
+        self._any_key = frozenset().union(*(p.keys for p in self._products.values())) if keyed else None
+        # One thread: HF tokenizers are not safe to share between threads; one is enough to free the loop.
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdserve-tokenize")
         self._created = int(time.time())
         self._warmed: asyncio.Task | None = None
         self._hub = get_or_create_hub()
         self._reporter = MetricsReporter(f"ingress-{uuid.uuid4().hex[:8]}", ROLE_INGRESS, "*",
-                                         lambda: {n: p.snapshot() for n, p in self._products.items()})
+                                         lambda: {n: p.snapshot(self._open_streams(n))
+                                                  for n, p in self._products.items()})
 
     @staticmethod
     def _load(config: ProductConfig) -> _Product:
@@ -361,6 +449,9 @@ class OpenAIIngress:
     async def _counted(self, request: Request, handler) -> Response:
         """Run a route; count a refusal against its product (when the body named a known one)."""
         self._reporter.start()
+        if self._any_key is not None and _bearer(request) not in self._any_key:  # before parsing the body
+            await _drop_body(request)
+            raise APIError(401, "Incorrect or missing API key.", "authentication_error", "invalid_api_key")
         try:
             return await handler(request)
         except APIError as exc:
@@ -370,17 +461,17 @@ class OpenAIIngress:
             raise
 
     async def _completions(self, request: Request) -> Response:
-        body = await _json_body(request)
+        body = await _json_body(request, self._body_limit, self._body_timeout_s)
         req = _parse(oai.CompletionRequest, body)
         request.state.model = req.model
         product = self._product(req.model, request)
-        ids = req.prompt if isinstance(req.prompt, list) else product.tokenizer.encode(req.prompt,
-                                                                                      add_special_tokens=False)
+        ids = req.prompt if isinstance(req.prompt, list) else await self._off_loop(
+            product.tokenizer.encode, req.prompt, add_special_tokens=False)
         key = getattr(request.state, "api_key", None)
         return await self._serve(self._prepare(product, req, ids, req.max_tokens, chat=False, api_key=key))
 
     async def _chat_completions(self, request: Request) -> Response:
-        body = await _json_body(request)
+        body = await _json_body(request, self._body_limit, self._body_timeout_s)
         req = _parse(oai.ChatCompletionRequest, body)
         request.state.model = req.model
         product = self._product(req.model, request)
@@ -388,8 +479,8 @@ class OpenAIIngress:
                     for m in req.messages]
         if product.config.system_prompt:
             messages = [{"role": "system", "content": product.config.system_prompt}, *messages]
-        ids = product.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
-                                                    return_dict=False)
+        ids = await self._off_loop(product.tokenizer.apply_chat_template, messages, tokenize=True,
+                                   add_generation_prompt=True, return_dict=False)
         key = getattr(request.state, "api_key", None)
         return await self._serve(self._prepare(product, req, ids, req.requested_max_tokens, chat=True, api_key=key))
 
@@ -429,14 +520,18 @@ class OpenAIIngress:
             raise APIError(404, f"The model `{model}` does not exist. Available: {sorted(self._products)}",
                            "invalid_request_error", "model_not_found", "model")
         if product.keys:
-            auth = request.headers.get("authorization", "")
-            token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+            token = _bearer(request)
             if token not in product.keys:
                 raise APIError(401, "Incorrect or missing API key for this model.", "authentication_error",
                                "invalid_api_key")
             request.state.api_key = token
         self._ensure_warm()
         return product
+
+    async def _off_loop(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) on the tokenizing thread: a long prompt's tokens or a chat template take
+        milliseconds to tens of them, which on the event loop would stall every stream this replica serves."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, lambda: fn(*args, **kwargs))
 
     def _prepare(self, product: _Product, req: oai._SamplingFields, ids: list[int], max_tokens: int | None,
                  chat: bool, api_key: str | None = None) -> _Prepared:
@@ -474,20 +569,27 @@ class OpenAIIngress:
                            "rate_limit_error", "queue_full", headers={"Retry-After": "1"})
         product.inflight += job.n
         streams = [self._start(job, i, server) for i in range(job.n)]
+        release = _Release(product, streams)
         try:
             firsts = await asyncio.gather(*(_first(s) for s in streams))
-        except BaseException:
-            product.inflight -= job.n
-            await asyncio.gather(*(_close(s) for s in streams), return_exceptions=True)
+        except BaseException:  # a failed sample, or the client gone (cancelled): end the others too
+            await release(finished=False)
             raise
         first_at = job.observe_first()
         clocks = [_TokenClock(job, first_at, len(first["new_token_ids"])) for first in firsts]
         if job.stream:
-            return StreamingResponse(self._sse(job, streams, firsts, clocks), media_type="text/event-stream")
+            return _ReleasingStreamingResponse(self._sse(job, streams, firsts, clocks, release), release)
+        finished = False
         try:
-            return JSONResponse(await self._collect(job, streams, firsts, clocks))
+            body = await self._collect(job, streams, firsts, clocks)
+            finished = True
+            return JSONResponse(body)
         finally:
-            product.inflight -= job.n
+            await release(finished)
+
+    def _open_streams(self, product: str) -> int:
+        server = self._token_server
+        return 0 if server is None else server.num_open_for(f"{product}/")
 
     async def _token_streams(self) -> TokenStreamServer | None:
         """This replica's token stream server, started on first use on the replica's event loop (None in
@@ -511,7 +613,7 @@ class OpenAIIngress:
         handle = self._decoders[job.product.config.name]
         if server is None:
             return handle.options(stream=True).generate.remote(request).__aiter__()
-        stream_id = uuid.uuid4().hex
+        stream_id = f"{job.product.config.name}/{uuid.uuid4().hex}"  # per product: counted by _open_streams
         request["token_stream"] = server.target(stream_id).as_dict()
         return DirectStream(server, stream_id, handle.generate_to.remote(request))
 
@@ -525,8 +627,8 @@ class OpenAIIngress:
         name = job.product.config.name
         return oai.chat_response(rid, name, choices, u) if job.chat else oai.completion_response(rid, name, choices, u)
 
-    async def _sse(self, job: _Prepared, streams: list, firsts: list[dict],
-                   clocks: list[_TokenClock]) -> AsyncIterator[str]:
+    async def _sse(self, job: _Prepared, streams: list, firsts: list[dict], clocks: list[_TokenClock],
+                   release: _Release) -> AsyncIterator[str]:
         name = job.product.config.name
         rid, created = oai.new_id("chatcmpl" if job.chat else "cmpl"), int(time.time())
         queue: asyncio.Queue = asyncio.Queue()
@@ -535,6 +637,7 @@ class OpenAIIngress:
         reasons: list[str] = []
         detoks = [IncrementalDetokenizer(job.product.tokenizer, job.params.stop) for _ in streams]
         completion_tokens, live = 0, len(streams)
+        finished = False
         try:
             if job.chat:
                 for i in range(len(streams)):
@@ -557,6 +660,7 @@ class OpenAIIngress:
                              if job.chat else oai.completion_chunk(rid, name, created, index, text, reason))
                     yield _sse_line(chunk)
             else:
+                finished = True
                 job.observe_end(reasons)
                 if job.include_usage:
                     u = oai.usage(len(job.prompt_token_ids), completion_tokens, firsts[0]["num_cached_tokens"])
@@ -567,4 +671,4 @@ class OpenAIIngress:
             for pump in pumps:
                 pump.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
-            job.product.inflight -= len(streams)
+            await release(finished)

@@ -2,6 +2,8 @@
 
 When no client request is in flight, a healthy pdserve cluster holds:
 - no running or waiting request on any live worker;
+- no sample counted in flight and no token-stream queue open on any ingress
+  replica (a client that left must not keep either raised);
 - every KV block free on every live worker (prefix-cached blocks count as
   free: they are in the free queue, evictable);
 - no KV export alive on any prefill worker (every lease fetched, released
@@ -21,17 +23,24 @@ import time
 import ray
 
 from cluster.metrics import (
+    INGRESS_INFLIGHT,
     KV_BLOCKS_USED,
     KV_EXPORTS_ALIVE,
     NUM_REQUESTS_RUNNING,
     NUM_REQUESTS_WAITING,
+    ROLE_DECODE,
+    ROLE_INGRESS,
+    ROLE_PREFILL,
+    TOKEN_STREAMS_OPEN,
     SourceInfo,
 )
 
-_MUST_BE_ZERO = (NUM_REQUESTS_RUNNING, NUM_REQUESTS_WAITING, KV_BLOCKS_USED, KV_EXPORTS_ALIVE)
+_MUST_BE_ZERO = (NUM_REQUESTS_RUNNING, NUM_REQUESTS_WAITING, KV_BLOCKS_USED, KV_EXPORTS_ALIVE, INGRESS_INFLIGHT,
+                 TOKEN_STREAMS_OPEN)
+ALL_ROLES = (ROLE_INGRESS, ROLE_PREFILL, ROLE_DECODE)
 
 
-def source_violations(sources: list[SourceInfo], roles: tuple[str, ...] = ("prefill", "decode")) -> list[str]:
+def source_violations(sources: list[SourceInfo], roles: tuple[str, ...] = ALL_ROLES) -> list[str]:
     """What breaks the idle invariants among live worker sources (empty when idle)."""
     problems = []
     for src in sources:
@@ -60,7 +69,7 @@ def directory_violations(stats) -> list[str]:
 
 
 def wait_cluster_idle(hub, directory=None, timeout_s: float = 30.0, poll_s: float = 0.5,
-                      roles: tuple[str, ...] = ("prefill", "decode"), products: tuple[str, ...] | None = None
+                      roles: tuple[str, ...] = ALL_ROLES, products: tuple[str, ...] | None = None
                       ) -> list[str]:
     """Poll until the idle invariants hold (returns []) or timeout_s passes (returns the violations).
 

@@ -92,6 +92,8 @@ NUM_REQUESTS_WAITING = "num_requests_waiting"
 KV_BLOCKS_USED = "kv_blocks_used"
 KV_BLOCKS_TOTAL = "kv_blocks_total"
 KV_EXPORTS_ALIVE = "kv_exports_alive"
+INGRESS_INFLIGHT = "ingress_inflight"  # samples the ingress is serving (admitted, not yet ended)
+TOKEN_STREAMS_OPEN = "token_streams_open"  # the ingress's open token-stream queues
 # Gauges only the hub computes.
 KV_CACHE_USAGE_PERC = "kv_cache_usage_perc"
 NUM_REPLICAS = "num_replicas"
@@ -140,6 +142,8 @@ HELP = {
     NUM_REQUESTS_RUNNING: "Requests in engine batches now (prefill and decode workers).",
     NUM_REQUESTS_WAITING: "Requests queued for an engine batch now.",
     KV_EXPORTS_ALIVE: "KV exports held under a lease by prefill workers now.",
+    INGRESS_INFLIGHT: "Samples the HTTP ingress is serving now (counted against max_queue_len).",
+    TOKEN_STREAMS_OPEN: "Token-stream queues open on the HTTP ingress now (one per sample being streamed).",
     KV_CACHE_USAGE_PERC: "KV-cache usage over all workers: used blocks / total blocks (1 means 100 percent).",
     NUM_REPLICAS: "Replicas reporting metrics now, by role.",
     TIME_TO_FIRST_TOKEN: "Time to first token in seconds.",

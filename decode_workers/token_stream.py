@@ -133,6 +133,10 @@ class TokenStreamServer:
     def num_open(self) -> int:
         return len(self._queues)
 
+    def num_open_for(self, prefix: str) -> int:
+        """Open streams whose id starts with prefix (the ingress names them "<product>/<id>")."""
+        return sum(1 for stream_id in self._queues if stream_id.startswith(prefix))
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._connections.add(writer)
         peer = writer.get_extra_info("peername")

@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.ingress import DRAIN_REFUSED_BYTES, MAX_BODY_BYTES
+from cluster.ingress import DRAIN_REFUSED_FACTOR, body_limit_bytes
 from tests.test_http_api import REPORT_KEY, _assert_error, _metrics, _post, _settled_metrics
 
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,
@@ -36,6 +36,8 @@ CHAT = {"model": "support-chat", "messages": [{"role": "user", "content": "hi"}]
 COMPLETION = {"model": "support-chat", "prompt": "hi", "max_tokens": 2}
 SUPPORT_MAX_OUTPUT = 256  # deploy/products/support-chat.yaml max_output_tokens
 VOCAB = 8192  # the built-in tiny model's
+MAX_BODY_BYTES = body_limit_bytes(4096)  # the session app's limit: its longest context is the tiny model's 4,096
+DRAIN_REFUSED_BYTES = DRAIN_REFUSED_FACTOR * MAX_BODY_BYTES
 ENGINE_COUNTERS = (  # every counter a request that reached a worker would move
     "pdserve:prompt_tokens_computed_total", "pdserve:prompt_tokens_cached_total", "pdserve:generation_tokens_total",
     "pdserve:prefix_cache_queries_total", "pdserve:request_success_total", "pdserve:time_to_first_token_seconds_count",
@@ -130,8 +132,8 @@ RAW_BODIES = st.one_of(
     st.binary(max_size=64).map(lambda b: b"\xff" + b),  # never UTF-8
     st.integers(0, len(_json(CHAT)) - 1).map(lambda n: _json(CHAT)[:n]),  # truncated JSON (b"" included)
     JSON_VALUES.filter(lambda v: not isinstance(v, dict)).map(_json),  # JSON, but not an object
-    st.integers(1_000, 200_000).map(lambda n: b"[" * n + b"]" * n),  # nesting deeper than the parser's stack
-    st.integers(1_000, 200_000).map(lambda n: b'{"a":' * n + b"1" + b"}" * n),
+    st.integers(1_000, 100_000).map(lambda n: b"[" * n + b"]" * n),  # nesting deeper than the parser's stack
+    st.integers(1_000, 100_000).map(lambda n: b'{"a":' * n + b"1" + b"}" * n),
     st.sampled_from(["\\ud800", "a\\udfffb", "\\udbff"]).map(  # lone surrogates: valid JSON, not text
         lambda s: b'{"model": "support-chat", "messages": [{"role": "user", "content": "' + s.encode() + b'"}]}'),
     st.sampled_from(["\\ud800", "x\\udc00"]).map(
@@ -194,7 +196,8 @@ def test_huge_bodies(pdserve_url: str) -> None:
         _assert_refused(status, body)
         assert status == 413 and body["error"]["code"] == "body_too_large"
         # Under the byte limit, but far over the context length once tokenized.
-        status, body, _ = _post(url, _json({**CHAT, "messages": [{"role": "user", "content": "word " * 200_000}]}))
+        words = "word " * (MAX_BODY_BYTES // 6)
+        status, body, _ = _post(url, _json({**CHAT, "messages": [{"role": "user", "content": words}]}))
         _assert_refused(status, body)
         assert body["error"]["code"] == "context_length_exceeded"
         # No declared length (chunked): counted as it arrives, refused the same way.

@@ -269,7 +269,7 @@ def test_reporter_pushes_to_the_hub_actor(ray_local) -> None:
     hub = m.get_or_create_hub(name=name)
     ray = ray_local
     try:
-        ray.get(hub.ready.remote())
+        ray.get(hub.ready.remote(), timeout=60)
         calls = {"n": 0}
         ttft = m.Histogram.for_metric(m.TIME_TO_FIRST_TOKEN)
 
