@@ -84,8 +84,7 @@ class DecodeServer:
             return
         stream = self.engine.open_stream(rid)
         try:
-            req = await self.engine.call(lambda e: e.add_request(prompt, params, rid, salt, defer=True,
-                                                                 reserve_prefix=self.dedup))
+            req = await self.engine.add_request(prompt, params, rid, salt, defer=True, reserve_prefix=self.dedup)
         except BaseException:
             self.engine.discard_stream(rid)
             raise

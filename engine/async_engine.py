@@ -124,12 +124,26 @@ class AsyncEngine:
         self._wake.set()
         return await future
 
+    async def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str,
+                          cache_salt: str | None = None, **add_kwargs: Any) -> Request:
+        """Engine.add_request on the loop thread. A caller cancelled while the add is queued or running
+        leaves nothing behind: the add still runs (a queued command cannot be taken back), so an abort is
+        queued right after it (commands run in order) and frees whatever the request got, deferred
+        requests' reserved prefix blocks included. (An add that raised added nothing: no abort, which
+        could hit another request that holds the id.)"""
+        try:
+            return await self.call(lambda e: e.add_request(prompt, params, request_id, cache_salt, **add_kwargs))
+        except asyncio.CancelledError:
+            if self.alive:
+                self._abort_soon(request_id)
+            raise
+
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
                        cache_salt: str | None = None, **add_kwargs: Any) -> AsyncIterator[StepOutput]:
         """Add a request and yield its outputs as they come. Closing the iterator early aborts it."""
         stream = self.open_stream(request_id)
         try:
-            await self.call(lambda e: e.add_request(prompt, params, request_id, cache_salt, **add_kwargs))
+            await self.add_request(prompt, params, request_id, cache_salt, **add_kwargs)
         except BaseException:
             self.discard_stream(request_id)
             raise
@@ -168,6 +182,12 @@ class AsyncEngine:
 
     async def abort(self, request_id: str) -> None:
         await self.call(lambda e: e.abort_request(request_id))
+
+    def _abort_soon(self, request_id: str) -> None:
+        """Queue an abort of request_id without waiting for it (for a caller being cancelled)."""
+        loop = asyncio.get_running_loop()
+        self._commands.put(_Command(lambda e: e.abort_request(request_id), loop, loop.create_future()))
+        self._wake.set()
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         self._stopping = True
@@ -210,9 +230,9 @@ class AsyncEngine:
             try:
                 result = cmd.fn(self.engine)
             except Exception as exc:  # the caller's error (bad input): report it, keep the loop
-                cmd.loop.call_soon_threadsafe(_set_exception, cmd.future, exc)
+                _reply(cmd, _set_exception, exc)
             else:
-                cmd.loop.call_soon_threadsafe(_set_result, cmd.future, result)
+                _reply(cmd, _set_result, result)
             # a command may end requests (abort, a first token that stops) or give them a token
             # (attach_kv with the prefill worker's first token): send those now, not a step later
             self._publish(self.engine.pop_finished())
@@ -259,7 +279,7 @@ class AsyncEngine:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
-            cmd.loop.call_soon_threadsafe(_set_exception, cmd.future, EngineDeadError("engine loop stopped"))
+            _reply(cmd, _set_exception, EngineDeadError("engine loop stopped"))
 
 
 def _coalesce(first: StepOutput, stream: _Stream) -> StepOutput:
@@ -280,6 +300,15 @@ def _coalesce(first: StepOutput, stream: _Stream) -> StepOutput:
 def _put_all(items: list[tuple[asyncio.Queue, StepOutput | BaseException]]) -> None:
     for queue_, out in items:
         queue_.put_nowait(out)
+
+
+def _reply(cmd: _Command, setter: Callable[[asyncio.Future, Any], None], value: Any) -> None:
+    """Hand a command's outcome to its caller's event loop; a loop closed meanwhile has nobody to tell
+    (its caller is gone), which must not stop the engine loop."""
+    try:
+        cmd.loop.call_soon_threadsafe(setter, cmd.future, value)
+    except RuntimeError:  # "Event loop is closed"
+        pass
 
 
 def _set_result(future: asyncio.Future, result: Any) -> None:

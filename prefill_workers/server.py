@@ -78,8 +78,8 @@ class PrefillServer:
         params = replace(request.sampling_params, n=1, max_tokens=1)
         stream = self.engine.open_stream(rid)
         try:
-            req = await self.engine.call(lambda e: e.add_request(
-                request.prompt_token_ids, params, rid, request.cache_salt, hold_kv=True, defer=True))
+            req = await self.engine.add_request(request.prompt_token_ids, params, rid, request.cache_salt,
+                                                hold_kv=True, defer=True)
         except BaseException:
             self.engine.discard_stream(rid)
             raise

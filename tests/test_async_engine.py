@@ -166,3 +166,65 @@ def test_health_reports_a_wedged_step_and_recovers(engine) -> None:
     before, during, after = asyncio.run(run())
     assert before is None and after is None
     assert during is not None and "stalled" in during
+
+
+def _wedged(engine: AsyncEngine) -> tuple[threading.Event, threading.Event]:
+    """Block the loop thread on a command until the returned `release` is set; `entered` is set once it is."""
+    release, entered = threading.Event(), threading.Event()
+
+    def wedge(_engine: Engine) -> None:
+        entered.set()
+        assert release.wait(60), "the test never released the loop"
+
+    engine._commands.put(async_engine._Command(wedge, asyncio.get_running_loop(),
+                                               asyncio.get_running_loop().create_future()))
+    engine._wake.set()
+    return release, entered
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_an_add_cancelled_in_flight_leaves_no_request_behind(engine, defer: bool) -> None:
+    """The caller gives up while its add_request waits behind a long step: the add still runs on the loop
+    thread, and the request it made (a deferred one holding reserved prefix blocks, or a queued one) is
+    aborted right after, not left running or holding blocks."""
+    prompt = random_prompts([40], 8192, seed=11)[0]
+
+    async def run():
+        await engine.call(lambda e: e.add_request(prompt, GREEDY, "warm-prefix", defer=False))  # a cached
+        while await engine.call(lambda e: e.has_unfinished_requests()):  # prefix for the deferred add
+            await asyncio.sleep(0.01)
+        release, entered = _wedged(engine)
+        assert await asyncio.to_thread(entered.wait, 60)
+        adding = asyncio.ensure_future(engine.add_request(prompt, GREEDY, f"gone-{defer}", defer=defer))
+        await asyncio.sleep(0)  # the add is queued behind the wedge
+        adding.cancel()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await adding
+        return await engine.call(lambda e: (e.stats(), dict(e.requests)))
+
+    stats, requests = asyncio.run(run())
+    assert not requests
+    assert stats.num_requests_running == stats.num_requests_waiting == stats.num_requests_deferred == 0
+    assert stats.num_blocks_free == stats.num_blocks_total
+
+
+def test_a_command_whose_caller_loop_closed_does_not_stop_the_engine(engine) -> None:
+    """A caller's event loop that closes while its command waits (asyncio.run returning) has nobody to tell;
+    the engine loop drops the reply and goes on."""
+    release: threading.Event | None = None
+
+    async def leave_a_command_behind() -> None:
+        nonlocal release
+        release, entered = _wedged(engine)
+        assert await asyncio.to_thread(entered.wait, 60)
+        engine._commands.put(async_engine._Command(lambda e: e.stats(), asyncio.get_running_loop(),
+                                                   asyncio.get_running_loop().create_future()))
+
+    asyncio.run(leave_a_command_behind())  # its loop is closed from here on
+    release.set()
+
+    async def still_serving() -> bool:
+        return await engine.call(lambda e: e.stats()) is not None
+
+    assert asyncio.run(still_serving()) and engine.alive
