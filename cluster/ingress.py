@@ -87,6 +87,12 @@ BODY_READ_TIMEOUT_S = 30.0
 # A request refused from its headers alone has its body read and dropped up to this many bytes, for at most
 # UNREAD_DRAIN_S seconds, before the answer: a small body (any real client's) then gets a clean 401 instead
 # of a reset (see DRAIN_REFUSED_FACTOR); a larger or slower one is not worth waiting for.
+# Waits on a worker, in seconds: for a sample's first output (queueing and prefill included), for each next
+# output, and for the metrics hub. A worker that stops sending without failing (wedged; its health check
+# then gets it replaced) ends the request with a 503 or an SSE error instead of holding it forever.
+FIRST_OUTPUT_TIMEOUT_S = 300.0
+NEXT_OUTPUT_TIMEOUT_S = 300.0
+METRICS_TIMEOUT_S = 10.0
 UNREAD_DRAIN_BYTES = 64 << 10
 UNREAD_DRAIN_S = 2.0
 
@@ -258,9 +264,28 @@ def _parse(model: type, body: dict):
                        param=param) from exc
 
 
+async def _next(stream: AsyncIterator[dict], timeout_s: float) -> dict:
+    """The stream's next output; TokenStreamError when none comes within timeout_s (the wait is cancelled,
+    which cancels a DirectStream's call and so aborts the request on its worker)."""
+    try:
+        return await asyncio.wait_for(stream.__anext__(), timeout_s)
+    except TimeoutError as exc:
+        raise TokenStreamError(f"no output from the worker within {timeout_s:g} s") from exc
+
+
+async def _rest(stream: AsyncIterator[dict]) -> AsyncIterator[dict]:
+    """The stream's outputs after the first, each within NEXT_OUTPUT_TIMEOUT_S of the one before."""
+    while True:
+        try:
+            out = await _next(stream, NEXT_OUTPUT_TIMEOUT_S)
+        except StopAsyncIteration:
+            return
+        yield out
+
+
 async def _first(stream: AsyncIterator[dict]) -> dict:
     try:
-        return await stream.__anext__()
+        return await _next(stream, FIRST_OUTPUT_TIMEOUT_S)
     except StopAsyncIteration as exc:
         raise APIError(503, "the worker ended the request without output", "server_error") from exc
     except (RayTaskError, ValueError, TokenStreamError) as exc:  # TokenStreamError: outputs never arrived here
@@ -294,7 +319,7 @@ async def _drain(stream: AsyncIterator[dict], first: dict, clock: _TokenClock) -
     tokens = first["num_output_tokens"]
     if not first["finished"]:
         try:
-            async for out in stream:
+            async for out in _rest(stream):
                 clock.tick(len(out["new_token_ids"]))
                 last = out
         except Exception as exc:
@@ -316,7 +341,7 @@ async def _pump(index: int, stream: AsyncIterator[dict], first: dict, queue: asy
     if first["finished"]:
         return
     try:
-        async for out in stream:
+        async for out in _rest(stream):
             clock.tick(len(out["new_token_ids"]))
             await queue.put((index, out))
     except asyncio.CancelledError:
@@ -435,8 +460,14 @@ class OpenAIIngress:
     @app.get("/metrics")
     async def metrics(self) -> Response:
         """Prometheus text for the whole cluster: every replica of every deployment, by product."""
-        await self._reporter.flush()
-        return Response(await self._hub.render.remote(), media_type=CONTENT_TYPE)
+        try:
+            async with asyncio.timeout(METRICS_TIMEOUT_S):
+                await self._reporter.flush()
+                text = await self._hub.render.remote()
+        except TimeoutError as exc:
+            raise APIError(503, f"the metrics hub did not answer within {METRICS_TIMEOUT_S:g} s", "server_error",
+                           "unavailable") from exc
+        return Response(text, media_type=CONTENT_TYPE)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:

@@ -57,3 +57,36 @@ def test_worker_failures_map_to_http_errors(exc: BaseException, status: int, cod
     assert info.value.status == status and info.value.code == code
     if status == 429:
         assert info.value.headers == {"Retry-After": "1"}
+
+
+def test_a_worker_that_stops_sending_ends_the_request() -> None:
+    """A decode call that stays open but sends nothing (a wedged worker): the wait for its next output
+    gives up after the limit with a TokenStreamError (503 at the ingress), and the call is cancelled, which
+    aborts the request on the worker and closes its token-stream queue."""
+    from cluster.direct_stream import DirectStream
+    from cluster.ingress import _next
+    from decode_workers.token_stream import TokenStreamServer
+
+    async def scenario() -> tuple[bool, int]:
+        server = TokenStreamServer()
+        call = asyncio.get_running_loop().create_future()  # never answers
+        stream = DirectStream(server, "support-chat/silent", call)
+        with pytest.raises(TokenStreamError, match="no output from the worker within 0.2 s"):
+            await _next(stream, 0.2)
+        await asyncio.sleep(0)
+        return call.cancelled(), server.num_open
+
+    assert asyncio.run(scenario()) == (True, 0)
+
+
+def test_a_stalled_first_output_maps_to_503(monkeypatch) -> None:
+    import cluster.ingress as ingress
+
+    async def silent():
+        await asyncio.Event().wait()
+        yield {}
+
+    monkeypatch.setattr(ingress, "FIRST_OUTPUT_TIMEOUT_S", 0.2)
+    with pytest.raises(APIError) as info:
+        asyncio.run(_first(silent()))
+    assert info.value.status == 503 and info.value.code == "worker_failed"
