@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -20,14 +21,13 @@ from engine.model_store import cache_root
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "deploy" / "serve.yaml"
-# `up --detach` records what it started here; $PDSERVE_STATE_DIR moves it without moving the model cache.
-STATE_FILE = Path(os.environ.get("PDSERVE_STATE_DIR") or cache_root()) / "up.json"
 STOP_WAIT_S = 10.0  # how long `down` lets the started head's processes exit on SIGTERM before SIGKILL
 APP_NAME = "pdserve"
 
-# Local runs: no token auth, no usage stats, autoscaling that reacts in seconds (metrics pushed every second).
+# Local runs: no usage stats, autoscaling that reacts in seconds (metrics pushed every second). Ray's token
+# authentication is on too (ray_auth_env below): Ray's servers listen on every interface whatever address
+# the node is given, so without it anyone who reaches the machine could run code in the cluster.
 LOCAL_ENV = {
-    "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
@@ -68,6 +68,45 @@ def _direct_ingress_env(port: int) -> dict[str, str]:
             # A stopping ingress replica keeps serving this long so an external load balancer can notice
             # (Serve's default 30 s); `up` has no balancer in front, and `down` would wait that long.
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+
+
+def state_dir() -> Path:
+    """Where `up` keeps what `status` and `down` need (up.json) and its Ray token: $PDSERVE_STATE_DIR, else
+    `state/` in pdserve's cache directory (not the cache directory itself: that one is created readable by
+    all). Private (0700) once private_dir() has checked it."""
+    env = os.environ.get("PDSERVE_STATE_DIR")
+    return Path(env).expanduser() if env else cache_root() / "state"
+
+
+def _state_file() -> Path:
+    return state_dir() / "up.json"
+
+
+def ray_auth_env() -> dict[str, str]:
+    """The Ray authentication settings for a cluster `up` starts or `status`/`down` reach: token mode with
+    this user's private token file (created 0600 on first use, in the private state directory), unless the
+    environment already chooses (RAY_AUTH_MODE set, or a token given by RAY_AUTH_TOKEN/_PATH)."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return {}
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return {"RAY_AUTH_MODE": "token"}
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(_token_file())}
+
+
+def _token_file() -> Path:
+    """This user's Ray token file: created private (0600) with a random token; refused (SystemExit) if it
+    exists but another user owns it or others can read or write it."""
+    path = private_dir(state_dir()) / "ray_auth_token"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        info = path.stat()
+        if info.st_uid != os.getuid() or info.st_mode & 0o077:
+            raise SystemExit(f"{path} must belong to this user and be private (chmod 600); it is not") from None
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path
 
 
 def _free_port(host: str) -> int:
@@ -140,6 +179,7 @@ def _up(args: argparse.Namespace) -> int:
                          "Serve reads the flag when its controller starts")
     for key, value in LOCAL_ENV.items():
         os.environ.setdefault(key, value)
+    os.environ.update(ray_auth_env())  # before Ray starts: its servers and every worker read it
     if args.direct_ingress:
         os.environ.update(_direct_ingress_env(_http_address(args)[1]))
     if args.detach:
@@ -185,9 +225,10 @@ def _up_detached(args: argparse.Namespace) -> int:
         if isinstance(exc, StopRequested):
             raise SystemExit(f"{exc} while deploying: stopped, nothing left running") from None
         raise
-    private_dir(STATE_FILE.parent)
-    STATE_FILE.write_text(json.dumps({"url": url, "address": address, "started_head": bool(pids), "pids": pids,
-                                      "since": time.time()}))
+    private_dir(state_dir())
+    auth = {k: os.environ[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH") if k in os.environ}
+    _state_file().write_text(json.dumps({"url": url, "address": address, "started_head": bool(pids), "pids": pids,
+                                      "since": time.time(), "ray_auth": auth}))
     print("detached: `pdserve status` shows it, `pdserve down` stops it.")
     return 0
 
@@ -242,9 +283,9 @@ def _shutdown() -> None:
 
 
 def _state() -> dict[str, Any]:
-    if not STATE_FILE.exists():
+    if not _state_file().exists():
         raise SystemExit("no detached pdserve found (start one with `pdserve up --detach`)")
-    return json.loads(STATE_FILE.read_text())
+    return json.loads(_state_file().read_text())
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -252,8 +293,7 @@ def _status(args: argparse.Namespace) -> int:
     from ray import serve
 
     state = _state()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address=state["address"], namespace="pdserve", log_to_driver=False)
+    _reach(state)
     try:
         status = serve.status()
         app = status.applications.get(APP_NAME)
@@ -270,21 +310,29 @@ def _status(args: argparse.Namespace) -> int:
         ray.shutdown()
 
 
+def _reach(state: dict[str, Any]) -> None:
+    """Connect to the detached pdserve's Ray with the authentication settings `up` used (recorded in the
+    state file; a variable set now wins)."""
+    import ray
+
+    for key, value in state.get("ray_auth", {}).items():
+        os.environ.setdefault(key, value)
+    ray.init(address=state["address"], namespace="pdserve", log_to_driver=False)
+
+
 def _label(status: Any) -> str:
     """Serve statuses are str enums in some Ray versions and plain strings in others."""
     return str(getattr(status, "value", status))
 
 
 def _down(args: argparse.Namespace) -> int:
-    import ray
 
     state = _state()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address=state["address"], namespace="pdserve", log_to_driver=False)
+    _reach(state)
     _shutdown()
     if state.get("started_head"):
         _stop_started_head(state.get("pids", []))
-    STATE_FILE.unlink(missing_ok=True)
+    _state_file().unlink(missing_ok=True)
     print("pdserve stopped")
     return 0
 

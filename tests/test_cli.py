@@ -102,6 +102,21 @@ def _wait_announced(directory: Path) -> None:
         time.sleep(0.5)
 
 
+def _probe_ray(address: str, env: dict[str, str]):
+    """Connect to the Ray at address as another client would and run a task, in a fresh process."""
+    import subprocess
+    import sys
+
+    probe = ("import ray\n"
+             f"ray.init(address={address!r}, log_to_driver=False)\n"
+             "print('ran a task', ray.get(ray.remote(lambda: 1).remote(), timeout=30))\n")
+    try:
+        return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired as exc:  # still retrying to connect: refused too, never admitted
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        return subprocess.CompletedProcess(exc.cmd, 1, out, "")
+
+
 def _sid(pid: int) -> int | None:
     """pid's session id; None once it has exited. A zombie counts as exited: it runs nothing, and where
     the container's init does not reap orphans (a daemonized Ray process's parent), it stays one."""
@@ -126,6 +141,32 @@ def test_private_dirs_refuse_what_others_can_write(tmp_path) -> None:
     assert detached_home() in detached_temp_dir().parents  # Ray's temp dir (Ray makes it 0777) sits inside it
 
 
+def test_ray_auth_defaults_to_a_private_token_in_a_private_state_dir(tmp_path, monkeypatch) -> None:
+    """No RAY_AUTH_* set: token mode, with a 0600 token file inside a 0700 directory, even when pdserve's
+    cache directory exists readable by all (as the model cache creates it); the same file every time.
+    A choice in the environment wins."""
+    from cluster.cli import ray_auth_env, state_dir
+
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o755)
+    cache.chmod(0o755)
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "PDSERVE_STATE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(cache))
+    env = ray_auth_env()
+    token = Path(env["RAY_AUTH_TOKEN_PATH"])
+    assert env["RAY_AUTH_MODE"] == "token" and token.parent == state_dir() == cache / "state"
+    assert token.stat().st_mode & 0o777 == 0o600 and token.parent.stat().st_mode & 0o777 == 0o700
+    assert len(token.read_text()) == 64 and ray_auth_env() == env  # made once, then reused
+    token.chmod(0o644)
+    with pytest.raises(SystemExit, match="private"):
+        ray_auth_env()
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "t" * 64)
+    assert ray_auth_env() == {"RAY_AUTH_MODE": "token"}
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert ray_auth_env() == {}
+
+
 def test_direct_ingress_needs_a_ray_this_command_starts() -> None:
     from cluster.cli import main
 
@@ -142,12 +183,15 @@ def test_demo_runs_offline(capsys) -> None:
 
 @pytest.mark.timeout(STARTUP_TIMEOUT_S + 180)
 def test_detached_up_status_down(tmp_path) -> None:
-    """`up --detach` returns once serving; `status` reports every deployment RUNNING; `down` stops it all."""
+    """`up --detach` returns once serving; `status` reports every deployment RUNNING; `down` stops it all.
+    Ray's token authentication is on (pdserve's default): a client without the token is refused."""
     import subprocess
 
     port = free_port()
-    # its own state file, not the user's; no virtual environment on PATH (Ray's `ray` script not found there)
-    env = {**os.environ, "PDSERVE_STATE_DIR": str(tmp_path / "state"), "PATH": "/usr/bin:/bin"}
+    # its own state file, not the user's; no virtual environment on PATH (Ray's `ray` script not found there);
+    # no RAY_AUTH_* from the test session: pdserve chooses
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update({"PDSERVE_STATE_DIR": str(tmp_path / "state"), "PATH": "/usr/bin:/bin"})
 
     def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([cli("pdserve"), *args], env=env, capture_output=True, text=True, timeout=timeout)
@@ -167,6 +211,12 @@ def test_detached_up_status_down(tmp_path) -> None:
         assert status.returncode == 0, status.stdout + status.stderr
         assert "application: RUNNING" in status.stdout
         assert status.stdout.count("RUNNING") >= 6  # the app, the ingress and both roles of both products
+        recorded = json.loads((state / "up.json").read_text())
+        token_file = Path(recorded["ray_auth"]["RAY_AUTH_TOKEN_PATH"])
+        assert recorded["ray_auth"]["RAY_AUTH_MODE"] == "token" and token_file.stat().st_mode & 0o777 == 0o600
+        for auth in ({"RAY_AUTH_MODE": "disabled"}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "f" * 64}):
+            refused = _probe_ray(recorded["address"], {**env, **auth})
+            assert refused.returncode != 0 and "ran a task" not in refused.stdout, refused.stdout[-2000:]
     finally:
         down = run("down")
     assert down.returncode == 0 and "pdserve stopped" in down.stdout, down.stdout + down.stderr
