@@ -39,6 +39,7 @@ from transformers import AutoTokenizer
 from cluster import openai_protocol as oai
 from cluster.detokenizer import IncrementalDetokenizer
 from cluster.direct_stream import DirectStream
+from cluster.logprobs import LogprobFormatter
 from cluster.metrics import (
     CONTENT_TYPE,
     E2E_REQUEST_LATENCY,
@@ -315,16 +316,20 @@ class _TokenClock:
 
 
 async def _drain(stream: AsyncIterator[dict], first: dict, clock: _TokenClock) -> dict:
-    last = first
-    tokens = first["num_output_tokens"]
+    """A sample's outputs merged into one: the last output, with every token id (and logprob, when asked)
+    since the first in new_token_ids (new_logprobs)."""
+    outs = [first]
     if not first["finished"]:
         try:
             async for out in _rest(stream):
                 clock.tick(len(out["new_token_ids"]))
-                last = out
+                outs.append(out)
         except Exception as exc:
             raise _worker_failure(exc, " mid-request") from exc
-    return {**last, "num_output_tokens": max(tokens, last["num_output_tokens"])}
+    last = outs[-1]
+    logprobs = None if first["new_logprobs"] is None else [lp for o in outs for lp in o["new_logprobs"] or []]
+    return {**last, "num_output_tokens": max(first["num_output_tokens"], last["num_output_tokens"]),
+            "new_token_ids": [t for o in outs for t in o["new_token_ids"]], "new_logprobs": logprobs}
 
 
 def _worker_failure(exc: BaseException, where: str) -> APIError:
@@ -510,8 +515,12 @@ class OpenAIIngress:
                     for m in req.messages]
         if product.config.system_prompt:
             messages = [{"role": "system", "content": product.config.system_prompt}, *messages]
-        ids = await self._off_loop(product.tokenizer.apply_chat_template, messages, tokenize=True,
-                                   add_generation_prompt=True, return_dict=False)
+        try:
+            ids = await self._off_loop(product.tokenizer.apply_chat_template, messages, tokenize=True,
+                                       add_generation_prompt=True, return_dict=False)
+        except Exception as exc:  # a template that refuses these messages (jinja's raise_exception): the client's
+            raise APIError(400, f"the model's chat template refused these messages: {_describe(exc)}",
+                           param="messages") from exc
         key = getattr(request.state, "api_key", None)
         return await self._serve(self._prepare(product, req, ids, req.requested_max_tokens, chat=True, api_key=key))
 
@@ -585,7 +594,7 @@ class OpenAIIngress:
             params = SamplingParams(
                 n=1, temperature=1.0 if req.temperature is None else req.temperature,
                 top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed,
-                max_tokens=max_tokens, stop=req.stop, ignore_eos=req.ignore_eos)
+                max_tokens=max_tokens, stop=req.stop, ignore_eos=req.ignore_eos, logprobs=req.num_logprobs)
         except ValueError as exc:
             raise APIError(400, error_message(exc)) from exc
         salt = config.tenant_salt(api_key, req.cache_salt)
@@ -651,12 +660,21 @@ class OpenAIIngress:
     async def _collect(self, job: _Prepared, streams: list, firsts: list[dict], clocks: list[_TokenClock]) -> dict:
         outs = await asyncio.gather(*(_drain(s, f, c) for s, f, c in zip(streams, firsts, clocks, strict=True)))
         job.observe_end([o["finish_reason"] for o in outs])
-        choices = [(o["text"] or "", o["finish_reason"]) for o in outs]
+        choices = [(o["text"] or "", o["finish_reason"], self._logprobs(job, o)) for o in outs]
         completion = sum(o["num_output_tokens"] for o in outs)
         u = oai.usage(len(job.prompt_token_ids), completion, firsts[0]["num_cached_tokens"])
         rid = oai.new_id("chatcmpl" if job.chat else "cmpl")
         name = job.product.config.name
         return oai.chat_response(rid, name, choices, u) if job.chat else oai.completion_response(rid, name, choices, u)
+
+    @staticmethod
+    def _logprobs(job: _Prepared, out: dict, formatter: LogprobFormatter | None = None) -> dict | None:
+        """The OpenAI logprobs of out's tokens (None when the request asked for none)."""
+        if job.params.logprobs is None or out["new_logprobs"] is None:
+            return None
+        formatter = formatter or LogprobFormatter(job.product.tokenizer, job.params.logprobs)
+        shape = formatter.chat if job.chat else formatter.completion
+        return shape(out["new_token_ids"], out["new_logprobs"])
 
     async def _sse(self, job: _Prepared, streams: list, firsts: list[dict], clocks: list[_TokenClock],
                    release: _Release) -> AsyncIterator[str]:
@@ -667,6 +685,7 @@ class OpenAIIngress:
                  for i, (s, f, c) in enumerate(zip(streams, firsts, clocks, strict=True))]
         reasons: list[str] = []
         detoks = [IncrementalDetokenizer(job.product.tokenizer, job.params.stop) for _ in streams]
+        formatters = [LogprobFormatter(job.product.tokenizer, job.params.logprobs or 0) for _ in streams]
         completion_tokens, live = 0, len(streams)
         finished = False
         try:
@@ -686,9 +705,11 @@ class OpenAIIngress:
                     reasons.append(out["finish_reason"])
                     live -= 1
                 reason = out["finish_reason"] if out["finished"] else None
-                if text or reason:
-                    chunk = (oai.chat_chunk(rid, name, created, index, {"content": text} if text else {}, reason)
-                             if job.chat else oai.completion_chunk(rid, name, created, index, text, reason))
+                logprobs = self._logprobs(job, out, formatters[index]) if out["new_token_ids"] else None
+                if text or reason or logprobs:
+                    chunk = (oai.chat_chunk(rid, name, created, index, {"content": text} if text else {}, reason,
+                                            logprobs)
+                             if job.chat else oai.completion_chunk(rid, name, created, index, text, reason, logprobs))
                     yield _sse_line(chunk)
             else:
                 finished = True

@@ -11,18 +11,17 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4
 MAX_N = 8
+MAX_LOGPROBS = 20  # top alternatives per token, the engine's limit (vLLM's default max_logprobs)
 
 
 # Fields of OpenAI's API that pdserve does not implement, with the values that ask for nothing (sending one of
 # those is fine). Any other value is refused with a 400 naming the field: accepting and ignoring it would be
 # a silent lie (a client asking for JSON output or a penalty would get neither, and not know).
 UNIMPLEMENTED: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "frequency_penalty": (None, 0, 0.0),
     "presence_penalty": (None, 0, 0.0),
     "repetition_penalty": (None, 1, 1.0),
@@ -89,6 +88,12 @@ class _SamplingFields(BaseModel):
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int] = Field(...)
     echo: bool = False
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)  # the sampled token's, plus this many top
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Top alternatives per token to report (None: no logprobs)."""
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -124,6 +129,19 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
     max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:  # as OpenAI: top_logprobs alone asks for nothing coherent
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return self
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Top alternatives per token to report (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -142,31 +160,35 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def completion_chunk(rid: str, model: str, created: int, index: int, text: str, finish_reason: str | None) -> dict:
+def completion_chunk(rid: str, model: str, created: int, index: int, text: str, finish_reason: str | None,
+                     logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
-def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict, finish_reason: str | None) -> dict:
+def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict, finish_reason: str | None,
+               logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
 def usage_chunk(rid: str, model: str, created: int, obj: str, usage_dict: dict) -> dict:
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage_dict}
 
 
-def completion_response(rid: str, model: str, choices: list[tuple[str, str]], usage_dict: dict) -> dict:
+def completion_response(rid: str, model: str, choices: list[tuple[str, str, dict | None]], usage_dict: dict) -> dict:
+    """choices: (text, finish reason, logprobs or None) per sample."""
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-                        for i, (text, reason) in enumerate(choices)],
+            "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}
+                        for i, (text, reason, logprobs) in enumerate(choices)],
             "usage": usage_dict}
 
 
-def chat_response(rid: str, model: str, choices: list[tuple[str, str]], usage_dict: dict) -> dict:
+def chat_response(rid: str, model: str, choices: list[tuple[str, str, dict | None]], usage_dict: dict) -> dict:
+    """choices: (text, finish reason, logprobs or None) per sample."""
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": reason} for i, (text, reason) in enumerate(choices)],
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                         "finish_reason": reason} for i, (text, reason, logprobs) in enumerate(choices)],
             "usage": usage_dict}
 
 
