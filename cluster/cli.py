@@ -289,11 +289,11 @@ def _state() -> dict[str, Any]:
 
 
 def _status(args: argparse.Namespace) -> int:
-    import ray
-    from ray import serve
-
     state = _state()
     _reach(state)
+    import ray  # after _reach: Ray reads its authentication settings when first imported
+    from ray import serve
+
     try:
         status = serve.status()
         app = status.applications.get(APP_NAME)
@@ -312,11 +312,11 @@ def _status(args: argparse.Namespace) -> int:
 
 def _reach(state: dict[str, Any]) -> None:
     """Connect to the detached pdserve's Ray with the authentication settings `up` used (recorded in the
-    state file; a variable set now wins)."""
-    import ray
-
+    state file; a variable set now wins). Call it before anything imports Ray: Ray reads them then."""
     for key, value in state.get("ray_auth", {}).items():
         os.environ.setdefault(key, value)
+    import ray
+
     ray.init(address=state["address"], namespace="pdserve", log_to_driver=False)
 
 
@@ -326,10 +326,13 @@ def _label(status: Any) -> str:
 
 
 def _down(args: argparse.Namespace) -> int:
-
     state = _state()
-    _reach(state)
-    _shutdown()
+    try:
+        _reach(state)
+        _shutdown()
+    except Exception as exc:  # unreachable (a head already gone, a lost token): still stop what `up` started
+        print(f"could not reach pdserve's Ray ({type(exc).__name__}: {str(exc)[:200]}); stopping what `up` "
+              "started by process id", file=sys.stderr)
     if state.get("started_head"):
         _stop_started_head(state.get("pids", []))
     _state_file().unlink(missing_ok=True)
