@@ -58,8 +58,11 @@ def _engine(product: ProductConfig, role: Role) -> dict[str, Any]:
 
 
 def build_app(products: dict[str, ProductConfig], ingress_replicas: int = 1,
-              token_stream: str = "direct", body_timeout_s: float = BODY_READ_TIMEOUT_S) -> Application:
+              token_stream: str = "direct", body_timeout_s: float = BODY_READ_TIMEOUT_S,
+              token_stream_host: str | None = None) -> Application:
     """token_stream: how decode workers send outputs to the ingress, "direct" or "serve" (cluster/ingress.py).
+    token_stream_host: the address the ingress's token streams listen on (None: its node's; loopback suits
+    a one-node cluster, which then exposes nothing of pdserve's on the network).
     body_timeout_s: seconds a request body may take to arrive (slower: 408)."""
     if token_stream not in TOKEN_STREAM_MODES:
         raise ValueError(f"token_stream must be one of {TOKEN_STREAM_MODES}, not {token_stream!r}")
@@ -88,15 +91,17 @@ def build_app(products: dict[str, ProductConfig], ingress_replicas: int = 1,
     return serve.deployment(OpenAIIngress).options(
         name="ingress", num_replicas=ingress_replicas, ray_actor_options={"num_cpus": 0.1},
         max_ongoing_requests=1024, health_check_period_s=2.0,
-    ).bind({n: p.model_dump() for n, p in products.items()}, decoders, prefills, token_stream, body_timeout_s)
+    ).bind({n: p.model_dump() for n, p in products.items()}, decoders, prefills, token_stream, body_timeout_s,
+           token_stream_host)
 
 
 def app_builder(args: dict[str, Any]) -> Application:
     """Entry point for Serve config files: args {"products_dir": path (relative to the repo or absolute),
-    "ingress_replicas": int, "token_stream": "direct" | "serve", "body_timeout_s": seconds}."""
+    "ingress_replicas": int, "token_stream": "direct" | "serve", "body_timeout_s": seconds,
+    "token_stream_host": address}."""
     directory = Path(args.get("products_dir") or DEFAULT_PRODUCTS_DIR)
     if not directory.is_absolute() and not directory.exists():
         directory = DEFAULT_PRODUCTS_DIR.parent.parent / directory
     return build_app(load_products(directory), int(args.get("ingress_replicas", 1)),
                      str(args.get("token_stream", "direct")),
-                     float(args.get("body_timeout_s", BODY_READ_TIMEOUT_S)))
+                     float(args.get("body_timeout_s", BODY_READ_TIMEOUT_S)), args.get("token_stream_host"))

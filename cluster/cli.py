@@ -132,13 +132,18 @@ def _served_models(url: str, timeout_s: float = 120.0) -> list[str]:
             time.sleep(1)
 
 
-def _deploy(args: argparse.Namespace, blocking_ray_init: dict[str, Any]) -> str:
+def _deploy(args: argparse.Namespace, blocking_ray_init: dict[str, Any], one_node: bool) -> str:
+    """Connect, deploy, warm, print where it serves. one_node: this command started the Ray instance (one
+    node, nobody else's): pdserve's own listeners then bind loopback (Ray would not take a loopback node
+    address: it resolves 127.0.0.1 to the machine's network address)."""
     import ray
     from ray import serve
 
     from cluster.app import app_builder
 
     app_args, _ = _app_args(Path(args.config))
+    if one_node:
+        app_args.setdefault("token_stream_host", "127.0.0.1")
     host, port = _http_address(args)
     ray.init(**blocking_ray_init)
     _interrupt_on_stop_signals()  # ray.init installs handlers that abort the process (exit -6 mid-deploy)
@@ -189,7 +194,7 @@ def _up(args: argparse.Namespace) -> int:
     if init["address"] == "local":
         init.update(include_dashboard=False, num_cpus=args.num_cpus)
     try:
-        _deploy(args, init)
+        _deploy(args, init, one_node=init["address"] == "local")
         for sig in (signal.SIGINT, signal.SIGTERM):  # serving: a stop signal ends the wait below
             signal.signal(sig, lambda *_: stop.set())
         print("Ctrl-C (or SIGTERM) stops everything this command started.", flush=True)
@@ -217,7 +222,8 @@ def _up_detached(args: argparse.Namespace) -> int:
     try:
         if pids:
             address = _started_head_address()
-        url = _deploy(args, {"address": address, "namespace": "pdserve", "log_to_driver": False})
+        url = _deploy(args, {"address": address, "namespace": "pdserve", "log_to_driver": False},
+                      one_node=bool(pids))
     except BaseException as exc:  # a bad config, a failed deploy, Ctrl-C: leave no head behind
         if pids:
             _shutdown()

@@ -412,13 +412,17 @@ def _describe(exc: BaseException) -> str:
 @serve.ingress(app)
 class OpenAIIngress:
     def __init__(self, products: dict[str, dict], decoders: dict, prefills: dict | None = None,
-                 token_stream: str = "direct", body_timeout_s: float = BODY_READ_TIMEOUT_S) -> None:
+                 token_stream: str = "direct", body_timeout_s: float = BODY_READ_TIMEOUT_S,
+                 token_stream_host: str | None = None) -> None:
+        """token_stream_host: the address the token-stream server binds and decode workers dial; None: this
+        node's address (decode replicas may run on other nodes). A one-node cluster uses loopback."""
         if token_stream not in TOKEN_STREAM_MODES:
             raise ValueError(f"token_stream must be one of {TOKEN_STREAM_MODES}, not {token_stream!r}")
         configs = {name: ProductConfig(**cfg) for name, cfg in products.items()}
         if any(c.disaggregated and c.prefix_caching for c in configs.values()):
             get_or_create_directory()  # prefill workers find it by name; it outlives any one of them
         self._token_stream_mode = token_stream
+        self._token_stream_host = token_stream_host
         self._token_server: TokenStreamServer | None = None
         self._token_server_lock = asyncio.Lock()
         self._decoders = decoders
@@ -633,14 +637,15 @@ class OpenAIIngress:
 
     async def _token_streams(self) -> TokenStreamServer | None:
         """This replica's token stream server, started on first use on the replica's event loop (None in
-        "serve" mode). It listens on the node's address: decode replicas may run on other nodes."""
+        "serve" mode). It listens on token_stream_host, by default the node's address: decode replicas may
+        run on other nodes."""
         if self._token_stream_mode != "direct":
             return None
         async with self._token_server_lock:
             if self._token_server is None:
                 server = TokenStreamServer()
                 try:
-                    await server.start(ray.util.get_node_ip_address())
+                    await server.start(self._token_stream_host or ray.util.get_node_ip_address())
                 except OSError as exc:
                     raise APIError(503, f"cannot open the token stream port: {exc!r}", "server_error",
                                    "unavailable") from exc

@@ -117,6 +117,22 @@ def _probe_ray(address: str, env: dict[str, str]):
         return subprocess.CompletedProcess(exc.cmd, 1, out, "")
 
 
+def _ingress_listeners(sessions: set[int]) -> list[str]:
+    """The addresses TCP listeners of the ingress replica (in one of these sessions) are bound to."""
+    import psutil
+
+    found = []
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status != psutil.CONN_LISTEN or conn.pid is None or _sid(conn.pid) not in sessions:
+            continue
+        try:
+            if "ServeReplica:pdserve:ingress" in " ".join(psutil.Process(conn.pid).cmdline()):
+                found.append(conn.laddr.ip)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
 def _sid(pid: int) -> int | None:
     """pid's session id; None once it has exited. A zombie counts as exited: it runs nothing, and where
     the container's init does not reap orphans (a daemonized Ray process's parent), it stays one."""
@@ -217,6 +233,11 @@ def test_detached_up_status_down(tmp_path) -> None:
         for auth in ({"RAY_AUTH_MODE": "disabled"}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "f" * 64}):
             refused = _probe_ray(recorded["address"], {**env, **auth})
             assert refused.returncode != 0 and "ran a task" not in refused.stdout, refused.stdout[-2000:]
+        # pdserve's own listener in the ingress (its token streams, opened by the chat above) binds loopback on
+        # a one-node cluster. (Ray's servers in that process listen on all interfaces: token auth guards them.)
+        listeners = _ingress_listeners({_sid(pid) for pid in pids} - {None})
+        assert listeners and not [a for a in listeners if a not in ("0.0.0.0", "::") and not a.startswith("127.")
+                                  and a != "::1"], listeners
     finally:
         down = run("down")
     assert down.returncode == 0 and "pdserve stopped" in down.stdout, down.stdout + down.stderr
