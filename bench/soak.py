@@ -18,32 +18,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import psutil
-import ray
 
 from bench.load_bench import add_arguments, plan_from_args, run_plan
 from bench.load_client import ChatSender, Endpoint, require_local
 from bench.load_stats import OK
-from cluster.cli import DETACHED_TEMP_DIR, STATE_FILE
-from cluster.invariants import wait_cluster_idle
-from cluster.metrics import get_hub
-from cluster.prefix_directory import DIRECTORY_NAME, NAMESPACE
+from cluster.cli import detached_temp_dir, reach, read_state
+
+# Nothing above imports Ray: reach() must set Ray's authentication settings before Ray is first imported.
 
 MiB = 1 << 20
 
 
-def session_memory(marker: str = DETACHED_TEMP_DIR) -> dict[int, tuple[str, int]]:
+def session_memory(marker: str | None = None) -> dict[int, tuple[str, int]]:
     """pid -> (process title, proportional set size in bytes) of every process of the Ray session started
-    with `marker` in its command line and all their descendants (workers, replicas).
+    with `marker` (default: the temp dir of the head `up --detach` starts) in its command line and all
+    their descendants (workers, replicas).
 
     PSS, not RSS: pages several processes map (Ray's object store, shared libraries) are split among
     them instead of counted once per process, so the sum is the memory the cluster really holds."""
+    marker = marker or str(detached_temp_dir())
     roots = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or ())]
     seen: dict[int, psutil.Process] = {}
     for root in roots:
@@ -109,12 +108,17 @@ def main() -> int:
                              "adds are reported beside it, bounded by max_replicas")
     parser.set_defaults(concurrency=200, duration=60.0, drain=120.0, scale=0.1, out="results/soak", no_progress=True)
     args = parser.parse_args()
-    state = json.loads(STATE_FILE.read_text())
+    state = read_state()
     if args.base_url == parser.get_default("base_url"):
         args.base_url = f"{state['url']}/v1"
     require_local(args.base_url)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address=state["address"], namespace=NAMESPACE, log_to_driver=False)
+    reach(state)  # with the Ray authentication settings `up` used
+    import ray
+
+    from cluster.invariants import wait_cluster_idle
+    from cluster.metrics import get_hub
+    from cluster.prefix_directory import DIRECTORY_NAME, NAMESPACE
+
     try:
         idle = session_memory()
         idle_total = sum(pss for _, pss in idle.values())

@@ -288,16 +288,17 @@ def _shutdown() -> None:
             ray.shutdown()
 
 
-def _state() -> dict[str, Any]:
+def read_state() -> dict[str, Any]:
+    """What `up --detach` recorded (url, Ray address, its pids, its Ray authentication settings)."""
     if not _state_file().exists():
         raise SystemExit("no detached pdserve found (start one with `pdserve up --detach`)")
     return json.loads(_state_file().read_text())
 
 
 def _status(args: argparse.Namespace) -> int:
-    state = _state()
-    _reach(state)
-    import ray  # after _reach: Ray reads its authentication settings when first imported
+    state = read_state()
+    reach(state)
+    import ray  # after reach(): Ray reads its authentication settings when first imported
     from ray import serve
 
     try:
@@ -316,7 +317,7 @@ def _status(args: argparse.Namespace) -> int:
         ray.shutdown()
 
 
-def _reach(state: dict[str, Any]) -> None:
+def reach(state: dict[str, Any]) -> None:
     """Connect to the detached pdserve's Ray with the authentication settings `up` used (recorded in the
     state file; a variable set now wins). Call it before anything imports Ray: Ray reads them then."""
     for key, value in state.get("ray_auth", {}).items():
@@ -332,9 +333,9 @@ def _label(status: Any) -> str:
 
 
 def _down(args: argparse.Namespace) -> int:
-    state = _state()
+    state = read_state()
     try:
-        _reach(state)
+        reach(state)
         _shutdown()
     except Exception as exc:  # unreachable (a head already gone, a lost token): still stop what `up` started
         print(f"could not reach pdserve's Ray ({type(exc).__name__}: {str(exc)[:200]}); stopping what `up` "
