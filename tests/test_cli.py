@@ -117,13 +117,20 @@ def _probe_ray(address: str, env: dict[str, str]):
         return subprocess.CompletedProcess(exc.cmd, 1, out, "")
 
 
-def _ingress_listeners(sessions: set[int]) -> list[str]:
-    """The addresses TCP listeners of the ingress replica (in one of these sessions) are bound to."""
+def _ingress_listeners(head_pids: list[int]) -> list[str]:
+    """The addresses the TCP listeners of the started head's ingress replica are bound to. Its processes
+    are the head's and their descendants (not found by session: a test session's own Ray shares it)."""
     import psutil
 
+    ours: set[int] = set()
+    for pid in head_pids:
+        try:
+            ours |= {pid} | {child.pid for child in psutil.Process(pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            pass
     found = []
     for conn in psutil.net_connections(kind="tcp"):
-        if conn.status != psutil.CONN_LISTEN or conn.pid is None or _sid(conn.pid) not in sessions:
+        if conn.status != psutil.CONN_LISTEN or conn.pid not in ours:
             continue
         try:
             if "ServeReplica:pdserve:ingress" in " ".join(psutil.Process(conn.pid).cmdline()):
@@ -235,7 +242,7 @@ def test_detached_up_status_down(tmp_path) -> None:
             assert refused.returncode != 0 and "ran a task" not in refused.stdout, refused.stdout[-2000:]
         # pdserve's own listener in the ingress (its token streams, opened by the chat above) binds loopback on
         # a one-node cluster. (Ray's servers in that process listen on all interfaces: token auth guards them.)
-        listeners = _ingress_listeners({_sid(pid) for pid in pids} - {None})
+        listeners = _ingress_listeners(pids)
         assert listeners and not [a for a in listeners if a not in ("0.0.0.0", "::") and not a.startswith("127.")
                                   and a != "::1"], listeners
     finally:
