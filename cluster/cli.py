@@ -100,8 +100,7 @@ def _token_file() -> Path:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        info = path.stat()
-        if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        if not _is_private(path):
             raise SystemExit(f"{path} must belong to this user and be private (chmod 600); it is not") from None
     else:
         with os.fdopen(fd, "w") as f:
@@ -255,10 +254,15 @@ def private_dir(path: Path) -> Path:
     """path, created 0700 if missing; refused (SystemExit) unless this user owns it and nobody else can write
     it or read it: another user could otherwise plant state or sockets there."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = path.stat()
-    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+    if not _is_private(path):
         raise SystemExit(f"{path} must belong to this user and be private (chmod 700); it is not")
     return path
+
+
+def _is_private(path: Path) -> bool:
+    """This user owns path and nobody else can read, write or enter it."""
+    info = path.stat()
+    return info.st_uid == os.getuid() and not info.st_mode & 0o077
 
 
 def _head_pids(temp_dir: Path) -> list[int]:

@@ -88,14 +88,14 @@ BODY_READ_TIMEOUT_S = 30.0
 # A request refused from its headers alone has its body read and dropped up to this many bytes, for at most
 # UNREAD_DRAIN_S seconds, before the answer: a small body (any real client's) then gets a clean 401 instead
 # of a reset (see DRAIN_REFUSED_FACTOR); a larger or slower one is not worth waiting for.
+UNREAD_DRAIN_BYTES = 64 << 10
+UNREAD_DRAIN_S = 2.0
 # Waits on a worker, in seconds: for a sample's first output (queueing and prefill included), for each next
 # output, and for the metrics hub. A worker that stops sending without failing (wedged; its health check
 # then gets it replaced) ends the request with a 503 or an SSE error instead of holding it forever.
 FIRST_OUTPUT_TIMEOUT_S = 300.0
 NEXT_OUTPUT_TIMEOUT_S = 300.0
 METRICS_TIMEOUT_S = 10.0
-UNREAD_DRAIN_BYTES = 64 << 10
-UNREAD_DRAIN_S = 2.0
 
 
 def body_limit_bytes(max_model_len: int) -> int:
@@ -192,18 +192,10 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     A refused body is still read to its end (and dropped) up to DRAIN_REFUSED_FACTOR times the limit, see there.
     """
     too_large = APIError(413, f"request body over {limit} bytes", code="body_too_large")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > DRAIN_REFUSED_FACTOR * limit:
+    if _declared_length(request) > DRAIN_REFUSED_FACTOR * limit:
         raise too_large
-    chunks, size = [], 0
     try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size <= limit:
-                    chunks.append(chunk)
-                elif size > DRAIN_REFUSED_FACTOR * limit:
-                    break
+        chunks, size = await _consume_body(request, limit, DRAIN_REFUSED_FACTOR * limit, timeout_s)
     except ClientDisconnect as exc:  # nobody will read the answer, but it is the client's doing, not a 500
         raise APIError(400, "the client disconnected before sending the whole body", code="incomplete_body") from exc
     except TimeoutError as exc:
@@ -215,18 +207,33 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
 
 async def _drop_body(request: Request) -> None:
     """Read and drop a refused request's body, within UNREAD_DRAIN_BYTES and UNREAD_DRAIN_S (see there)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > UNREAD_DRAIN_BYTES:
+    if _declared_length(request) > UNREAD_DRAIN_BYTES:
         return
-    size = 0
     try:
-        async with asyncio.timeout(UNREAD_DRAIN_S):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > UNREAD_DRAIN_BYTES:
-                    return
+        await _consume_body(request, 0, UNREAD_DRAIN_BYTES, UNREAD_DRAIN_S)
     except (TimeoutError, ClientDisconnect):
-        return
+        pass
+
+
+def _declared_length(request: Request) -> int:
+    """The body's Content-Length in bytes; 0 when it declares none (chunked) or an unreadable one."""
+    declared = request.headers.get("content-length", "")
+    return int(declared) if declared.isdigit() else 0
+
+
+async def _consume_body(request: Request, keep: int, stop_after: int, timeout_s: float) -> tuple[list[bytes], int]:
+    """Read the body until its end or until more than stop_after bytes came, within timeout_s seconds
+    (TimeoutError past it; ClientDisconnect if the client goes). Returns the chunks that fit in the first
+    keep bytes and the bytes read in all."""
+    chunks, size = [], 0
+    async with asyncio.timeout(timeout_s):
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= keep:
+                chunks.append(chunk)
+            elif size > stop_after:
+                break
+    return chunks, size
 
 
 def _bearer(request: Request) -> str:
@@ -269,7 +276,8 @@ async def _next(stream: AsyncIterator[dict], timeout_s: float) -> dict:
     """The stream's next output; TokenStreamError when none comes within timeout_s (the wait is cancelled,
     which cancels a DirectStream's call and so aborts the request on its worker)."""
     try:
-        return await asyncio.wait_for(stream.__anext__(), timeout_s)
+        async with asyncio.timeout(timeout_s):  # no task per output, as wait_for would make: this is per token
+            return await stream.__anext__()
     except TimeoutError as exc:
         raise TokenStreamError(f"no output from the worker within {timeout_s:g} s") from exc
 

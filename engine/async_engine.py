@@ -118,11 +118,7 @@ class AsyncEngine:
         """Run fn(engine) in the loop thread between steps and return its result."""
         if not self.alive:
             raise EngineDeadError(f"engine loop is not running: {self.error!r}")
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._commands.put(_Command(fn, loop, future))
-        self._wake.set()
-        return await future
+        return await self._submit(fn)
 
     async def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str,
                           cache_salt: str | None = None, **add_kwargs: Any) -> Request:
@@ -185,9 +181,15 @@ class AsyncEngine:
 
     def _abort_soon(self, request_id: str) -> None:
         """Queue an abort of request_id without waiting for it (for a caller being cancelled)."""
+        self._submit(lambda e: e.abort_request(request_id))
+
+    def _submit(self, fn: Callable[[Engine], T]) -> asyncio.Future:
+        """Queue fn for the loop thread; the future (on the caller's loop) gets its result."""
         loop = asyncio.get_running_loop()
-        self._commands.put(_Command(lambda e: e.abort_request(request_id), loop, loop.create_future()))
+        future = loop.create_future()
+        self._commands.put(_Command(fn, loop, future))
         self._wake.set()
+        return future
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         self._stopping = True
