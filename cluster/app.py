@@ -24,6 +24,7 @@ from cluster.ingress import BODY_READ_TIMEOUT_S, TOKEN_STREAM_MODES, OpenAIIngre
 from cluster.prefix_directory import DIRECTORY_NAME
 from cluster.products import ProductConfig, Role, load_products, pools
 from cluster.routing import KVHeadroomRouter, PrefixAffinityRouter
+from decode_workers.token_stream import TokenStreamSecurity
 from engine.models import resolve as resolve_model
 
 DEFAULT_PRODUCTS_DIR = Path(__file__).resolve().parent.parent / "deploy" / "products"
@@ -59,13 +60,16 @@ def _engine(product: ProductConfig, role: Role) -> dict[str, Any]:
 
 def build_app(products: dict[str, ProductConfig], ingress_replicas: int = 1,
               token_stream: str = "direct", body_timeout_s: float = BODY_READ_TIMEOUT_S,
-              token_stream_host: str | None = None) -> Application:
+              token_stream_host: str | None = None, token_stream_security: dict | None = None) -> Application:
     """token_stream: how decode workers send outputs to the ingress, "direct" or "serve" (cluster/ingress.py).
     token_stream_host: the address the ingress's token streams listen on (None: its node's; loopback suits
     a one-node cluster, which then exposes nothing of pdserve's on the network).
+    token_stream_security: TokenStreamSecurity fields (decode_workers/token_stream.py): TLS files, or
+    allow_plaintext. Beyond loopback, direct streams without either fall back to "serve".
     body_timeout_s: seconds a request body may take to arrive (slower: 408)."""
     if token_stream not in TOKEN_STREAM_MODES:
         raise ValueError(f"token_stream must be one of {TOKEN_STREAM_MODES}, not {token_stream!r}")
+    TokenStreamSecurity(**(token_stream_security or {}))  # bad settings fail here, not in every replica
     for model in {p.model for p in products.values()}:
         resolve_model(model)  # build or convert it here, once, not in every replica at the same time
     decoders, prefills = {}, {}
@@ -92,16 +96,18 @@ def build_app(products: dict[str, ProductConfig], ingress_replicas: int = 1,
         name="ingress", num_replicas=ingress_replicas, ray_actor_options={"num_cpus": 0.1},
         max_ongoing_requests=1024, health_check_period_s=2.0,
     ).bind({n: p.model_dump() for n, p in products.items()}, decoders, prefills, token_stream, body_timeout_s,
-           token_stream_host)
+           token_stream_host, token_stream_security)
 
 
 def app_builder(args: dict[str, Any]) -> Application:
     """Entry point for Serve config files: args {"products_dir": path (relative to the repo or absolute),
     "ingress_replicas": int, "token_stream": "direct" | "serve", "body_timeout_s": seconds,
-    "token_stream_host": address}."""
+    "token_stream_host": address, "token_stream_security": {tls_cert_file, tls_key_file, tls_ca_file,
+    tls_server_name, allow_plaintext}}."""
     directory = Path(args.get("products_dir") or DEFAULT_PRODUCTS_DIR)
     if not directory.is_absolute() and not directory.exists():
         directory = DEFAULT_PRODUCTS_DIR.parent.parent / directory
     return build_app(load_products(directory), int(args.get("ingress_replicas", 1)),
                      str(args.get("token_stream", "direct")),
-                     float(args.get("body_timeout_s", BODY_READ_TIMEOUT_S)), args.get("token_stream_host"))
+                     float(args.get("body_timeout_s", BODY_READ_TIMEOUT_S)), args.get("token_stream_host"),
+                     args.get("token_stream_security"))

@@ -57,7 +57,7 @@ from cluster.metrics import (
 )
 from cluster.prefix_directory import get_or_create_directory
 from cluster.products import ProductConfig
-from decode_workers.token_stream import TokenStreamError, TokenStreamServer
+from decode_workers.token_stream import TokenStreamError, TokenStreamSecurity, TokenStreamServer
 from engine.async_engine import RequestFailedError
 from engine.config import SamplingParams, error_message
 from engine.engine import context_limit
@@ -421,9 +421,11 @@ def _describe(exc: BaseException) -> str:
 class OpenAIIngress:
     def __init__(self, products: dict[str, dict], decoders: dict, prefills: dict | None = None,
                  token_stream: str = "direct", body_timeout_s: float = BODY_READ_TIMEOUT_S,
-                 token_stream_host: str | None = None) -> None:
+                 token_stream_host: str | None = None, token_stream_security: dict | None = None) -> None:
         """token_stream_host: the address the token-stream server binds and decode workers dial; None: this
-        node's address (decode replicas may run on other nodes). A one-node cluster uses loopback."""
+        node's address (decode replicas may run on other nodes). A one-node cluster uses loopback.
+        token_stream_security: TokenStreamSecurity fields; beyond loopback, direct streams need TLS or
+        allow_plaintext, and without either the tokens take the "serve" path."""
         if token_stream not in TOKEN_STREAM_MODES:
             raise ValueError(f"token_stream must be one of {TOKEN_STREAM_MODES}, not {token_stream!r}")
         configs = {name: ProductConfig(**cfg) for name, cfg in products.items()}
@@ -431,6 +433,7 @@ class OpenAIIngress:
             get_or_create_directory()  # prefill workers find it by name; it outlives any one of them
         self._token_stream_mode = token_stream
         self._token_stream_host = token_stream_host
+        self._token_stream_security = TokenStreamSecurity(**(token_stream_security or {}))
         self._token_server: TokenStreamServer | None = None
         self._token_server_lock = asyncio.Lock()
         self._decoders = decoders
@@ -472,7 +475,9 @@ class OpenAIIngress:
 
     @app.get("/health")
     async def health(self) -> dict:
-        return {"status": "ok"}
+        """"token_stream": how outputs reach this replica, "direct" or "serve" (decided at the first request:
+        direct streams fall back to serve where they would be plaintext across hosts)."""
+        return {"status": "ok", "token_stream": self._token_stream_mode}
 
     @app.get("/metrics")
     async def metrics(self) -> Response:
@@ -651,9 +656,15 @@ class OpenAIIngress:
             return None
         async with self._token_server_lock:
             if self._token_server is None:
-                server = TokenStreamServer()
+                host = self._token_stream_host or ray.util.get_node_ip_address()
+                if not self._token_stream_security.permits(host):
+                    log.warning("token streams on %s would be plaintext across hosts (no TLS configured, "
+                                "plaintext not allowed): tokens go through Serve's calls instead", host)
+                    self._token_stream_mode = "serve"
+                    return None
+                server = TokenStreamServer(self._token_stream_security)
                 try:
-                    await server.start(self._token_stream_host or ray.util.get_node_ip_address())
+                    await server.start(host)
                 except OSError as exc:
                     raise APIError(503, f"cannot open the token stream port: {exc!r}", "server_error",
                                    "unavailable") from exc

@@ -13,6 +13,11 @@ Wire: frames of a 4-byte big-endian length and a msgpack body. The connecting si
 secret as its first frame; the server answers one byte (ACK) and from then on only reads.
 Every later frame is a list of [stream_id, output] pairs, output being a StepOutput as a dict.
 
+Security (TokenStreamSecurity): every connection presents the secret; the outputs are the users'
+answers, so plaintext stays on loopback. A server beyond loopback uses TLS (the target names the CA
+the worker checks the ingress's certificate against) or is explicitly allowed plaintext; otherwise
+the ingress does not open one and tokens travel inside Serve's calls, under Ray's own security.
+
 Invariants:
 - one stream's outputs travel over one connection, so they arrive in the order they were sent;
 - a connection with a wrong secret, an oversized frame (MAX_FRAME_BYTES) or a frame that is not
@@ -25,13 +30,19 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import secrets
+import ssl
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import msgpack
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass as config_dataclass
+
+from kvtransfer.config import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +58,62 @@ class TokenStreamError(ConnectionError):
     """The direct token stream to the ingress failed or was refused."""
 
 
+@config_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class TokenStreamSecurity:
+    """How the ingress's token-stream server may listen (PEM paths; all three TLS files or none).
+
+    tls_ca_file must be readable at the same path on every decode node (a mounted secret): workers
+    check the ingress's certificate against it. tls_server_name: the name they expect in it, when
+    it is not the address they dial. allow_plaintext: accept plaintext beyond loopback.
+    """
+
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_ca_file: str | None = None
+    tls_server_name: str | None = None
+    allow_plaintext: bool = False
+
+    def __post_init__(self) -> None:
+        files = (self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
+        if any(f is not None for f in files) and not all(files):
+            raise ValueError("token stream TLS: set tls_cert_file, tls_key_file and tls_ca_file together")
+        if self.tls_server_name is not None and not self.tls:
+            raise ValueError("token stream tls_server_name needs the TLS files")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
+    def permits(self, host: str) -> bool:
+        """True if a server on `host` may carry outputs: loopback, TLS, or plaintext allowed."""
+        return self.tls or self.allow_plaintext or is_loopback(host)
+
+    def server_context(self) -> ssl.SSLContext | None:
+        """The server's TLS context, or None for plaintext. Raises OSError/ssl.SSLError on bad files."""
+        if not self.tls:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+        return context
+
+
+@functools.lru_cache(maxsize=8)
+def _client_context(ca_file: str) -> ssl.SSLContext:
+    """A TLS client context that trusts only ca_file (read once per worker)."""
+    return ssl.create_default_context(cafile=ca_file)
+
+
 @dataclass(frozen=True)
 class TokenStreamTarget:
-    """Where one request's outputs go: the ingress's listening address, its secret, the stream id."""
+    """Where one request's outputs go: the ingress's listening address, its secret, the stream id, and
+    for a TLS server the CA to check it against (and the name its certificate carries, if not host)."""
 
     host: str
     port: int
     secret: str = field(repr=False)
     stream_id: str
+    tls_ca_file: str | None = None
+    tls_server_name: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,8 +121,10 @@ class TokenStreamTarget:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TokenStreamTarget:
         try:
-            target = cls(str(d["host"]), int(d["port"]), str(d["secret"]), str(d["stream_id"]))
-        except (KeyError, TypeError, ValueError) as exc:
+            ca, name = d.get("tls_ca_file"), d.get("tls_server_name")
+            target = cls(str(d["host"]), int(d["port"]), str(d["secret"]), str(d["stream_id"]),
+                         None if ca is None else str(ca), None if name is None else str(name))
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"token_stream must be {{host, port, secret, stream_id}}: {exc!r}") from exc
         if not 0 < target.port < 65536:
             raise ValueError(f"token_stream port {target.port} is out of range")
@@ -94,7 +155,8 @@ class TokenStreamServer:
     Lives on one event loop (the ingress replica's); open/close/dispatch run there only.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, security: TokenStreamSecurity | None = None) -> None:
+        self.security = security or TokenStreamSecurity()
         self.secret = secrets.token_hex(16)
         self._queues: dict[str, asyncio.Queue] = {}
         self._server: asyncio.base_events.Server | None = None
@@ -104,7 +166,14 @@ class TokenStreamServer:
         self.frames_received = 0  # for tests and metrics: how many frames carried the outputs
 
     async def start(self, host: str) -> None:
-        self._server = await asyncio.start_server(self._serve, host, 0)
+        """Listen on host (an ephemeral port). ValueError if the security settings forbid plaintext there;
+        OSError (ssl.SSLError included) if the port or the TLS files cannot be used."""
+        if not self.security.permits(host):
+            raise ValueError(f"token streams on {host} would cross the network in plaintext: configure TLS "
+                             "or allow_plaintext")
+        context = self.security.server_context()
+        self._server = await asyncio.start_server(self._serve, host, 0, ssl=context,
+                                                  ssl_handshake_timeout=CONNECT_TIMEOUT_S if context else None)
         self.host, self.port = host, self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -115,7 +184,8 @@ class TokenStreamServer:
             await self._server.wait_closed()
 
     def target(self, stream_id: str) -> TokenStreamTarget:
-        return TokenStreamTarget(self.host, self.port, self.secret, stream_id)
+        return TokenStreamTarget(self.host, self.port, self.secret, stream_id, self.security.tls_ca_file,
+                                 self.security.tls_server_name)
 
     def open(self, stream_id: str) -> asyncio.Queue:
         """The queue that will receive stream_id's outputs (dicts), in order."""
@@ -269,9 +339,11 @@ class TokenStreamSender:
     async def _open(target: TokenStreamTarget) -> _Connection:
         name = f"{target.host}:{target.port}"
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(target.host, target.port),
+            tls = {} if target.tls_ca_file is None else {
+                "ssl": _client_context(target.tls_ca_file), "server_hostname": target.tls_server_name or target.host}
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(target.host, target.port, **tls),
                                                     CONNECT_TIMEOUT_S)
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError (a certificate not from the CA) is an OSError
             raise TokenStreamError(f"cannot connect the token stream to {name}: {exc!r}") from exc
         try:
             writer.write(_frame(target.secret))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import replace
 from typing import Literal
@@ -12,6 +13,16 @@ from pydantic.dataclasses import dataclass
 Transport = Literal["local", "ray", "grpc"]
 Fault = Literal["corrupt", "truncate", "timeout", "wrong_layout"]
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})  # bind every interface; never dialable
+
+
+def is_loopback(host: str) -> bool:
+    """True if `host` names this machine only (127.0.0.0/8, ::1, localhost): nothing off the host can dial it."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a DNS name other than localhost may resolve anywhere
 
 
 @dataclass(frozen=True, config=ConfigDict(extra="forbid"))
@@ -33,6 +44,9 @@ class KVTransferConfig:
     as the name of an environment variable read when the connector is made (deploy
     configs: the secret never sits in a config file). Exporters refuse fetches
     without it; importers send it with every fetch.
+    allow_plaintext: the gRPC server refuses to listen beyond loopback without TLS (KV blocks are the
+    users' prompts); set this to accept plaintext across hosts on a network you trust.
+    Every export also carries its own fetch token (KVHandle.fetch_token), shared or not.
     """
 
     transport: Transport = "ray"
@@ -52,6 +66,7 @@ class KVTransferConfig:
     tls_server_name: str | None = None
     auth_token: str | None = Field(default=None, repr=False)  # a secret: kept out of logs and reprs
     auth_token_env: str | None = None
+    allow_plaintext: bool = False
 
     @classmethod
     def coerce(cls, value: KVTransferConfig | dict | None) -> KVTransferConfig:
@@ -111,5 +126,10 @@ class KVTransferConfig:
             raise ValueError(f"TLS and tokens apply to the grpc transport only, not {self.transport!r}")
         if self.tls_server_name is not None and not self.tls:
             raise ValueError("tls_server_name needs TLS (tls_cert_file, tls_key_file, tls_ca_file)")
+        if (self.transport == "grpc" and not self.tls and not self.allow_plaintext
+                and not is_loopback(self.grpc_host)):
+            raise ValueError(f"grpc_host {self.grpc_host!r} reaches beyond this machine: KV blocks would cross the "
+                             "network in plaintext. Set tls_cert_file, tls_key_file and tls_ca_file, or "
+                             "allow_plaintext: true on a network you trust")
         if self.auth_token is not None:
             self.resolved_token()  # a weak literal token fails now; an env token when the connector is made

@@ -38,14 +38,19 @@ Security (config.tls_*, config.auth_token / auth_token_env):
   before it decodes the request or looks up the export, and answers
   UNAUTHENTICATED otherwise: a caller without the token learns nothing, and no
   export is served or consumed. The importer maps that to KVAuthError.
+- Per-export token, always on: each export gets a random secret (KVHandle.fetch_token) that the
+  importer sends as FetchRequest.token; a fetch without it is answered NOT_FOUND, exactly as for
+  an export that does not exist, so a caller who only knows a locator learns nothing and consumes
+  nothing. The handle reaches the importer inside Ray's own authenticated calls.
+- Plaintext only on loopback unless config.allow_plaintext (KVTransferConfig refuses otherwise).
 - Nothing from the network is unpickled: frames are msgpack with raw=False,
   strict_map_key=True and ext types refused, and every field is type-checked.
-FetchRequest.token stays reserved for per-export tokens (unchecked).
 """
 
 from __future__ import annotations
 
 import hmac
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -119,7 +124,7 @@ _FRAME_FIELDS = {  # kind -> the exact fields of a response frame of that kind
 
 @dataclass(frozen=True)
 class FetchRequest:
-    """The single request frame. token: reserved for credentials (unchecked for now)."""
+    """The single request frame. token: the export's fetch token (KVHandle.fetch_token)."""
 
     export_id: str
     token: str | None = None
@@ -234,6 +239,11 @@ def decode_frame(data: bytes) -> HeaderFrame | DataFrame | EndFrame:
 class _GrpcPayload:
     header: bytes  # encoded once at export
     data: np.ndarray  # uint8 view of the exported bytes (or the faulty ones)
+    fetch_token: str  # the export's own secret; a fetch must present it
+
+    def admits(self, token: str | None) -> bool:
+        """True iff `token` is this export's (constant time, as the shared token)."""
+        return token is not None and hmac.compare_digest(token.encode(), self.fetch_token.encode())
 
 
 def _join(host: str, port: int) -> str:
@@ -336,7 +346,8 @@ class GrpcConnector(KVConnector):
             raise KVTransferError(f"header of {len(header)} bytes ({len(handle.block_hashes)} hashes) exceeds the "
                                   f"frame limit {self._frame_limit}")
         locator = f"{self._ensure_server()}/{handle.export_id}"
-        return replace(handle, locator=locator), _GrpcPayload(header, payload)
+        token = secrets.token_urlsafe(24)
+        return replace(handle, locator=locator, fetch_token=token), _GrpcPayload(header, payload, token)
 
     def _serve_fetch(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         """Runs on a server thread. Errors end the RPC with a status; the server keeps serving.
@@ -351,7 +362,7 @@ class GrpcConnector(KVConnector):
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad request frame: {e}")
         entry = self._lookup(req.export_id)
-        if entry is None:
+        if entry is None or not entry.stored.admits(req.token):
             context.abort(grpc.StatusCode.NOT_FOUND, f"export {req.export_id}: unknown, released or expired")
         payload: _GrpcPayload = entry.stored
         yield payload.header
@@ -396,7 +407,7 @@ class GrpcConnector(KVConnector):
         address, _, export_id = handle.locator.rpartition("/")
         if not address or export_id != handle.export_id:
             raise KVNotFoundError(f"bad locator {handle.locator!r}")
-        call = self._stub(address)(FetchRequest(export_id).encode(), timeout=self.config.timeout_s,
+        call = self._stub(address)(FetchRequest(export_id, handle.fetch_token).encode(), timeout=self.config.timeout_s,
                                    metadata=self._call_metadata)
         try:
             return self._read_stream(handle, call)

@@ -16,6 +16,9 @@ class KVHandle:
     checksum: CRC-32 of the payload bytes; lease_expires_at: wall-clock seconds.
     locator: transport-specific address of the export (an id, or host:port/id).
     object_ref: the Ray ObjectRef for the "ray" transport (None otherwise).
+    fetch_token: the export's own secret for the "grpc" transport (None otherwise): the exporter serves
+    the bytes only to a fetch that presents it, so knowing a locator (from a log, say) is not enough.
+    The handle travels from exporter to importer inside Ray's authenticated calls only.
     """
 
     request_id: str
@@ -32,3 +35,4 @@ class KVHandle:
     nbytes: int
     lease_expires_at: float
     object_ref: Any = field(default=None, compare=False)
+    fetch_token: str | None = field(default=None, compare=False, repr=False)

@@ -84,7 +84,8 @@ def pdserve_url(_ray_session, tmp_path_factory):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    handle = serve.run(build_app(products), name="pdserve", route_prefix="/")
+    handle = serve.run(build_app(products, token_stream_host="127.0.0.1"),  # one machine: as `pdserve up`
+                       name="pdserve", route_prefix="/")
     handle.warm.remote().result(timeout_s=300)
     yield f"http://127.0.0.1:{port}"
     if ray.is_initialized():

@@ -41,6 +41,7 @@ from ray.serve.schema import ServeDeploySchema
 
 import cluster.app
 from cluster.products import ProductConfig, load_products
+from decode_workers.token_stream import TokenStreamSecurity
 from tests.process_helpers import STARTUP_TIMEOUT_S, _kill_session, chat, cli, free_port, run_dir, served
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,9 +109,13 @@ def _in_repo(image_path: str) -> Path:
 
 def _serve_args(service: dict) -> dict:
     serve_config = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
-    args = _check_app(serve_config, ("products_dir", "token_stream"))
-    # Generated tokens stay inside Ray's TLS channels ("direct" sends them over plain TCP).
-    assert args["token_stream"] == "serve"
+    args = _check_app(serve_config, ("products_dir", "token_stream_security"))
+    # Generated tokens cross pods over TLS, with the certificate and CA Ray's own TLS mounts on every pod.
+    security = TokenStreamSecurity(**args["token_stream_security"])
+    assert security.tls and not security.allow_plaintext
+    mounted = {_env(container)[name]["value"] for spec in _pod_specs(service).values()
+               for container in spec["containers"] for name in TLS_VARS}
+    assert {security.tls_cert_file, security.tls_key_file, security.tls_ca_file} == mounted
     return args
 
 

@@ -66,8 +66,8 @@ def faults_url(pdserve_url: str):
         "prefill": base.prefill.model_copy(update={"autoscaling": _fixed(2)}),
         "decode": base.decode.model_copy(update={"autoscaling": _fixed(1)}),
     })
-    serve.run(build_app({PRODUCT: faults, CORRUPT: corrupt, TWO_PREFILLS: two_prefills}), name=APP,
-              route_prefix=f"/{APP}")
+    products = {PRODUCT: faults, CORRUPT: corrupt, TWO_PREFILLS: two_prefills}
+    serve.run(build_app(products, token_stream_host="127.0.0.1"), name=APP, route_prefix=f"/{APP}")
     yield f"{pdserve_url}/{APP}"
     serve.delete(APP)
 

@@ -7,6 +7,7 @@ every refusal has OpenAI's error shape and status and changes no state.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
 import urllib.error
@@ -15,13 +16,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
+from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from cluster.app import build_app
 from engine import LLM, SamplingParams
 from engine.tiny_model import path as model_path
+from kvtransfer.config import is_loopback
 from tests.cluster_helpers import tiny_products
+from tests.tls_helpers import write_self_signed
 
 REPORT_KEY = "sk-report-test"
 REPORT_OTHER_KEY = "sk-report-other"  # a second tenant of report-gen
@@ -116,23 +120,41 @@ def test_chat_streaming_equals_non_streaming(client) -> None:
     assert usage.prompt_tokens == full.usage.prompt_tokens and usage.prompt_tokens_details.cached_tokens > 0
 
 
-def test_tokens_over_serve_streams_give_the_same_answers(pdserve_url: str, products, offline) -> None:
-    """token_stream "serve" (each output a Serve streaming item) beside the default direct stream."""
+@pytest.mark.parametrize("setup", ["serve", "plaintext-across-hosts", "tls-across-hosts"])
+def test_tokens_take_the_path_their_security_allows_and_give_the_same_answers(
+        pdserve_url: str, products, offline, tmp_path, setup: str) -> None:
+    """token_stream "serve" (each output a Serve streaming item); "direct" on the node's address without
+    TLS, which must not go out in plaintext and so falls back to serve; and "direct" over TLS there."""
+    import ray
     from ray import serve
 
+    node_ip = ray.util.get_node_ip_address()
+    assert not is_loopback(node_ip)  # Ray refuses a loopback node address
+    args: dict = {"token_stream": "serve"} if setup == "serve" else {"token_stream_host": node_ip}
+    if setup == "tls-across-hosts":
+        files = write_self_signed(tmp_path, "pdserve-ingress", [x509.IPAddress(ipaddress.ip_address(node_ip))])
+        args["token_stream_security"] = {"tls_cert_file": files.cert, "tls_key_file": files.key,
+                                         "tls_ca_file": files.ca}
     chat = products["support-chat"].model_copy(update={"disaggregated": False})
-    serve.run(build_app({"support-chat": chat}, token_stream="serve"), name="serve-tokens",
-              route_prefix="/serve-tokens")
+    serve.run(build_app({"support-chat": chat}, **args), name="token-path", route_prefix="/token-path")
     try:
-        c = openai.OpenAI(base_url=f"{pdserve_url}/serve-tokens/v1", api_key="none", max_retries=0)
+        c = openai.OpenAI(base_url=f"{pdserve_url}/token-path/v1", api_key="none", max_retries=0)
         prompt = "Quarterly usage report:"
         expected = offline.generate([prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
         streamed = "".join(ch.choices[0].text for ch in c.completions.create(
             model="support-chat", prompt=prompt, max_tokens=10, temperature=0, stream=True,
             extra_body={"ignore_eos": True}))
         assert streamed == expected.outputs[0].text
+        with urllib.request.urlopen(f"{pdserve_url}/token-path/health", timeout=30) as response:
+            health = json.loads(response.read())
+        assert health["token_stream"] == ("direct" if setup == "tls-across-hosts" else "serve")
     finally:
-        serve.delete("serve-tokens")
+        serve.delete("token-path")
+
+
+def test_bad_token_stream_security_is_refused_when_the_app_is_built(products) -> None:
+    with pytest.raises(ValueError, match="token stream"):
+        build_app(products, token_stream_security={"tls_cert_file": "only-one.pem"})
 
 
 def test_an_unknown_token_stream_mode_is_refused(products) -> None:

@@ -31,7 +31,8 @@ TINY_CONTEXT = 4096  # the built-in tiny model's max_position_embeddings: the ap
 def keyed_url(pdserve_url: str):
     base = tiny_products()["support-chat"]
     keyed = base.model_copy(update={"name": APP, "cache_salt": APP, "api_keys": (KEY,), "disaggregated": False})
-    serve.run(build_app({APP: keyed}, body_timeout_s=BODY_TIMEOUT_S), name=APP, route_prefix=f"/{APP}")
+    serve.run(build_app({APP: keyed}, body_timeout_s=BODY_TIMEOUT_S, token_stream_host="127.0.0.1"), name=APP,
+              route_prefix=f"/{APP}")
     yield f"{pdserve_url}/{APP}"
     serve.delete(APP)
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
-import ipaddress
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,58 +18,25 @@ import msgpack
 import pydantic
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from cluster.products import ProductConfig
-from kvtransfer import KVAuthError, KVConnector, KVTransferConfig, KVTransferError, make_connector
+from kvtransfer import KVAuthError, KVConnector, KVNotFoundError, KVTransferConfig, KVTransferError, make_connector
 from kvtransfer.grpc_transport import METHOD, FetchRequest
 from tests.test_kvtransfer import LAYOUT, export, make_blocks, same_bytes
+from tests.tls_helpers import TLSFiles, loopback_names, write_self_signed
 
 TOKEN = "kv-shared-token-0123456789abcdef"
 
 
-@dataclasses.dataclass(frozen=True)
-class TLSFiles:
-    cert: str
-    key: str
-    ca: str
-
-    def config(self, **kwargs: object) -> dict:
-        return {"tls_cert_file": self.cert, "tls_key_file": self.key, "tls_ca_file": self.ca, **kwargs}
-
-
-def _write_self_signed(directory: Path, common_name: str, sans: list[x509.GeneralName]) -> TLSFiles:
-    """A self-signed certificate (its own CA) valid for `sans`; PEM files in directory."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    directory.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = directory / "tls.crt", directory / "tls.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return TLSFiles(str(cert_path), str(key_path), str(cert_path))
-
-
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
-    sans = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-    return _write_self_signed(tmp_path_factory.mktemp("tls"), "pdserve-kv-test", sans)
+    return write_self_signed(tmp_path_factory.mktemp("tls"), "pdserve-kv-test", loopback_names())
 
 
 @pytest.fixture(scope="module")
 def other_ca(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
     """A certificate for the same addresses, signed by a CA the exporter's clients do not trust."""
-    sans = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-    return _write_self_signed(tmp_path_factory.mktemp("other-ca"), "someone-else", sans)
+    return write_self_signed(tmp_path_factory.mktemp("other-ca"), "someone-else", loopback_names())
 
 
 @pytest.fixture
@@ -99,7 +64,7 @@ def test_tls_round_trip_is_bit_exact(make: Callable[..., KVConnector], tls: TLSF
 
 def test_tls_server_name_override(make: Callable[..., KVConnector], tmp_path: Path) -> None:
     """The certificate names a service, the locator holds an IP: tls_server_name bridges the two."""
-    named = _write_self_signed(tmp_path / "named", "kv", [x509.DNSName("kv.pdserve.internal")])
+    named = write_self_signed(tmp_path / "named", "kv", [x509.DNSName("kv.pdserve.internal")])
     exporter = make(**named.config())
     handle = export(exporter, make_blocks(LAYOUT, 1, seed=22))
     with pytest.raises(KVTransferError):  # 127.0.0.1 is not a name in the certificate
@@ -191,6 +156,42 @@ def test_wrong_or_missing_token_is_refused_and_consumes_nothing(make: Callable[.
     assert exporter.num_exports == 0
 
 
+def test_a_fetch_without_the_exports_own_token_gets_nothing(make: Callable[..., KVConnector]) -> None:
+    """Without a shared token, each export still has its own: a caller who knows only the locator (say,
+    from a log) is answered exactly as for a missing export, and the export stays for its importer."""
+    exporter = make()
+    blocks = make_blocks(LAYOUT, 2, seed=30)
+    handle = export(exporter, blocks)
+    assert handle.fetch_token and handle.fetch_token not in repr(handle)
+    address = handle.locator.rpartition("/")[0]
+    with grpc.insecure_channel(address) as channel:
+        fetch = channel.unary_stream(METHOD)
+        for token in (None, "", "wrong", handle.fetch_token[:-1]):
+            with pytest.raises(grpc.RpcError) as info:
+                list(fetch(FetchRequest(handle.export_id, token).encode(), timeout=5.0))
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND, token
+    forged = dataclasses.replace(handle, fetch_token="x" * 32)
+    with pytest.raises(KVNotFoundError):
+        make().fetch(forged, LAYOUT)
+    _assert_still_staged(exporter, handle.nbytes)
+    assert same_bytes(make().fetch(handle, LAYOUT), blocks)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "kv.internal"])
+def test_plaintext_beyond_loopback_is_refused_unless_allowed(host: str, tls: TLSFiles) -> None:
+    with pytest.raises(ValueError, match="plaintext"):
+        KVTransferConfig(transport="grpc", grpc_host=host)
+    assert KVTransferConfig(transport="grpc", grpc_host=host, allow_plaintext=True).grpc_host == host
+    assert KVTransferConfig(transport="grpc", grpc_host=host, **tls.config()).tls
+    with pytest.raises(pydantic.ValidationError, match="plaintext"):  # a product file says so at load
+        ProductConfig(name="p", transfer={"transport": "grpc", "grpc_host": host})
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost"])
+def test_plaintext_on_loopback_needs_no_setting(host: str) -> None:
+    assert KVTransferConfig(transport="grpc", grpc_host=host).grpc_host == host
+
+
 def test_token_is_compared_in_constant_time(make: Callable[..., KVConnector],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     import kvtransfer.grpc_transport as transport
@@ -208,8 +209,10 @@ def test_token_is_compared_in_constant_time(make: Callable[..., KVConnector],
     with pytest.raises(KVAuthError):
         make(auth_token="y" * 20).fetch(handle, LAYOUT)
     make(auth_token=TOKEN).fetch(handle, LAYOUT)
-    assert calls == [(b"Bearer " + b"y" * 20, f"Bearer {TOKEN}".encode()),
-                     (f"Bearer {TOKEN}".encode(), f"Bearer {TOKEN}".encode())]
+    shared = [call for call in calls if call[1].startswith(b"Bearer ")]  # the rest: per-export tokens
+    assert shared == [(b"Bearer " + b"y" * 20, f"Bearer {TOKEN}".encode()),
+                      (f"Bearer {TOKEN}".encode(), f"Bearer {TOKEN}".encode())]
+    assert len(calls) == len(shared) + 1  # one per-export check, for the fetch that got through
 
 
 def test_token_from_an_environment_variable(make: Callable[..., KVConnector], monkeypatch: pytest.MonkeyPatch) -> None:

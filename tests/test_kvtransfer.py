@@ -221,10 +221,11 @@ def test_grpc_on_every_interface_advertises_a_dialable_address() -> None:
     """A server bound to 0.0.0.0 must put an address other nodes can dial in its locators: the node's IP
     (workers pass Ray's), never the wildcard, and it refuses to export with nothing to advertise."""
     blocks = make_blocks(LAYOUT, 2, 9)
-    with make_connector(KVTransferConfig(transport="grpc", grpc_host="0.0.0.0")) as nowhere, \
+    anywhere = {"transport": "grpc", "grpc_host": "0.0.0.0", "allow_plaintext": True}
+    with make_connector(KVTransferConfig(**anywhere)) as nowhere, \
             pytest.raises(KVTransferError, match="grpc_advertise_host"):
         export(nowhere, blocks)
-    wildcard = KVTransferConfig(transport="grpc", grpc_host="0.0.0.0").for_node("127.0.0.1")
+    wildcard = KVTransferConfig(**anywhere).for_node("127.0.0.1")
     assert wildcard.grpc_advertise_host == "127.0.0.1"
     assert KVTransferConfig(transport="grpc").for_node("10.1.2.3").advertised_host == "127.0.0.1"  # bound: kept
     with make_connector(wildcard) as exporter, make_connector(KVTransferConfig(transport="grpc")) as importer:

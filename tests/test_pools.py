@@ -45,7 +45,7 @@ def test_a_pool_cannot_take_the_name_of_a_product_in_another_pool() -> None:
 
 
 def test_both_products_are_served_by_the_pool_over_http(pdserve_url: str) -> None:
-    handle = serve.run(build_app(_pooled()), name=APP, route_prefix=f"/{APP}")
+    handle = serve.run(build_app(_pooled(), token_stream_host="127.0.0.1"), name=APP, route_prefix=f"/{APP}")
     try:
         handle.warm.remote().result(timeout_s=300)
         deployments = set(serve.status().applications[APP].deployments)

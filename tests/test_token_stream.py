@@ -13,12 +13,14 @@ from decode_workers import token_stream as ts
 from decode_workers.server import DecodeServer
 from decode_workers.token_stream import (
     TokenStreamError,
+    TokenStreamSecurity,
     TokenStreamSender,
     TokenStreamServer,
     TokenStreamTarget,
 )
 from engine.config import SamplingParams
 from tests.engine_helpers import random_prompts
+from tests.tls_helpers import loopback_names, write_self_signed
 
 HOST = "127.0.0.1"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -28,10 +30,21 @@ def _out(tokens: list[int], finished: bool = False) -> dict:
     return {"new_token_ids": tokens, "finished": finished, "num_output_tokens": len(tokens)}
 
 
-async def _server() -> TokenStreamServer:
-    server = TokenStreamServer()
+async def _server(security: TokenStreamSecurity | None = None) -> TokenStreamServer:
+    server = TokenStreamServer(security)
     await server.start(HOST)
     return server
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> TokenStreamSecurity:
+    files = write_self_signed(tmp_path_factory.mktemp("ts-tls"), "pdserve-ingress", loopback_names())
+    return TokenStreamSecurity(tls_cert_file=files.cert, tls_key_file=files.key, tls_ca_file=files.ca)
+
+
+@pytest.fixture(scope="module")
+def other_ca(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return write_self_signed(tmp_path_factory.mktemp("ts-other"), "someone-else", loopback_names()).ca
 
 
 async def _until(predicate, timeout_s: float = 5.0) -> None:
@@ -152,6 +165,55 @@ def test_a_lost_connection_fails_the_next_send() -> None:
 def test_a_malformed_target_is_a_value_error(bad: dict) -> None:
     with pytest.raises(ValueError, match="token_stream"):
         TokenStreamTarget.from_dict(bad)
+
+
+# ---- who may listen where ----------------------------------------------------------------------
+@pytest.mark.parametrize("host", ["10.1.2.3", "0.0.0.0", "ingress.internal"])
+def test_plaintext_beyond_loopback_is_refused_unless_tls_or_allowed(host: str, tls: TokenStreamSecurity) -> None:
+    assert not TokenStreamSecurity().permits(host)
+    assert TokenStreamSecurity(allow_plaintext=True).permits(host) and tls.permits(host)
+    assert all(TokenStreamSecurity().permits(h) for h in ("127.0.0.1", "::1", "localhost"))
+
+    async def run() -> None:
+        with pytest.raises(ValueError, match="plaintext"):
+            await TokenStreamServer().start(host)
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("fields", [{"tls_cert_file": "c.pem"}, {"tls_server_name": "ingress"}])
+def test_token_stream_tls_settings_are_validated(fields: dict) -> None:
+    with pytest.raises(ValueError, match="token stream"):
+        TokenStreamSecurity(**fields)
+
+
+def test_outputs_travel_over_tls_and_a_plaintext_peer_gets_nothing(tls: TokenStreamSecurity, other_ca: str) -> None:
+    async def run() -> None:
+        server = await _server(tls)
+        queue = server.open("s")
+        target = server.target("s")
+        assert target.tls_ca_file == tls.tls_ca_file
+        assert TokenStreamTarget.from_dict(target.as_dict()) == target
+        conn = await TokenStreamSender().connect(target)
+        await conn.send("s", _out([1, 2]))
+        await conn.flush()
+        await _until(lambda: not queue.empty())
+        assert _drain(queue) == [_out([1, 2])]
+
+        plain = TokenStreamTarget(server.host, server.port, server.secret, "s")  # right secret, no TLS
+        with pytest.raises(TokenStreamError):
+            await TokenStreamSender().connect(plain)
+        impostor_ca = TokenStreamTarget(server.host, server.port, server.secret, "s", tls_ca_file=other_ca)
+        with pytest.raises(TokenStreamError):  # the worker does not send its outputs to a server it cannot verify
+            await TokenStreamSender().connect(impostor_ca)
+        assert queue.empty() and server.frames_received == 1
+        await conn.send("s", _out([3], finished=True))  # the TLS connection outlived the refusals
+        await conn.flush()
+        await _until(lambda: not queue.empty())
+        assert _drain(queue) == [_out([3], finished=True)]
+        await server.stop()
+
+    asyncio.run(run())
 
 
 # ---- the ingress's reader ----------------------------------------------------------------------
