@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from cluster.http_edge import APIError
 from cluster.worker_streams import close
@@ -59,7 +60,7 @@ class ReleasingStreamingResponse(StreamingResponse):
         super().__init__(content, media_type="text/event-stream")
         self._release = release
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:

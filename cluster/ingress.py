@@ -35,6 +35,7 @@ from cluster.admission import Release
 from cluster.http_edge import (
     BODY_READ_TIMEOUT_S,
     APIError,
+    RequestModel,
     bearer,
     body_limit_bytes,
     check_key,
@@ -138,17 +139,20 @@ class OpenAIIngress:
             raise
 
     async def _completions(self, request: Request) -> Response:
-        req = parse_request(oai.CompletionRequest, await json_body(request, self._body_limit, self._body_timeout_s))
-        request.state.model = req.model
+        req = await self._parsed(request, oai.CompletionRequest)
         product = self._product(req.model, request)
         return await self._serve(await self._preparer.completion(product, req, bearer(request)))
 
     async def _chat_completions(self, request: Request) -> Response:
-        req = parse_request(oai.ChatCompletionRequest,
-                            await json_body(request, self._body_limit, self._body_timeout_s))
-        request.state.model = req.model
+        req = await self._parsed(request, oai.ChatCompletionRequest)
         product = self._product(req.model, request)
         return await self._serve(await self._preparer.chat(product, req, bearer(request)))
+
+    async def _parsed(self, request: Request, model: type[RequestModel]) -> RequestModel:
+        """The body as model, read within this replica's limits; notes the product it names for _counted."""
+        req = parse_request(model, await json_body(request, self._body_limit, self._body_timeout_s))
+        request.state.model = req.model
+        return req
 
     # ---- Serve hooks ------------------------------------------------------------------------------
     async def check_health(self) -> None:

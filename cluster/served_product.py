@@ -39,6 +39,8 @@ class ProductStats:
 
 @dataclass
 class ServedProduct:
+    """One product on this replica: what preparing its requests needs, its admission and its statistics."""
+
     config: ProductConfig
     tokenizer: Any
     max_model_len: int  # tokens: the longest request (prompt + max_tokens) every engine it passes can hold
@@ -51,6 +53,7 @@ class ServedProduct:
         self.admission = Admission(self.config.name, self.config.max_queue_len)
 
     def snapshot(self, token_streams_open: int) -> MetricsSnapshot:
+        """The product's metrics for the hub; token_streams_open: its streams open on this replica."""
         stats = self.stats
         return MetricsSnapshot(
             histograms={TIME_TO_FIRST_TOKEN: stats.ttft.snapshot(), INTER_TOKEN_LATENCY: stats.itl.snapshot(),
