@@ -20,7 +20,8 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from cluster.deployments import DecodeDeployment, PrefillDeployment
-from cluster.ingress import BODY_READ_TIMEOUT_S, TOKEN_STREAM_MODES, OpenAIIngress
+from cluster.http_edge import BODY_READ_TIMEOUT_S
+from cluster.ingress import TOKEN_STREAM_MODES, OpenAIIngress
 from cluster.prefix_directory import DIRECTORY_NAME
 from cluster.products import ProductConfig, Role, load_products, pools
 from cluster.routing import KVHeadroomRouter, PrefixAffinityRouter

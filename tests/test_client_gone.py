@@ -18,12 +18,11 @@ import pytest
 import ray
 from starlette.requests import ClientDisconnect
 
+from cluster.admission import Admission, Release, ReleasingStreamingResponse
 from cluster.direct_stream import DirectStream
-from cluster.ingress import _Product, _Release, _ReleasingStreamingResponse
 from cluster.invariants import wait_cluster_idle
 from cluster.metrics import INGRESS_INFLIGHT, get_hub
 from decode_workers.token_stream import TokenStreamServer
-from tests.cluster_helpers import tiny_products
 from tests.test_http_api import REPORT_KEY
 
 PRODUCT = "report-gen"  # long answers (up to 1,536 tokens): still decoding when the client leaves
@@ -50,8 +49,8 @@ def test_a_stream_whose_client_left_before_its_body_started_is_released(spec_ver
         server = TokenStreamServer()  # open/close need no socket
         call = asyncio.get_running_loop().create_future()  # the decode worker's call: runs until cancelled
         stream = DirectStream(server, f"{PRODUCT}/gone", call)
-        product = _Product(tiny_products()[PRODUCT], tokenizer=None, max_model_len=256, keys=frozenset(),
-                           system_prefix=[], inflight=1)
+        admission = Admission(PRODUCT, limit=4)
+        admission.admit(1)
         started = False
 
         async def body():
@@ -59,14 +58,14 @@ def test_a_stream_whose_client_left_before_its_body_started_is_released(spec_ver
             started = True
             yield "data: {}\n\n"
 
-        response = _ReleasingStreamingResponse(body(), _Release(product, [stream]))
+        response = ReleasingStreamingResponse(body(), Release(admission, [stream]))
         scope = {"type": "http", "asgi": {"spec_version": spec_version}}
         try:
             await asyncio.wait_for(response(scope, _disconnected, send), 30)
         except ClientDisconnect:
             pass
         await asyncio.sleep(0)  # the cancelled call settles
-        return started, product.inflight, server.num_open, call.cancelled()
+        return started, admission.inflight, server.num_open, call.cancelled()
 
     started, inflight, open_streams, call_cancelled = asyncio.run(run())
     assert not started  # the window under test: the body never ran
@@ -76,12 +75,12 @@ def test_a_stream_whose_client_left_before_its_body_started_is_released(spec_ver
 
 def test_release_runs_once() -> None:
     async def run() -> int:
-        product = _Product(tiny_products()[PRODUCT], tokenizer=None, max_model_len=256, keys=frozenset(),
-                           system_prefix=[], inflight=2)
-        release = _Release(product, [object(), object()])  # streams without cancel(): nothing to close
+        admission = Admission(PRODUCT, limit=4)
+        admission.admit(2)
+        release = Release(admission, [object(), object()])  # streams without cancel(): nothing to close
         await release(finished=True)
         await release(finished=False)
-        return product.inflight
+        return admission.inflight
 
     assert asyncio.run(run()) == 0
 

@@ -10,7 +10,8 @@ from ray.exceptions import ActorDiedError
 from ray.serve._private.common import DeploymentID
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from cluster.ingress import APIError, _first
+from cluster.http_edge import APIError
+from cluster.worker_streams import first_output
 from decode_workers.server import DecodeServer
 from decode_workers.token_stream import TokenStreamError
 from engine.async_engine import EngineDeadError
@@ -53,7 +54,7 @@ async def _failing(exc: BaseException):
 ])
 def test_worker_failures_map_to_http_errors(exc: BaseException, status: int, code: str | None) -> None:
     with pytest.raises(APIError) as info:
-        asyncio.run(_first(_failing(exc)))
+        asyncio.run(first_output(_failing(exc)))
     assert info.value.status == status and info.value.code == code
     if status == 429:
         assert info.value.headers == {"Retry-After": "1"}
@@ -64,7 +65,7 @@ def test_a_worker_that_stops_sending_ends_the_request() -> None:
     gives up after the limit with a TokenStreamError (503 at the ingress), and the call is cancelled, which
     aborts the request on the worker and closes its token-stream queue."""
     from cluster.direct_stream import DirectStream
-    from cluster.ingress import _next
+    from cluster.worker_streams import next_output
     from decode_workers.token_stream import TokenStreamServer
 
     async def scenario() -> tuple[bool, int]:
@@ -72,7 +73,7 @@ def test_a_worker_that_stops_sending_ends_the_request() -> None:
         call = asyncio.get_running_loop().create_future()  # never answers
         stream = DirectStream(server, "support-chat/silent", call)
         with pytest.raises(TokenStreamError, match="no output from the worker within 0.2 s"):
-            await _next(stream, 0.2)
+            await next_output(stream, 0.2)
         await asyncio.sleep(0)
         return call.cancelled(), server.num_open
 
@@ -80,13 +81,13 @@ def test_a_worker_that_stops_sending_ends_the_request() -> None:
 
 
 def test_a_stalled_first_output_maps_to_503(monkeypatch) -> None:
-    import cluster.ingress as ingress
+    import cluster.worker_streams as worker_streams
 
     async def silent():
         await asyncio.Event().wait()
         yield {}
 
-    monkeypatch.setattr(ingress, "FIRST_OUTPUT_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(worker_streams, "FIRST_OUTPUT_TIMEOUT_S", 0.2)
     with pytest.raises(APIError) as info:
-        asyncio.run(_first(silent()))
+        asyncio.run(first_output(silent()))
     assert info.value.status == 503 and info.value.code == "worker_failed"

@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.ingress import DRAIN_REFUSED_FACTOR, body_limit_bytes
+from cluster.http_edge import DRAIN_REFUSED_FACTOR, body_limit_bytes
 from tests.test_http_api import REPORT_KEY, _assert_error, _metrics, _post, _settled_metrics
 
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,

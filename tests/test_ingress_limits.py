@@ -17,7 +17,7 @@ import pytest
 from ray import serve
 
 from cluster.app import build_app
-from cluster.ingress import MIN_BODY_BYTES, UNREAD_DRAIN_BYTES, body_limit_bytes
+from cluster.http_edge import MIN_BODY_BYTES, UNREAD_DRAIN_BYTES, body_limit_bytes
 from tests.cluster_helpers import tiny_products
 
 APP = "keyed"

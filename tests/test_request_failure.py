@@ -182,7 +182,7 @@ def test_json_the_parser_refuses_is_a_4xx(pdserve_url: str) -> None:
 
 
 def test_a_failed_request_is_a_500_and_a_failed_worker_a_503() -> None:
-    from cluster.ingress import _worker_failure
+    from cluster.worker_streams import worker_failure
 
     class RemoteError(Exception):  # how Ray hands over a remote exception: the original as `cause`
         def __init__(self, cause: BaseException) -> None:
@@ -190,7 +190,7 @@ def test_a_failed_request_is_a_500_and_a_failed_worker_a_503() -> None:
             self.cause = cause
 
     for exc in (RequestFailedError("request 'x' failed: SamplingError"), RemoteError(RequestFailedError("nan"))):
-        error = _worker_failure(exc, "")
+        error = worker_failure(exc, "")
         assert (error.status, error.code) == (500, "request_failed")
-    error = _worker_failure(RemoteError(RuntimeError("actor died")), " mid-request")
+    error = worker_failure(RemoteError(RuntimeError("actor died")), " mid-request")
     assert (error.status, error.code) == (503, "worker_failed") and "mid-request" in error.message

@@ -6,8 +6,8 @@ import pydantic
 import pytest
 
 from cluster.app import build_app
-from cluster.ingress import OpenAIIngress
 from cluster.products import ProductConfig, Role
+from cluster.served_product import load_product
 from tests.cluster_helpers import tiny_products
 
 BLOCK_BYTES = 2 * 2 * 16 * 2 * 16 * 4  # tiny model: layers * K/V * block tokens * kv heads * head dim * fp32
@@ -53,4 +53,4 @@ def test_each_deployment_is_built_with_its_roles_engine() -> None:
 def test_the_ingress_limits_requests_to_the_smallest_engine_they_pass(disaggregated: bool) -> None:
     product = _product({"kv_cache_bytes": 10 * BLOCK_BYTES}, {"kv_cache_bytes": 30 * BLOCK_BYTES}, disaggregated)
     # Disaggregated: the prefill engine's 10 blocks bound the request; colocated, only the decode engine runs it.
-    assert OpenAIIngress._load(product).max_model_len == (10 if disaggregated else 30) * 16
+    assert load_product(product).max_model_len == (10 if disaggregated else 30) * 16
