@@ -371,6 +371,8 @@ class Engine:
             num_admission_failures_free_memory=self.scheduler.num_admission_failures_free_memory,
             num_growth_failures=self.scheduler.num_growth_failures,
             largest_free_hole_blocks=self.kv.largest_free_hole,
+            num_waiting_prompt_tokens=self.scheduler.num_waiting_prompt_tokens(),
+            recent_decode_step_s=self.scheduler.cost.decode_step_s or 0.0,
             **self._move_stats(),
         )
 

@@ -79,6 +79,12 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def num_waiting_prompt_tokens(self) -> int:
+        """Prompt tokens not computed yet: the waiting requests' (cached or imported ones included, an upper
+        bound) and the rest of running prompts (chunked prefill)."""
+        left = (r.num_tokens - r.num_computed_tokens for r in (*self.waiting, *self.running))
+        return sum(n for n in left if n > 1)
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens

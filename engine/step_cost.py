@@ -19,9 +19,12 @@ class StepCost:
     def __init__(self) -> None:
         self.base_s: float | None = None
         self.per_token_s: float | None = None
+        self.decode_step_s: float | None = None  # any step that decoded: what decoding requests wait per token
 
     def observe(self, num_decodes: int, prefill_tokens: int, seconds: float) -> None:
         """One step that ran num_decodes one-token decodes and prefill_tokens prompt tokens in `seconds`."""
+        if num_decodes:
+            self.decode_step_s = _mix(self.decode_step_s, seconds)
         if prefill_tokens == 0:
             if num_decodes:
                 self.base_s = _mix(self.base_s, seconds)
