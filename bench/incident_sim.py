@@ -50,6 +50,7 @@ most favourable case for that baseline (a real server reserves its max_tokens).
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from collections import deque
@@ -257,6 +258,39 @@ class _ContiguousArena:
         return self.allocator.largest_hole()
 
 
+class _WaitQueue:
+    """Waiting sequences in admission order: arrival order (preempted ones at the front) for "fcfs"; for
+    "slo", _Seq.queue_key order, kept in a heap (under overload thousands wait, and each tick admits many)."""
+
+    def __init__(self, scheduling: str) -> None:
+        self._fifo: deque[_Seq] | None = deque() if scheduling == "fcfs" else None
+        self._heap: list[tuple[tuple[bool, float], int, _Seq]] = []
+        self._pushes = 0  # ties keep insertion order
+
+    def __len__(self) -> int:
+        return len(self._fifo) if self._fifo is not None else len(self._heap)
+
+    def append(self, seq: _Seq) -> None:
+        if self._fifo is not None:
+            self._fifo.append(seq)
+        else:
+            self._pushes += 1
+            heapq.heappush(self._heap, (seq.queue_key, self._pushes, seq))
+
+    def push_front(self, seq: _Seq) -> None:
+        """A preempted sequence: next in line for "fcfs"; "slo" orders it by its key (preempted first)."""
+        if self._fifo is not None:
+            self._fifo.appendleft(seq)
+        else:
+            self.append(seq)
+
+    def peek(self) -> _Seq:
+        return self._fifo[0] if self._fifo is not None else self._heap[0][2]
+
+    def pop(self) -> _Seq:
+        return self._fifo.popleft() if self._fifo is not None else heapq.heappop(self._heap)[2]
+
+
 @dataclass
 class _Tick:
     """What happened in one tick: admitted sequences, blocks copied by moves, prefill tokens computed."""
@@ -277,7 +311,7 @@ class Simulation:
         pinned = self.shared // bs
         self.arena = (_PagedArena(gpu.num_blocks, pinned) if config.layout == "paged"
                       else _ContiguousArena(gpu.num_blocks, pinned, config.reserve))
-        self.waiting: deque[_Seq] = deque()
+        self.waiting = _WaitQueue(config.scheduling)
         self.running: list[_Seq] = []
         self.run_data = Run(config.name, gpu.num_blocks, bs, gpu.bytes_per_token)
         self.counts = {"refusals": 0, "refusals_free_memory": 0, "growth_failures": 0, "preemptions": 0,
@@ -347,7 +381,7 @@ class Simulation:
             self.running.remove(victim)
             self.arena.release(victim)
             victim.ctx = 0
-            self.waiting.appendleft(victim)
+            self.waiting.push_front(victim)
             self.counts["preemptions"] += 1
             if victim is seq:
                 return None
@@ -365,15 +399,15 @@ class Simulation:
     def _admit(self, tick: _Tick) -> None:
         budget = min(self.traffic.max_prefill_tokens_per_step * self.gpu.block_size, self._prompt_budget())
         while self.waiting and len(self.running) < self.traffic.max_num_seqs and tick.prefill_tokens < budget:
-            slo = self.config.scheduling == "slo"
-            seq = min(self.waiting, key=lambda s: s.queue_key) if slo else self.waiting[0]
+            seq = self.waiting.peek()
             tokens = seq.request.prompt_tokens + seq.generated
-            if slo and tick.admitted and tick.prefill_tokens + tokens - self.shared > budget:
+            over_budget = tick.prefill_tokens + tokens - self.shared > budget
+            if self.config.scheduling == "slo" and tick.admitted and over_budget:
                 return
             if self._over_watermark(tokens) or self._ensure(seq, tokens) is None:
                 self._refused(seq)
                 return
-            self.waiting.remove(seq)
+            self.waiting.pop()
             self.running.append(seq)
             tick.admitted.append(seq)
             tick.prefill_tokens += tokens - self.shared
