@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from bench.incident_replay import ReplayConfig, replay_all
     from bench.incident_report import write
-    from bench.incident_sim import GPUSpec, Traffic, simulate_all
+    from bench.incident_sim import CONFIGS, GPUSpec, Traffic, simulate_all
 
     replay_config = ReplayConfig(seed=args.seed, model=args.model, **(QUICK_REPLAY if args.quick else {}))
     duration = args.sim_duration or (QUICK_SIM_DURATION_S if args.quick else 3600.0)
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"replaying {replay_config.num_requests} requests on the real engine, 3 layouts...", flush=True)
     replay_runs, identical = replay_all(replay_config)
     print(f"  done in {time.perf_counter() - begin:.0f} s; simulating {duration:.0f} s of traffic at "
-          f"{traffic.rate_per_s} req/s on an 80 GB GPU, 6 configurations...", flush=True)
+          f"{traffic.rate_per_s} req/s on an 80 GB GPU, {len(CONFIGS)} configurations...", flush=True)
     sim_runs = simulate_all(traffic, gpu)
     settings = {
         "command": "pdserve incident " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["incident"] else []),

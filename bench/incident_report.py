@@ -187,7 +187,18 @@ def targets(replay: Mapping[str, Mapping[str, float]], sim: Mapping[str, Mapping
             met = "met" if peak >= 2 and stats[paged]["refusals_free_memory"] == 0 else "not met"
             lines.append(f"- {label}, paged vs {contiguous}: peak sequences {peak:.2f}x, mean {mean:.2f}x, paged "
                          f"refusals while memory free {stats[paged]['refusals_free_memory']:,.0f}: target {met}")
+    lines.extend(_slo_target(sim, name) for name in sim if "SLO scheduling" in name)
     return lines
+
+
+def _slo_target(sim: Mapping[str, Mapping[str, float]], name: str) -> str:
+    """SLO scheduling's target: paged P99 ITL no worse than reserve-max's, with paged's capacity kept."""
+    reserve, stats = sim["contiguous (reserve max)"], sim[name]
+    itl = ratio(stats["itl_p99_s"], reserve["itl_p99_s"])
+    peak = ratio(stats["peak_running"], reserve["peak_running"])
+    met = "met" if itl <= 1 and peak > 1 else "not met"
+    return (f"- GPU simulation, {name} vs contiguous (reserve max): P99 ITL {stats['itl_p99_s'] * 1e3:.0f} vs "
+            f"{reserve['itl_p99_s'] * 1e3:.0f} ms ({itl:.2f}x), peak sequences {peak:.2f}x: target {met}")
 
 
 # ---- plots ---------------------------------------------------------------------------------------------

@@ -23,7 +23,15 @@ What is simulated (GPUSpec, stated so anyone can redo the arithmetic):
 - with prefix caching the shared system prompt's full blocks (220 tokens ->
   13 blocks = 208 tokens) are held once, pinned, and not recomputed; a
   contiguous request then holds only its own tokens in its region (its
-  attention reads the shared prefix from the pinned region).
+  attention reads the shared prefix from the pinned region);
+- "slo" scheduling follows the engine's policy (engine/scheduler.py) at tick
+  granularity, against GPU-scale targets (SIM_SLOS): waiting requests by
+  TTFT deadline (preempted ones first); a tick admits prompts only while its
+  time per step stays within the smallest ITL target of the decoding
+  sequences (at least one prompt per tick, so nothing starves); a stuck
+  sequence preempts the one with the most ITL slack among those not grown
+  yet this tick; with watermark_tokens, admission keeps free the blocks the
+  running sequences need for that many more tokens.
 
 Granularity: time advances in ticks of `block_size` decode steps. In a tick
 every running sequence decodes up to 16 tokens (one block), newly admitted
@@ -42,6 +50,7 @@ most favourable case for that baseline (a real server reserves its max_tokens).
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from collections import deque
@@ -51,6 +60,7 @@ from typing import Literal
 from bench.incident_series import FREE_FRACTION, Run, Sample
 from bench.workload import REPORT_GEN, SUPPORT_CHAT, offline_mix
 from engine.block_pool import BlockPool, KVBlock
+from engine.config import SLO
 from engine.contiguous_allocator import (
     ContiguousAllocator,
     Growth,
@@ -63,6 +73,9 @@ from engine.contiguous_allocator import (
 GiB = 1 << 30
 SYSTEM_PROMPT_TOKENS = 220
 OUTPUTS = {SUPPORT_CHAT: 50, REPORT_GEN: 1500}
+# Latency targets at GPU scale (the product files' targets are for the CPU): a chat answer starts within
+# 1 s, a report within 3 s; both stream at 40 ms per token (25 tokens/s) or faster.
+SIM_SLOS = {SUPPORT_CHAT: SLO(ttft_s=1.0, itl_s=0.04), REPORT_GEN: SLO(ttft_s=3.0, itl_s=0.04)}
 
 
 @dataclass(frozen=True)
@@ -100,6 +113,8 @@ class SimConfig:
     layout: Literal["paged", "contiguous"]
     reserve: Reserve = "grow"
     prefix_caching: bool = False
+    scheduling: Literal["fcfs", "slo"] = "fcfs"
+    watermark_tokens: int = 0
 
 
 CONFIGS = (
@@ -109,6 +124,9 @@ CONFIGS = (
     SimConfig("contiguous (reserve max) + prefix cache", "contiguous", "max", prefix_caching=True),
     SimConfig("paged", "paged"),
     SimConfig("paged + prefix cache", "paged", prefix_caching=True),
+    SimConfig("paged + SLO scheduling", "paged", scheduling="slo"),
+    SimConfig("paged + SLO scheduling + watermark", "paged", scheduling="slo", watermark_tokens=256),
+    SimConfig("paged + prefix cache + SLO scheduling", "paged", prefix_caching=True, scheduling="slo"),
 )
 
 
@@ -128,6 +146,11 @@ class SimRequest:
     arrival_s: float
     prompt_tokens: int
     output_tokens: int
+    product: str = SUPPORT_CHAT
+
+    @property
+    def slo(self) -> SLO:
+        return SIM_SLOS[self.product]
 
 
 def make_requests(traffic: Traffic) -> list[SimRequest]:
@@ -141,8 +164,8 @@ def make_requests(traffic: Traffic) -> list[SimRequest]:
     for k in range(0, len(arrivals), chunk):
         mix = offline_mix(min(chunk, len(arrivals) - k), seed=traffic.seed * 1_000_003 + k, vocab_size=4,
                           system_prompt_tokens=SYSTEM_PROMPT_TOKENS, outputs=OUTPUTS)
-        lengths.extend((r.prompt_len, r.max_tokens) for r in mix)
-    return [SimRequest(a, p, o) for a, (p, o) in zip(arrivals, lengths, strict=True)]
+        lengths.extend((r.prompt_len, r.max_tokens, r.product) for r in mix)
+    return [SimRequest(a, *rest) for a, rest in zip(arrivals, lengths, strict=True)]
 
 
 @dataclass(eq=False)
@@ -155,6 +178,16 @@ class _Seq:
     @property
     def done(self) -> bool:
         return self.generated >= self.request.output_tokens
+
+    @property
+    def slack_key(self) -> tuple[float, float]:
+        """Larger: preempted first under "slo" (the loosest ITL target, then the newest)."""
+        return self.request.slo.itl_s, self.request.arrival_s
+
+    @property
+    def queue_key(self) -> tuple[bool, float]:
+        """Smaller: admitted first under "slo" (preempted sequences, then the earliest TTFT deadline)."""
+        return self.last_token_s is None, self.request.arrival_s + self.request.slo.ttft_s
 
 
 class _PagedArena:
@@ -225,6 +258,39 @@ class _ContiguousArena:
         return self.allocator.largest_hole()
 
 
+class _WaitQueue:
+    """Waiting sequences in admission order: arrival order (preempted ones at the front) for "fcfs"; for
+    "slo", _Seq.queue_key order, kept in a heap (under overload thousands wait, and each tick admits many)."""
+
+    def __init__(self, scheduling: str) -> None:
+        self._fifo: deque[_Seq] | None = deque() if scheduling == "fcfs" else None
+        self._heap: list[tuple[tuple[bool, float], int, _Seq]] = []
+        self._pushes = 0  # ties keep insertion order
+
+    def __len__(self) -> int:
+        return len(self._fifo) if self._fifo is not None else len(self._heap)
+
+    def append(self, seq: _Seq) -> None:
+        if self._fifo is not None:
+            self._fifo.append(seq)
+        else:
+            self._pushes += 1
+            heapq.heappush(self._heap, (seq.queue_key, self._pushes, seq))
+
+    def push_front(self, seq: _Seq) -> None:
+        """A preempted sequence: next in line for "fcfs"; "slo" orders it by its key (preempted first)."""
+        if self._fifo is not None:
+            self._fifo.appendleft(seq)
+        else:
+            self.append(seq)
+
+    def peek(self) -> _Seq:
+        return self._fifo[0] if self._fifo is not None else self._heap[0][2]
+
+    def pop(self) -> _Seq:
+        return self._fifo.popleft() if self._fifo is not None else heapq.heappop(self._heap)[2]
+
+
 @dataclass
 class _Tick:
     """What happened in one tick: admitted sequences, blocks copied by moves, prefill tokens computed."""
@@ -245,7 +311,7 @@ class Simulation:
         pinned = self.shared // bs
         self.arena = (_PagedArena(gpu.num_blocks, pinned) if config.layout == "paged"
                       else _ContiguousArena(gpu.num_blocks, pinned, config.reserve))
-        self.waiting: deque[_Seq] = deque()
+        self.waiting = _WaitQueue(config.scheduling)
         self.running: list[_Seq] = []
         self.run_data = Run(config.name, gpu.num_blocks, bs, gpu.bytes_per_token)
         self.counts = {"refusals": 0, "refusals_free_memory": 0, "growth_failures": 0, "preemptions": 0,
@@ -311,10 +377,11 @@ class Simulation:
 
     def _preempt_for(self, seq: _Seq) -> int | None:
         while True:
-            victim = self.running.pop()
+            victim = self._victim(seq)
+            self.running.remove(victim)
             self.arena.release(victim)
             victim.ctx = 0
-            self.waiting.appendleft(victim)
+            self.waiting.push_front(victim)
             self.counts["preemptions"] += 1
             if victim is seq:
                 return None
@@ -322,19 +389,49 @@ class Simulation:
             if copied is not None:
                 return copied
 
+    def _victim(self, seq: _Seq) -> _Seq:
+        """fcfs: the newest running sequence. slo: the most slack among those not grown yet this tick
+        (seq and the ones after it)."""
+        if self.config.scheduling == "fcfs":
+            return self.running[-1]
+        return max(self.running[self.running.index(seq):], key=lambda s: s.slack_key)
+
     def _admit(self, tick: _Tick) -> None:
-        budget = self.traffic.max_prefill_tokens_per_step * self.gpu.block_size
+        budget = min(self.traffic.max_prefill_tokens_per_step * self.gpu.block_size, self._prompt_budget())
         while self.waiting and len(self.running) < self.traffic.max_num_seqs and tick.prefill_tokens < budget:
-            seq = self.waiting[0]
+            seq = self.waiting.peek()
             tokens = seq.request.prompt_tokens + seq.generated
-            if self._ensure(seq, tokens) is None:
+            over_budget = tick.prefill_tokens + tokens - self.shared > budget
+            if self.config.scheduling == "slo" and tick.admitted and over_budget:
+                return
+            if self._over_watermark(tokens) or self._ensure(seq, tokens) is None:
                 self._refused(seq)
                 return
-            self.waiting.popleft()
+            self.waiting.pop()
             self.running.append(seq)
             tick.admitted.append(seq)
             tick.prefill_tokens += tokens - self.shared
             seq.ctx = tokens
+
+    def _prompt_budget(self) -> float:
+        """Prompt tokens this tick may add under "slo": what keeps each of its steps within the smallest ITL
+        target of the decoding sequences (the engine learns this cost; here the GPU model gives it)."""
+        if self.config.scheduling == "fcfs" or not self.running:
+            return math.inf
+        steps = self.gpu.block_size
+        read = sum(steps * (s.ctx + steps // 2) for s in self.running)
+        target = min(s.request.slo.itl_s for s in self.running)
+        return max(0.0, (target * steps - self.gpu.decode_s(steps, read)) / self.gpu.prefill_s(1))
+
+    def _over_watermark(self, tokens: int) -> bool:
+        """Would admitting `tokens` more leave fewer free blocks than the running sequences' next
+        watermark_tokens need?"""
+        horizon = self.config.watermark_tokens
+        if not horizon or not self.running:
+            return False
+        reserve = sum(max(0, self._own_blocks(min(s.ctx + horizon, s.request.prompt_tokens + s.request.output_tokens))
+                             - self._own_blocks(s.ctx)) for s in self.running)
+        return self.arena.free_blocks - self._own_blocks(tokens) < reserve
 
     def _refused(self, seq: _Seq) -> None:
         self.counts["refusals"] += 1

@@ -19,6 +19,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
+from cluster.autoscaling import SignalPolicy
 from cluster.deployments import DecodeDeployment, PrefillDeployment
 from cluster.http_edge import BODY_READ_TIMEOUT_S
 from cluster.ingress import TOKEN_STREAM_MODES, OpenAIIngress
@@ -44,6 +45,8 @@ def _deployment_options(name: str, role: Role, router: type, health_period_s: fl
     }
     if scaling.initial_replicas is not None:
         autoscaling["initial_replicas"] = scaling.initial_replicas
+    if scaling.signals:
+        autoscaling["policy"] = {"policy_function": SignalPolicy, "policy_kwargs": {"targets": dict(scaling.signals)}}
     actor = {"num_cpus": role.num_cpus, "num_gpus": role.num_gpus}
     if role.resources:
         actor["resources"] = dict(role.resources)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
+from cluster.autoscaling import engine_signals
 from cluster.metrics import (
     KV_TRANSFER_SECONDS,
     ROLE_DECODE,
@@ -73,6 +74,10 @@ class PrefillDeployment(PrefillServer):
     async def _snapshot(self) -> MetricsSnapshot:
         return snapshot_from_prefill_stats(await self.stats())
 
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve asks every replica for these each metrics push (cluster/autoscaling.py)."""
+        return engine_signals((await self.stats()).engine)
+
 
 class DecodeDeployment(DecodeServer):
     def __init__(self, *args, product: str = "default", cpu_affinity: Sequence[int] = (), **kwargs) -> None:
@@ -89,6 +94,10 @@ class DecodeDeployment(DecodeServer):
     async def check_health(self) -> None:
         await super().check_health()
         self._reporter.start()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve asks every replica for these each metrics push (cluster/autoscaling.py)."""
+        return engine_signals((await self.stats()).engine)
 
     async def _snapshot(self) -> MetricsSnapshot:
         return snapshot_from_decode_stats(await self.stats(), disaggregated=self.prefill_handle is not None,

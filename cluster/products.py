@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cluster.autoscaling import SignalPolicy
 from engine.config import EngineConfig
 from kvtransfer import KVTransferConfig
 
@@ -44,11 +45,16 @@ class Autoscaling(_Frozen):
     upscale_delay_s: float = Field(2.0, ge=0)
     downscale_delay_s: float = Field(5.0, ge=0)
     look_back_period_s: float = Field(3.0, gt=0)
+    # Per-replica targets of load signals that predict latency misses (cluster/autoscaling.py SIGNALS:
+    # queued_prompt_tokens, kv_usage, decode_step_s): the deployment scales to the most replicas any
+    # signal or target_ongoing_requests asks for. Empty: ongoing requests alone.
+    signals: dict[str, float] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _bounds(self) -> Autoscaling:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        SignalPolicy(self.signals)  # unknown names and bad targets fail when the product file loads
         return self
 
 

@@ -59,6 +59,17 @@ class SamplingParams:
 
 
 @dataclass(frozen=True, config=_CONFIG)
+class SLO:
+    """One request's latency targets, in seconds: to its first token, and between its tokens.
+
+    The "slo" scheduling policy orders waiting prompts by ttft_s deadline and sizes prefill chunks so
+    that running decodes keep within itl_s (engine/scheduler.py)."""
+
+    ttft_s: float = Field(gt=0.0, allow_inf_nan=False)
+    itl_s: float = Field(gt=0.0, allow_inf_nan=False)
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class EngineConfig:
     """One engine's resources and limits.
 
@@ -93,6 +104,14 @@ class EngineConfig:
     # incident's allocator, kept to measure against (engine/contiguous_kv_cache_manager.py).
     kv_layout: Literal["paged", "contiguous"] = "paged"
     contiguous_reserve: Literal["grow", "max"] = "grow"  # contiguous: grow while decoding, or reserve max at once
+    # "fcfs": waiting prompts in arrival order, the newest running request preempted. "slo": the earliest
+    # time-to-first-token deadline first, prefill chunks sized so running decodes keep their ITL target, the
+    # request with the most ITL slack preempted (requests carry an SLO; engine/scheduler.py).
+    scheduling: Literal["fcfs", "slo"] = "fcfs"
+    # Admission keeps free the blocks each running request needs for its next kv_watermark_tokens tokens
+    # (at most to its max_tokens), so a new prompt does not force a running one out soon after. 0: admit
+    # on the prompt's blocks alone.
+    kv_watermark_tokens: int = Field(0, ge=0)
     num_threads: int | None = Field(None, ge=1)  # torch intra-op threads; None leaves torch's default
     # False: on CUDA with the Triton kernels, decode-only steps replay CUDA graphs captured per batch size
     # (engine/cuda_graphs.py). True by default until a GPU run has checked them; elsewhere always eager.

@@ -84,8 +84,9 @@ class ContiguousKVCacheManager:
         return [], 0
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
-                       computed_blocks: list[KVBlock] | None = None) -> bool:
-        """Make the request's region hold num_new_tokens more tokens; False (nothing changed) if it cannot."""
+                       computed_blocks: list[KVBlock] | None = None, reserve: int = 0) -> bool:
+        """Make the request's region hold num_new_tokens more tokens; False (nothing changed) if it cannot.
+        A new region must leave `reserve` blocks free (growing an existing one ignores it)."""
         if computed_blocks:
             raise ValueError("kv_layout='contiguous' cannot share cached blocks")
         need = self.blocks_needed(request.num_computed_tokens + num_new_tokens)
@@ -93,7 +94,8 @@ class ContiguousKVCacheManager:
         if region is None:
             if need == 0:  # a deferred request reserving an (always empty) cached prefix
                 return True
-            region = self.allocator.allocate(self._admission_blocks(request, need))
+            size = self._admission_blocks(request, need)
+            region = self.allocator.allocate(size) if size + reserve <= self.allocator.num_free else None
             if region is None:
                 return False
             self.regions[request] = region

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, GenerationConfig, PretrainedConfig
 
 from engine import cpu_attention, cpu_linear, cpu_norm, memory_profile, models
 from engine.block_hash import extra_keys
-from engine.config import CPU_KV_CACHE_BYTES, EngineConfig, SamplingParams
+from engine.config import CPU_KV_CACHE_BYTES, SLO, EngineConfig, SamplingParams
 from engine.contiguous_kv_cache_manager import ContiguousKVCacheManager
 from engine.cuda_graphs import cuda_capture
 from engine.device import resolve_device, resolve_dtype
@@ -67,7 +67,8 @@ class Engine:
         self.kv_cache = PagedKVCache(self.layout, self._num_kv_blocks(), self.device)
         self.max_model_len = context_limit(config, self.model.config, self.kv_cache.num_blocks)
         self.kv = self._kv_manager()
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.scheduling,
+                                   config.kv_watermark_tokens)
         self.runner = ModelRunner(self.model, self.kv_cache, self.attention_backend)
         if not config.enforce_eager and self.device.type == "cuda" and self.attention_backend == "triton":
             self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len,
@@ -121,7 +122,7 @@ class Engine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                     cache_salt: str | None = None, *, hold_kv: bool = False, defer: bool = False,
-                    reserve_prefix: bool = True) -> Request:
+                    reserve_prefix: bool = True, slo: SLO | None = None) -> Request:
         """Queue one sequence (n is handled by the caller). Validates first: bad input allocates nothing.
 
         hold_kv: when the request finishes, keep its blocks until release_held()
@@ -130,6 +131,7 @@ class Engine:
         meanwhile; req.num_computed_tokens says how many tokens they hold), so
         the caller can attach KV from elsewhere for the rest, then enqueue().
         reserve_prefix=False skips that reservation (the whole prompt comes from elsewhere).
+        slo: the request's latency targets (its product's), for the "slo" scheduling policy.
         """
         prompt_token_ids = self.tokenize(prompt)
         self.validate(prompt_token_ids, params)
@@ -138,7 +140,7 @@ class Engine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         req = Request(request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=params,
                       hash_extra=extra_keys(self.model_id, cache_salt), max_total_tokens=self.max_model_len,
-                      hold_kv=hold_kv)
+                      hold_kv=hold_kv, slo=slo)
         if defer and reserve_prefix:
             blocks, num_cached = self.kv.get_computed_blocks(req)
             # Reserving only what is free right now cannot fail: touching cached blocks needs no new ones.
@@ -259,9 +261,12 @@ class Engine:
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             return []
+        started = time.monotonic()
         batch, logits = self.execute_model(sched)
-        sampled = self.sampler(logits, batch.sample_requests)
+        sampled = self.sampler(logits, batch.sample_requests)  # waits for the device: the step's real end
         now = time.monotonic()
+        decodes = sum(1 for _, n in sched.scheduled if n == 1)
+        self.scheduler.cost.observe(decodes, sched.num_tokens - decodes, now - started)
         for req, result in zip(batch.sample_requests, sampled, strict=True):
             if isinstance(result, SamplingError):
                 self._fail(req, result)
@@ -366,6 +371,8 @@ class Engine:
             num_admission_failures_free_memory=self.scheduler.num_admission_failures_free_memory,
             num_growth_failures=self.scheduler.num_growth_failures,
             largest_free_hole_blocks=self.kv.largest_free_hole,
+            num_waiting_prompt_tokens=self.scheduler.num_waiting_prompt_tokens(),
+            recent_decode_step_s=self.scheduler.cost.decode_step_s or 0.0,
             **self._move_stats(),
         )
 

@@ -71,11 +71,12 @@ class KVCacheManager:
         return blocks, len(blocks) * self.block_size
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
-                       computed_blocks: list[KVBlock] | None = None) -> bool:
+                       computed_blocks: list[KVBlock] | None = None, reserve: int = 0) -> bool:
         """Make room for num_new_tokens more tokens after the computed ones.
 
         computed_blocks (from get_computed_blocks) are shared first. Returns
-        False, changing nothing, when the pool cannot supply enough blocks.
+        False, changing nothing, when the pool cannot supply enough blocks and
+        still keep `reserve` blocks free.
         """
         computed_blocks = computed_blocks or []
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
@@ -83,7 +84,7 @@ class KVCacheManager:
         num_new_blocks = self.blocks_needed(total) - len(request.block_table) - len(computed_blocks)
         # Cached blocks sitting in the free queue stop being free when shared.
         num_evictable = sum(1 for b in computed_blocks if b.ref_cnt == 0)
-        if max(num_new_blocks, 0) + num_evictable > self.pool.num_free_blocks:
+        if max(num_new_blocks, 0) + num_evictable + reserve > self.pool.num_free_blocks:
             return False
         self.pool.touch(computed_blocks)
         request.block_table.extend(computed_blocks)

@@ -52,3 +52,7 @@ class EngineStats:
     kv_bytes_moved: int = 0  # bytes of filled KV copied by those moves
     kv_move_seconds: float = 0.0  # time spent copying them
     largest_free_hole_blocks: int = 0  # most blocks one new request could get now (paged: all free blocks)
+    # What predicts latency misses (autoscaling signals): prompt tokens queued and not computed yet, and the
+    # recent duration of a step that decoded (a decoding request's inter-token latency), seconds (0: none yet).
+    num_waiting_prompt_tokens: int = 0
+    recent_decode_step_s: float = 0.0

@@ -19,7 +19,11 @@ import torch
 
 from engine.block_hash import BlockHash, hash_full_blocks
 from engine.block_pool import KVBlock
-from engine.config import SamplingParams
+from engine.config import SLO, SamplingParams
+
+# The time-to-first-token target of a request that names none: it still ages into the front of the queue
+# under the "slo" policy, so it is never starved by a steady stream of requests with targets.
+DEFAULT_TTFT_S = 30.0
 
 
 class RequestStatus(enum.Enum):
@@ -68,6 +72,7 @@ class Request:
     pending_kv_tokens: int = 0
     # a random state carried over from another engine before this one created the generator
     carried_sampler_state: bytes | None = field(default=None, repr=False)
+    slo: SLO | None = None  # latency targets (the "slo" scheduling policy reads them)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
@@ -121,6 +126,22 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.finished
+
+    @property
+    def ttft_deadline(self) -> float:
+        """time.monotonic() by which the first token is due (DEFAULT_TTFT_S after arrival without an SLO)."""
+        return self.arrival_time + (self.slo.ttft_s if self.slo is not None else DEFAULT_TTFT_S)
+
+    @property
+    def itl_target(self) -> float:
+        """Seconds allowed between two tokens; inf without an SLO."""
+        return self.slo.itl_s if self.slo is not None else float("inf")
+
+    def blocks_to_grow(self, block_size: int, horizon_tokens: int) -> int:
+        """Blocks this request still needs for its next horizon_tokens tokens (at most to max_tokens)."""
+        limit = min(self.num_prompt_tokens + self.sampling_params.max_tokens, self.max_total_tokens)
+        wanted = min(self.num_tokens + horizon_tokens, limit)
+        return max(0, -(-wanted // block_size) - len(self.block_table))
 
     def append_token(self, token_id: int, logprobs: dict[int, float] | None = None) -> None:
         self.output_token_ids.append(token_id)

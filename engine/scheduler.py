@@ -10,6 +10,19 @@ admitted in arrival order while budget, seats and blocks last; a step that
 preempted admits nobody. No request is dropped: max_model_len never exceeds
 what the whole pool holds, so the oldest request can always finish alone.
 
+The "slo" policy (EngineConfig.scheduling) changes three choices, from each
+request's SLO (time to first token, inter-token latency):
+- which waiting request is next: a preempted one, else the earliest TTFT
+  deadline (a chat prompt does not queue behind a long report prompt);
+- how many prompt tokens a step takes: running decodes go first, and prompt
+  chunks fill the step only up to what keeps it within the smallest ITL
+  target among the decoding requests (a StepCost learned from past steps),
+  but at least one block's worth, so every prompt progresses;
+- whom to preempt: the request with the most ITL slack (the largest target,
+  then the newest) among those not yet scheduled this step.
+Either policy may keep a KV watermark: admission leaves free the blocks the
+running requests need for their next kv_watermark_tokens tokens.
+
 The same rules hold for both KV layouts (paged and contiguous). Counted for
 the incident's symptoms: each refusal of the head waiting request (and those
 while at least FREE_MEMORY_FRACTION of the blocks were free), and each time a
@@ -20,10 +33,12 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Literal
 
 from engine.contiguous_kv_cache_manager import ContiguousKVCacheManager
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus
+from engine.step_cost import StepCost
 
 # "Out of memory while a quarter of memory is free" (the incident, bench/incident.py): a refused
 # admission with at least this fraction of KV blocks free is the incident's symptom.
@@ -43,10 +58,14 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager | ContiguousKVCacheManager, max_num_seqs: int,
-                 max_num_batched_tokens: int) -> None:
+                 max_num_batched_tokens: int, policy: Literal["fcfs", "slo"] = "fcfs",
+                 watermark_tokens: int = 0) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.policy = policy
+        self.watermark_tokens = watermark_tokens
+        self.cost = StepCost()  # the engine reports every step's duration here
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -60,29 +79,40 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def num_waiting_prompt_tokens(self) -> int:
+        """Prompt tokens not computed yet: the waiting requests' (cached or imported ones included, an upper
+        bound) and the rest of running prompts (chunked prefill)."""
+        left = (r.num_tokens - r.num_computed_tokens for r in (*self.waiting, *self.running))
+        return sum(n for n in left if n > 1)
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if self.kv.allocate_slots(req, n) or self._preempt_for(req, n, out):
+        prompt_budget = self._prompt_budget()
+        for req in self._running_order():
+            if budget <= 0:
+                break
+            if req.status != RequestStatus.RUNNING:  # preempted this step to make room for another
+                continue
+            left = req.num_tokens - req.num_computed_tokens
+            n = min(left, budget) if left == 1 else min(left, budget, prompt_budget)
+            if n > 0 and (self.kv.allocate_slots(req, n) or self._preempt_for(req, n, out)):
                 out.scheduled.append((req, n))
                 budget -= n
-                i += 1
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
-            req = self.waiting[0]
+                prompt_budget -= n if left > 1 else 0
+        while (self.waiting and min(budget, prompt_budget) > 0 and len(self.running) < self.max_num_seqs
+               and not out.preempted):
+            req = self._next_waiting()
             if req.block_table or req.pending_kv is not None:  # prefix already decided (Engine.add_request(defer))
                 computed_blocks, num_cached = [], req.num_computed_tokens
             else:
                 computed_blocks, num_cached = self.kv.get_computed_blocks(req)
             n_import = req.pending_kv_tokens if req.pending_kv is not None else 0
-            n = min(req.num_tokens - num_cached - n_import, budget)
-            if not self.kv.allocate_slots(req, n_import + n, computed_blocks):
+            n = min(req.num_tokens - num_cached - n_import, budget, prompt_budget)
+            if not self.kv.allocate_slots(req, n_import + n, computed_blocks, reserve=self._watermark()):
                 self._count_refusal()
                 break
-            self.waiting.popleft()
+            self.waiting.remove(req)
             if n_import:
                 out.imports.append((req, num_cached // self.kv.block_size))
             req.num_computed_tokens = num_cached + n_import
@@ -92,6 +122,7 @@ class Scheduler:
             self.running.append(req)
             out.scheduled.append((req, n))
             budget -= n
+            prompt_budget -= n
         out.scheduled.sort(key=lambda item: item[1] != 1)
         return out
 
@@ -106,17 +137,53 @@ class Scheduler:
             self.kv.free(request)
 
     def _preempt_for(self, req: Request, n: int, out: SchedulerOutput) -> bool:
-        """req (running) found no room for n more tokens: preempt the newest running requests until it
-        fits. Returns False when req itself had to be preempted."""
+        """req (running) found no room for n more tokens: preempt others until it fits. Returns False when
+        req itself had to be preempted."""
         self.num_growth_failures += 1
         while True:
-            victim = self.running.pop()
+            victim = self._victim(out)
+            self.running.remove(victim)
             self._preempt(victim)
             out.preempted.append(victim)
             if victim is req:
                 return False
             if self.kv.allocate_slots(req, n):
                 return True
+
+    def _victim(self, out: SchedulerOutput) -> Request:
+        """fcfs: the newest running request. slo: the most ITL slack (largest target, then newest) among
+        those not scheduled yet this step (the request that needs room is one of them)."""
+        if self.policy == "fcfs":
+            return self.running[-1]
+        scheduled = {id(r) for r, _ in out.scheduled}
+        return max((r for r in self.running if id(r) not in scheduled), key=lambda r: (r.itl_target, r.arrival_time))
+
+    def _running_order(self) -> list[Request]:
+        """fcfs: oldest first. slo: decodes first (oldest first), then prompt chunks."""
+        if self.policy == "fcfs":
+            return list(self.running)
+        return sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
+
+    def _next_waiting(self) -> Request:
+        if self.policy == "fcfs":
+            return self.waiting[0]
+        return min(self.waiting, key=lambda r: (r.status != RequestStatus.PREEMPTED, r.ttft_deadline))
+
+    def _prompt_budget(self) -> int:
+        """Prompt tokens this step may take: under "slo", what keeps it within the smallest ITL target of the
+        decoding requests (at least a block); otherwise the whole step budget."""
+        if self.policy == "fcfs":
+            return self.max_num_batched_tokens
+        target = min((r.itl_target for r in self.running if r.num_tokens - r.num_computed_tokens == 1),
+                     default=float("inf"))
+        allowed = self.cost.prefill_budget(target) if target != float("inf") else None
+        return self.max_num_batched_tokens if allowed is None else max(allowed, self.kv.block_size)
+
+    def _watermark(self) -> int:
+        """Blocks admission leaves free: what the running requests need for their next watermark_tokens."""
+        if not self.watermark_tokens:
+            return 0
+        return sum(r.blocks_to_grow(self.kv.block_size, self.watermark_tokens) for r in self.running)
 
     def _count_refusal(self) -> None:
         self.num_admission_failures += 1

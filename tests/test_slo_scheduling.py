@@ -1,0 +1,163 @@
+"""The "slo" scheduling policy: deadline order, prompt chunks sized for ITL, slack-based preemption, the KV
+watermark. Scheduler tests drive the real KV managers without a model; engine tests run the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine import Engine, EngineConfig, SamplingParams
+from engine.config import SLO
+from engine.kv_cache_manager import KVCacheManager
+from engine.request import DEFAULT_TTFT_S, Request, RequestStatus
+from engine.scheduler import Scheduler
+from engine.step_cost import StepCost
+from tests.engine_helpers import random_prompts
+
+BS = 16
+CHAT = SLO(ttft_s=1.0, itl_s=0.2)
+REPORT = SLO(ttft_s=3.0, itl_s=0.25)
+
+
+def _request(rid: str, prompt_len: int, slo: SLO | None, max_tokens: int = 64, arrival: float = 0.0) -> Request:
+    return Request(rid, list(range(3, 3 + prompt_len)), SamplingParams(max_tokens=max_tokens), b"", 4096,
+                   arrival_time=arrival, slo=slo)
+
+
+def _scheduler(policy: str, num_blocks: int = 64, budget: int = 256, watermark: int = 0) -> Scheduler:
+    return Scheduler(KVCacheManager(num_blocks, BS, enable_caching=False), max_num_seqs=16,
+                     max_num_batched_tokens=budget, policy=policy, watermark_tokens=watermark)
+
+
+def _step(s: Scheduler) -> list[tuple[Request, int]]:
+    """One schedule, with the computed counts advanced as the engine's forward would."""
+    scheduled = s.schedule().scheduled
+    for r, n in scheduled:
+        r.num_computed_tokens += n
+    return scheduled
+
+
+def _run_prompts(s: Scheduler, *reqs: Request) -> None:
+    """Admit reqs in one step (the budget must hold their prompts) and give each its first token."""
+    for req in reqs:
+        s.add(req)
+    assert {id(r) for r, _ in _step(s)} == {id(r) for r in reqs}
+    for req in reqs:
+        assert req.num_computed_tokens == req.num_tokens
+        req.append_token(7)
+
+
+# ---- the step cost model -----------------------------------------------------------------------
+def test_step_cost_learns_base_and_per_token_costs() -> None:
+    cost = StepCost()
+    assert cost.prefill_budget(0.1) is None  # nothing seen: no limit
+    cost.observe(num_decodes=4, prefill_tokens=0, seconds=0.02)
+    assert cost.base_s == pytest.approx(0.02) and cost.prefill_budget(0.1) is None
+    cost.observe(num_decodes=4, prefill_tokens=100, seconds=0.12)  # 0.02 base + 100 x 1 ms
+    assert cost.per_token_s == pytest.approx(0.001)
+    assert cost.prefill_budget(0.1) == 80
+    assert cost.prefill_budget(0.01) == 0  # the decodes alone take longer than that
+    cost.observe(num_decodes=0, prefill_tokens=50, seconds=0.1)  # a prompt-only step: 2 ms per token
+    assert cost.per_token_s == pytest.approx(0.8 * 0.001 + 0.2 * 0.002)
+
+
+# ---- which waiting request runs first ----------------------------------------------------------
+@pytest.mark.parametrize("policy, first", [("fcfs", "report"), ("slo", "chat")])
+def test_a_chat_prompt_does_not_queue_behind_a_long_report_prompt(policy: str, first: str) -> None:
+    s = _scheduler(policy, budget=64)
+    s.add(_request("report", 600, REPORT, arrival=0.0))  # deadline 3.0
+    s.add(_request("chat", 40, CHAT, arrival=0.5))  # deadline 1.5
+    assert [r.request_id for r, _ in s.schedule().scheduled][0] == first
+
+
+def test_deadlines_order_waiting_requests_and_requests_without_slo_age_into_the_front() -> None:
+    s = _scheduler("slo", budget=16)
+    s.add(_request("none", 16, None, arrival=0.0))  # deadline DEFAULT_TTFT_S
+    s.add(_request("report", 16, REPORT, arrival=DEFAULT_TTFT_S - 2.0))  # deadline DEFAULT_TTFT_S + 1
+    s.add(_request("chat", 16, CHAT, arrival=DEFAULT_TTFT_S - 1.5))  # deadline DEFAULT_TTFT_S - 0.5
+    order = [r.request_id for _ in range(3) for r, _ in _step(s)]
+    assert order == ["chat", "none", "report"]
+
+
+# ---- prompt chunks sized for the running decodes' ITL -------------------------------------------
+def test_prompt_chunks_keep_running_decodes_within_their_itl_target() -> None:
+    s = _scheduler("slo", num_blocks=128, budget=2048)
+    _run_prompts(s, _request("chat", 20, CHAT))
+    s.cost.base_s, s.cost.per_token_s = 0.02, 0.001  # a 0.2 s step: the decode plus 180 prompt tokens
+    s.add(_request("report", 1000, REPORT, arrival=1.0))
+    out = s.schedule()
+    assert [(r.request_id, n) for r, n in out.scheduled] == [("chat", 1), ("report", 180)]
+
+
+def test_a_prompt_still_progresses_when_the_decodes_alone_miss_the_target() -> None:
+    s = _scheduler("slo", num_blocks=128, budget=2048)
+    _run_prompts(s, _request("chat", 20, CHAT))
+    s.cost.base_s, s.cost.per_token_s = 0.5, 0.001  # decodes alone take 0.5 s > 0.2 s
+    s.add(_request("report", 1000, REPORT, arrival=1.0))
+    assert dict((r.request_id, n) for r, n in s.schedule().scheduled)["report"] == BS
+
+
+def test_fcfs_ignores_the_cost_model() -> None:
+    s = _scheduler("fcfs", num_blocks=128, budget=2048)
+    _run_prompts(s, _request("chat", 20, CHAT))
+    s.cost.base_s, s.cost.per_token_s = 0.02, 0.001
+    s.add(_request("report", 1000, REPORT, arrival=1.0))
+    assert dict((r.request_id, n) for r, n in s.schedule().scheduled)["report"] == 1000
+
+
+# ---- whom to preempt -----------------------------------------------------------------------------
+@pytest.mark.parametrize("policy, victim", [("fcfs", "chat"), ("slo", "report")])
+def test_preemption_takes_the_request_with_the_most_itl_slack(policy: str, victim: str) -> None:
+    """Two running requests fill the pool; growing needs a block. fcfs preempts the newest (chat); slo the
+    report, older but with the looser ITL target."""
+    s = _scheduler(policy, num_blocks=4)
+    report, chat = _request("report", 32, REPORT, arrival=0.0), _request("chat", 32, CHAT, arrival=1.0)
+    _run_prompts(s, report, chat)  # each holds 2 full blocks: the pool is empty
+    assert s.kv.num_free_blocks == 0
+    out = s.schedule()  # both decode their 33rd token: each needs a third block
+    assert [r.request_id for r in out.preempted] == [victim]
+    survivor = chat if victim == "report" else report
+    assert [r for r, _ in out.scheduled] == [survivor] and s.num_preemptions == 1
+    assert s.waiting[0].request_id == victim and s.waiting[0].status == RequestStatus.PREEMPTED
+
+
+# ---- the watermark --------------------------------------------------------------------------------
+@pytest.mark.parametrize("watermark, admitted", [(0, True), (64, False)])
+def test_admission_keeps_the_running_requests_growth_free(watermark: int, admitted: bool) -> None:
+    s = _scheduler("fcfs", num_blocks=8, watermark=watermark)
+    running = _request("running", 16, REPORT, max_tokens=200)
+    _run_prompts(s, running)  # 1 full block held: its next 64 tokens need 4 more
+    s.add(_request("new", 40, CHAT, arrival=1.0))  # needs 3 blocks
+    scheduled = [r.request_id for r, _ in s.schedule().scheduled]
+    assert ("new" in scheduled) == admitted
+    assert s.num_admission_failures == int(not admitted)
+
+
+def test_the_watermark_never_holds_back_a_request_alone() -> None:
+    s = _scheduler("slo", num_blocks=4, watermark=10_000)
+    s.add(_request("alone", 60, CHAT))
+    assert [r.request_id for r, _ in s.schedule().scheduled] == ["alone"]
+
+
+def test_slo_targets_are_validated() -> None:
+    for bad in ({"ttft_s": 0, "itl_s": 0.1}, {"ttft_s": 1.0, "itl_s": float("nan")}, {"ttft_s": -1, "itl_s": 1}):
+        with pytest.raises(ValueError):
+            SLO(**bad)
+
+
+# ---- the engine -----------------------------------------------------------------------------------
+def test_the_slo_policy_changes_the_order_not_the_tokens() -> None:
+    """Greedy outputs are the same under both policies with a watermark, chunking and preemption in play."""
+    prompts = random_prompts([300, 20, 150, 40, 90], 8192, seed=5)
+    slos = [REPORT, CHAT, REPORT, CHAT, None]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    outputs = {}
+    for policy in ("fcfs", "slo"):
+        engine = Engine(EngineConfig(scheduling=policy, kv_watermark_tokens=16 if policy == "slo" else 0,
+                                     num_kv_blocks=48, max_num_batched_tokens=128))
+        reqs = [engine.add_request(p, params, slo=slo) for p, slo in zip(prompts, slos, strict=True)]
+        while engine.has_unfinished_requests():
+            engine.step()
+        outputs[policy] = [r.output_token_ids for r in reqs]
+        assert engine.kv.num_free_blocks == engine.kv.num_blocks
+        assert engine.scheduler.cost.per_token_s is not None  # the engine reported its steps
+    assert outputs["slo"] == outputs["fcfs"]
