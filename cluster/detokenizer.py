@@ -44,7 +44,8 @@ class IncrementalDetokenizer:
         return delta
 
     def finish(self, final_text: str) -> str:
-        """The rest of the engine's final text (already cut at a stop string)."""
+        """The rest of the engine's final text (already cut at a stop string). Called with the last output
+        instead of add(): the last tokens may complete a stop string that add() would begin to release."""
         delta = final_text[self._sent:] if len(final_text) > self._sent else ""
         self._sent = max(self._sent, len(final_text))
         return delta

@@ -172,9 +172,12 @@ class _Events:
 
     def output(self, index: int, out: dict) -> str | None:
         """Sample index's event for out: its new text, finish reason and logprobs (None: nothing to send)."""
-        text = self.detoks[index].add(out["new_token_ids"])
-        if out["finished"]:
-            text += self.detoks[index].finish(out["text"] or "")
+        detok = self.detoks[index]
+        # The finishing output's tokens may complete a stop string: only the engine's final text (cut before
+        # it) may follow what was sent, so its tokens do not go through add(), which would release the
+        # held-back start of the stop string.
+        finished_text = out["text"] if out["finished"] else None
+        text = detok.add(out["new_token_ids"]) if finished_text is None else detok.finish(finished_text)
         reason = out["finish_reason"] if out["finished"] else None
         logprobs = _logprobs(self.job, out, self.formatters[index]) if out["new_token_ids"] else None
         if not (text or reason or logprobs):

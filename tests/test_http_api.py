@@ -175,6 +175,22 @@ def test_completions_both_products_stream_and_not(client, report_client, offline
         assert streamed == expected
 
 
+def test_a_streamed_answer_stops_before_its_stop_string_as_the_whole_answer_does(client, offline) -> None:
+    """The stop string is a stretch of the greedy answer's middle: neither it nor its first characters reach
+    the stream, which equals the JSON answer."""
+    prompt = "Quarterly usage report:"
+    full = offline.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].outputs[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    assert len(stop) == 3 and full.index(stop) > 0
+    kwargs = {"model": "support-chat", "prompt": prompt, "max_tokens": 24, "temperature": 0, "stop": [stop],
+              "extra_body": {"ignore_eos": True}}
+    whole = client.completions.create(**kwargs).choices[0]
+    assert whole.text == full[:full.index(stop)] and whole.finish_reason == "stop"
+    chunks = list(client.completions.create(stream=True, **kwargs))
+    assert "".join(ch.choices[0].text for ch in chunks) == whole.text
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
 def test_second_request_of_a_product_hits_the_cache(report_client) -> None:
     messages = [{"role": "user", "content": "Write the incident report for last night."}]
     first = report_client.chat.completions.create(model="report-gen", messages=messages, max_tokens=4)

@@ -181,8 +181,6 @@ def test_completion_events_hold_back_what_may_start_a_stop_string() -> None:
     assert done == "[DONE]"
 
 
-@pytest.mark.xfail(strict=True, reason="known bug, kept as it was: the finishing output's tokens go through "
-                   "add() before finish(), which releases the held-back start of the stop string")
 def test_a_stop_string_never_reaches_the_stream() -> None:
     before, (last, _) = _stopped_at_xy()
     assert "".join(e["choices"][0]["text"] for e in [*before, last]) == "ab"
