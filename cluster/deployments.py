@@ -59,45 +59,48 @@ def pin_to_cores(cores: Sequence[int]) -> None:
             continue
 
 
-class PrefillDeployment(PrefillServer):
+class _Deployed:
+    """What a worker gets as a Serve replica, whatever its role: its cores pinned before its engine starts,
+    the replica id as its worker id, and a MetricsReporter (labelled with its role and product) started by
+    the first health check. Mixed in before the worker class; subclasses give `metrics_role` and `_snapshot`."""
+
+    metrics_role: str
+
     def __init__(self, *args, product: str = "default", cpu_affinity: Sequence[int] = (), **kwargs) -> None:
         pin_to_cores(cpu_affinity)
         kwargs.setdefault("worker_id", _replica_worker_id())
         super().__init__(*args, **kwargs)
         self.product = product
-        self._reporter = MetricsReporter(self.worker_id, ROLE_PREFILL, product, self._snapshot)
+        self._reporter = MetricsReporter(self.worker_id, self.metrics_role, product, self._snapshot)
 
     async def check_health(self) -> None:
         await super().check_health()
         self._reporter.start()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve asks every replica for these each metrics push (cluster/autoscaling.py)."""
+        return engine_signals((await self.stats()).engine)
+
+    async def _snapshot(self) -> MetricsSnapshot:
+        raise NotImplementedError
+
+
+class PrefillDeployment(_Deployed, PrefillServer):
+    metrics_role = ROLE_PREFILL
 
     async def _snapshot(self) -> MetricsSnapshot:
         return snapshot_from_prefill_stats(await self.stats())
 
-    async def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve asks every replica for these each metrics push (cluster/autoscaling.py)."""
-        return engine_signals((await self.stats()).engine)
 
+class DecodeDeployment(_Deployed, DecodeServer):
+    metrics_role = ROLE_DECODE
 
-class DecodeDeployment(DecodeServer):
-    def __init__(self, *args, product: str = "default", cpu_affinity: Sequence[int] = (), **kwargs) -> None:
-        pin_to_cores(cpu_affinity)
-        kwargs.setdefault("worker_id", _replica_worker_id())
-        super().__init__(*args, **kwargs)
-        self.product = product
+    def __init__(self, *args, **kwargs) -> None:
         self._transfer_seconds = Histogram.for_metric(KV_TRANSFER_SECONDS)
-        self._reporter = MetricsReporter(self.worker_id, ROLE_DECODE, product, self._snapshot)
+        super().__init__(*args, **kwargs)
 
     def observe_transfer(self, seconds: float, nbytes: int) -> None:
         self._transfer_seconds.observe(seconds)
-
-    async def check_health(self) -> None:
-        await super().check_health()
-        self._reporter.start()
-
-    async def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve asks every replica for these each metrics push (cluster/autoscaling.py)."""
-        return engine_signals((await self.stats()).engine)
 
     async def _snapshot(self) -> MetricsSnapshot:
         return snapshot_from_decode_stats(await self.stats(), disaggregated=self.prefill_handle is not None,

@@ -15,6 +15,7 @@ import asyncio
 from typing import Any
 
 from decode_workers.token_stream import TokenStreamError, TokenStreamServer
+from prefill_workers.remote_calls import awaited
 
 FINAL_GRACE_S = 10.0  # the call returned; its last output, written before, is this late at most
 _CALL_ENDED = object()
@@ -25,7 +26,7 @@ class DirectStream:
         """response: the awaitable, cancellable Serve call (DeploymentResponse) that writes to stream_id."""
         self._server, self._stream_id, self._response = server, stream_id, response
         self._queue = server.open(stream_id)
-        self._call = asyncio.ensure_future(_result(response))
+        self._call = asyncio.ensure_future(awaited(response))
         self._call.add_done_callback(self._call_ended)
         self._call_returned = False
         self._finished = False
@@ -75,7 +76,3 @@ class DirectStream:
         if not call.cancelled():
             call.exception()  # retrieved here: a call that fails after the last output is not an error to log
         self._queue.put_nowait(_CALL_ENDED)
-
-
-async def _result(response: Any) -> Any:
-    return await response

@@ -44,6 +44,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
+from prefill_workers.remote_calls import awaited
+
 if TYPE_CHECKING:  # only for types: the hub actor must not import torch and the engine
     from decode_workers.server import DecodeStats
     from engine.outputs import EngineStats
@@ -638,7 +640,7 @@ class MetricsReporter:
                 if hub is None:
                     raise LookupError(f"metrics hub {self._namespace}/{self._hub_name} not found")
                 self._hub = hub
-                await asyncio.wait_for(_await(hub.report_many.remote(self.source_id, self.role, snapshots)),
+                await asyncio.wait_for(awaited(hub.report_many.remote(self.source_id, self.role, snapshots)),
                                        self.timeout_s)
             except asyncio.CancelledError:
                 raise
@@ -666,7 +668,7 @@ class MetricsReporter:
                 pass
         if final and await self.flush():
             try:
-                await asyncio.wait_for(_await(self._hub.forget.remote(self.source_id)), self.timeout_s)
+                await asyncio.wait_for(awaited(self._hub.forget.remote(self.source_id)), self.timeout_s)
             except Exception as exc:  # the hub will notice the silence after stale_after_s anyway
                 log.debug("metrics forget for %s failed: %r", self.source_id, exc)
 
@@ -682,8 +684,3 @@ class MetricsReporter:
         while True:
             await self.flush()
             await asyncio.sleep(self.period_s)
-
-
-async def _await(ref):
-    """ObjectRefs are awaitable but not coroutines; wrap for asyncio.wait_for."""
-    return await ref

@@ -37,6 +37,9 @@ from ray.serve.request_router import (
 from engine.block_hash import extra_keys, hash_full_blocks
 
 ROUTING_BLOCK = 16  # tokens per routing hash; independent of the engines' block size
+# Prompts hashed for routing and not yet routed (cancelled while Serve chose a replica leaves one behind):
+# the oldest beyond this many are forgotten.
+MAX_HASHED_PENDING = 256
 
 
 def _queue_len(router: RequestRouter, replica: RunningReplica) -> int:
@@ -74,12 +77,23 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
         self._imbalance = imbalance
         self._max_entries = max_entries
         self._owner: OrderedDict[bytes, ReplicaID] = OrderedDict()  # prefix hash -> replica that computed it
+        # id(pending) -> (pending, its prompt's hashes) until it is routed; holding the request keeps its id its own
+        self._hashed: OrderedDict[int, tuple[PendingRequest, list[bytes]]] = OrderedDict()
 
     def _hashes(self, pending: PendingRequest | None) -> list[bytes]:
+        """A prefill request's routing hashes, computed once per request: choosing (again, when Serve
+        retries) and on_request_routed read the same list."""
         request = _prefill_request(pending)
         if request is None:
             return []
-        return hash_full_blocks(request.prompt_token_ids, ROUTING_BLOCK, extra_keys("", request.cache_salt))
+        known = self._hashed.get(id(pending))
+        if known is not None:
+            return known[1]
+        hashes = hash_full_blocks(request.prompt_token_ids, ROUTING_BLOCK, extra_keys("", request.cache_salt))
+        self._hashed[id(pending)] = (pending, hashes)
+        while len(self._hashed) > MAX_HASHED_PENDING:
+            self._hashed.popitem(last=False)
+        return hashes
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -100,7 +114,9 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: ReplicaResult) -> None:
-        for h in self._hashes(pending_request):
+        hashes = self._hashes(pending_request)
+        self._hashed.pop(id(pending_request), None)
+        for h in hashes:
             self._owner[h] = replica_id
             self._owner.move_to_end(h)
         while len(self._owner) > self._max_entries:

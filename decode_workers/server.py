@@ -23,31 +23,32 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 
-import ray
+import torch
 
 from decode_workers.token_stream import TokenStreamSender, TokenStreamTarget
-from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig, SamplingParams
 from engine.outputs import EngineStats
-from kvtransfer import KVTransferConfig, KVTransferError, make_connector
+from kvtransfer import KVHandle, KVTransferConfig, KVTransferError
+from prefill_workers.engine_worker import EngineWorker, WorkerStats
 from prefill_workers.protocol import PrefillRequest, PrefillResult
+from prefill_workers.remote_calls import awaited, cancel
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class DecodeStats:
-    worker_id: str
-    engine: EngineStats
-    kv_transfer_bytes: int
-    kv_transfer_seconds: float
-    kv_transfer_failures: int
+class DecodeStats(WorkerStats):
+    kv_transfer_bytes: int  # payloads fetched (bytes)
+    kv_transfer_seconds: float  # spent fetching them (seconds)
+    kv_transfer_failures: int  # fetches that failed, and fetched payloads the engine refused
     prefill_failures: int
     recomputed_prefills: int
     remote_prefills: int
 
 
-class DecodeServer:
+class DecodeServer(EngineWorker):
+    role = "decode"
+
     def __init__(self, engine_config: EngineConfig | dict | None = None,
                  transfer_config: KVTransferConfig | dict | None = None,
                  prefill=None, prefill_timeout_s: float = 60.0, worker_id: str | None = None,
@@ -55,18 +56,12 @@ class DecodeServer:
         """prefill: a handle whose `.prefill.remote(PrefillRequest)` is awaitable (a Ray actor
         handle or a Serve DeploymentHandle), or None for colocated mode. dedup=False asks for
         every block even when this worker holds some (for measuring what dedup saves)."""
-        self.engine = AsyncEngine(EngineConfig.coerce(engine_config))
-        self.connector = make_connector(
-            KVTransferConfig.coerce(transfer_config).for_node(ray.util.get_node_ip_address()))
+        super().__init__(engine_config, transfer_config, worker_id)
         self.prefill_handle = prefill
         self.prefill_timeout_s = prefill_timeout_s
         self.dedup = dedup
-        self.block_size = self.engine.engine.config.block_size
-        self.layout = self.engine.engine.layout
-        self.worker_id = worker_id or f"decode-{uuid.uuid4().hex[:8]}"
-        self._bytes = 0
-        self._seconds = 0.0
-        self._transfer_failures = self._prefill_failures = self._recomputed = self._remote = 0
+        # the connector counts fetches and their failures; these count what the worker made of them
+        self._refused_imports = self._prefill_failures = self._recomputed = self._remote = 0
         self._token_streams = TokenStreamSender()
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
@@ -92,6 +87,7 @@ class DecodeServer:
         try:
             async with contextlib.aclosing(self.engine.iterate(rid, stream)) as outputs:
                 result = await self._remote_prefill(rid, req.prompt_token_ids, params, salt, req.num_computed_tokens)
+                blocks, kv_tokens = None, 0
                 try:
                     continues = None if result is None else await self._accept_first_token(rid, result)
                     if continues is not None:  # out before the KV: the client has it a transfer sooner
@@ -99,15 +95,16 @@ class DecodeServer:
                         finished = first.finished
                         yield asdict(first)
                     if continues:
-                        await self._import_kv(rid, result)
+                        blocks, kv_tokens = await self._fetch_kv(rid, result.kv), result.kv.num_tokens
                 finally:
                     if result is not None:
                         self._release_remote(result.kv.export_id, result.worker_id)
-                # drop the export's handle (with the Ray transport, a reference to its object) now, not when
-                # the request ends: the imported KV is in this pool
-                result = None
                 if not finished:
-                    await self.engine.call(lambda e: e.enqueue(rid))
+                    await self._import_kv(rid, blocks, kv_tokens)
+                # drop the export's handle (with the Ray transport, a reference to its object) and the payload
+                # now, not when the request ends: the imported KV is in this pool
+                result = blocks = None
+                if not finished:
                     async for out in outputs:
                         finished = out.finished
                         yield asdict(out)
@@ -140,12 +137,12 @@ class DecodeServer:
         skip = num_reserved // self.block_size
         call = self.prefill_handle.prefill.remote(PrefillRequest(rid, prompt, params, salt, skip))
         try:
-            return await asyncio.wait_for(_awaitable(call), self.prefill_timeout_s)
+            return await asyncio.wait_for(awaited(call), self.prefill_timeout_s)
         except asyncio.CancelledError:
-            _cancel(call)
+            cancel(call)
             raise
         except Exception as exc:  # dead replica, timeout, engine error: recompute here
-            _cancel(call)
+            cancel(call)
             self._prefill_failed(rid, exc)
             return None
 
@@ -160,38 +157,44 @@ class DecodeServer:
             self._prefill_failed(rid, exc)
             return None
 
-    async def _import_kv(self, rid: str, result: PrefillResult) -> None:
-        """Fetch the prefill worker's KV into this pool; on any failure leave the prompt to compute here."""
-        handle = result.kv
+    async def _fetch_kv(self, rid: str, handle: KVHandle) -> torch.Tensor | None:
+        """The prefill worker's KV, checked against this pool's layout; None when lost or corrupt (counted by
+        the connector; the prompt is then computed here)."""
         start = time.monotonic()
         try:
             blocks = await asyncio.to_thread(self.connector.fetch, handle, self.layout)
-        except KVTransferError as exc:  # lost or corrupt
-            self._transfer_failed(rid, exc)
-            return
-        elapsed = time.monotonic() - start
-        try:
-            await self.engine.call(lambda e: e.attach_kv(rid, blocks, handle.num_tokens))
-        except ValueError as exc:  # a payload that does not fit this pool
-            self._transfer_failed(rid, exc)
-            return
-        self._seconds += elapsed
-        self._bytes += handle.nbytes
-        self.observe_transfer(elapsed, handle.nbytes)
-        self._remote += 1
+        except KVTransferError as exc:
+            self._recompute_after(rid, exc, "KV transfer")
+            return None
+        self.observe_transfer(time.monotonic() - start, handle.nbytes)
+        return blocks
 
-    def _transfer_failed(self, rid: str, exc: BaseException) -> None:
-        self._transfer_failures += 1
+    async def _import_kv(self, rid: str, blocks: torch.Tensor | None, num_tokens: int) -> None:
+        """Queue the request with the fetched KV (num_tokens tokens) attached; without KV (none fetched, or the
+        engine refused it) the prompt is computed here."""
+        if blocks is not None:
+            try:
+                await self.engine.import_kv(rid, blocks, num_tokens)
+            except ValueError as exc:  # a payload that does not fit this pool: still deferred
+                self._refused_imports += 1
+                self._recompute_after(rid, exc, "KV transfer")
+            else:
+                self._remote += 1
+                return
+        await self.engine.import_kv(rid)
+
+    def _recompute_after(self, rid: str, exc: BaseException, what: str) -> None:
+        """Count a request whose prompt is computed here because `what` failed for it."""
         self._recomputed += 1
-        log.warning("KV transfer for %s failed, recomputing locally: %r", rid, exc)
+        log.warning("%s of %s failed, recomputing locally: %r", what, rid, exc)
 
     def _prefill_failed(self, rid: str, exc: BaseException) -> None:
         self._prefill_failures += 1
-        self._recomputed += 1
-        log.warning("prefill of %s failed, recomputing locally: %r", rid, exc)
+        self._recompute_after(rid, exc, "prefill")
 
     def observe_transfer(self, seconds: float, nbytes: int) -> None:
-        """Called once per successful KV fetch; a hook for metrics (the cluster layer records it)."""
+        """Called once per successful KV fetch (seconds, bytes); a hook for metrics (the cluster layer
+        records it)."""
 
     def _release_remote(self, export_id: str, owner: str) -> None:
         try:  # to the replica that holds it (owner); fire and forget: the lease is the backstop
@@ -199,46 +202,14 @@ class DecodeServer:
         except Exception as exc:
             log.debug("release of %s not delivered: %r", export_id, exc)
 
-    async def stats(self) -> DecodeStats:
-        engine_stats = await self.engine.call(lambda e: e.stats())
-        return DecodeStats(self.worker_id, engine_stats, self._bytes, self._seconds, self._transfer_failures,
-                           self._prefill_failures, self._recomputed, self._remote)
+    def _stats(self, engine: EngineStats) -> DecodeStats:
+        transfers = self.connector.stats
+        return DecodeStats(self.worker_id, engine, transfers.bytes_fetched, transfers.fetch_seconds_total,
+                           transfers.failures + self._refused_imports, self._prefill_failures, self._recomputed,
+                           self._remote)
 
     def record_routing_stats(self) -> dict[str, float]:
-        """For the KV-headroom router (Ray Serve polls this). Plain reads of counters the loop
-        thread owns: a slightly stale value is fine for routing."""
-        engine = self.engine.engine
-        return {"kv_free_blocks": float(engine.kv.num_free_blocks), "kv_usage": engine.kv.usage,
-                "num_waiting": float(len(engine.scheduler.waiting))}
-
-    async def check_health(self) -> None:
-        """Ray Serve's health probe: fail when the engine loop is dead or wedged (Serve then replaces the
-        replica)."""
-        problem = self.engine.health_problem()
-        if problem is not None:
-            raise RuntimeError(f"decode {problem}")
-
-    async def abort(self, request_id: str) -> None:
-        await self.engine.abort(request_id)
-
-    def __del__(self) -> None:
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.shutdown(timeout_s=1.0)
-
-
-def _awaitable(call):
-    """Ray ObjectRefs and Serve DeploymentResponses are both awaitable; wrap for wait_for."""
-    async def wait():
-        return await call
-    return wait()
-
-
-def _cancel(call) -> None:
-    try:
-        if isinstance(call, ray.ObjectRef):
-            ray.cancel(call)
-        else:
-            call.cancel()
-    except Exception as exc:  # already finished or the worker is gone
-        log.debug("cancel failed: %r", exc)
+        """For the KV-headroom router (Ray Serve polls this); a slightly stale value is fine for routing."""
+        load = self.engine.load()
+        return {"kv_free_blocks": float(load.kv_free_blocks), "kv_usage": load.kv_usage,
+                "num_waiting": float(load.num_waiting)}

@@ -22,8 +22,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
+import torch
+
 from engine.config import EngineConfig, SamplingParams
 from engine.engine import Engine
+from engine.outputs import EngineInfo, EngineLoad, EngineStats, PrefillExport
 from engine.request import Request, RequestStatus
 
 T = TypeVar("T")
@@ -90,7 +93,8 @@ class AsyncEngine:
         self._stopping = False
         self.error: BaseException | None = None
         self.last_step_time = time.monotonic()  # monotonic seconds: when the loop last finished an iteration
-        self.engine: Engine  # set by the loop thread before `built` hears from it
+        self.engine: Engine  # set by the loop thread before `built` hears from it; only that thread uses it
+        self.info: EngineInfo  # likewise; never changes, read it from anywhere
         built: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, args=(config, built), name="pdserve-engine", daemon=True)
         self._thread.start()
@@ -179,6 +183,24 @@ class AsyncEngine:
     async def abort(self, request_id: str) -> None:
         await self.call(lambda e: e.abort_request(request_id))
 
+    async def import_kv(self, request_id: str, blocks: torch.Tensor | None = None, num_tokens: int = 0, *,
+                        num_cached_tokens: int | None = None) -> None:
+        """Engine.import_kv on the loop thread: attach K/V from elsewhere (if any) and queue the request."""
+        await self.call(lambda e: e.import_kv(request_id, blocks, num_tokens, num_cached_tokens=num_cached_tokens))
+
+    async def finish_prefill(self, request_id: str, skip_blocks: int = 0) -> PrefillExport:
+        """Engine.finish_prefill on the loop thread. Its blocks are freed there even when the caller is
+        cancelled meanwhile (a queued command still runs): the export is then simply dropped."""
+        return await self.call(lambda e: e.finish_prefill(request_id, skip_blocks))
+
+    async def stats(self) -> EngineStats:
+        return await self.call(lambda e: e.stats())
+
+    def load(self) -> EngineLoad:
+        """The engine's load now, without waiting for a step: plain reads of values the loop thread owns,
+        possibly a step stale (fine for routing, which reads it every few seconds)."""
+        return self.engine.load()
+
     def _abort_soon(self, request_id: str) -> None:
         """Queue an abort of request_id without waiting for it (for a caller being cancelled)."""
         self._submit(lambda e: e.abort_request(request_id))
@@ -203,6 +225,7 @@ class AsyncEngine:
         except BaseException as exc:  # bad config, missing model: the constructor re-raises it
             built.put(exc)
             return
+        self.info = self.engine.info()
         self.last_step_time = time.monotonic()  # building (loading weights) is not a stall
         built.put(None)
         try:

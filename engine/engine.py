@@ -26,7 +26,7 @@ from engine.kv_cache import DTYPES, KVLayout, PagedKVCache, blocks_in
 from engine.kv_cache_manager import KVCacheManager
 from engine.model import kv_layout, load_model
 from engine.model_runner import ModelRunner, StepBatch
-from engine.outputs import EngineStats
+from engine.outputs import EngineInfo, EngineLoad, EngineStats, PrefillExport
 from engine.request import Request, RequestStatus
 from engine.sampler import Sampler, SamplingError
 from engine.scheduler import Scheduler, SchedulerOutput
@@ -202,6 +202,44 @@ class Engine:
             return
         self.scheduler.add(self._deferred(request_id))
 
+    def import_kv(self, request_id: str, blocks: torch.Tensor | None = None, num_tokens: int = 0, *,
+                  num_cached_tokens: int | None = None) -> None:
+        """Queue a deferred request with the K/V it got from elsewhere: one call for attach_kv, then enqueue.
+
+        blocks None: nothing to attach, the engine computes the rest of the prompt. Otherwise attach_kv's
+        rules hold, and a payload that does not fit raises ValueError changing nothing: the request stays
+        deferred (import it again without blocks to compute it here, or abort it). A request its first
+        token already ended is gone: nothing to do.
+        """
+        if request_id not in self.requests:
+            return
+        if blocks is not None:
+            self.attach_kv(request_id, blocks, num_tokens, num_cached_tokens=num_cached_tokens)
+        self.enqueue(request_id)
+
+    def finish_prefill(self, request_id: str, skip_blocks: int = 0) -> PrefillExport:
+        """Hand over a held (hold_kv) request that ended after its first token, and free its blocks.
+
+        Returns a copy of its prompt's KV from block skip_blocks on (clamped to the prompt's full blocks),
+        every full prompt block's hash, the first token and the sampler state. The blocks are freed
+        whatever happens, a failed read included: nothing stays held. Raises ValueError, changing
+        nothing, for a request that is not held (unknown, failed or aborted).
+        """
+        req = self.held.get(request_id)
+        if req is None:
+            raise ValueError(f"request {request_id!r} is not a held request")
+        try:
+            bs, num_prompt = self.config.block_size, req.num_prompt_tokens
+            skip = min(skip_blocks, num_prompt // bs)
+            return PrefillExport(
+                blocks=self.read_held_blocks(request_id, skip), first_block=skip, num_tokens=num_prompt - skip * bs,
+                block_hashes=list(req.full_block_hashes(bs, num_prompt)), first_token=req.output_token_ids[0],
+                # the sampler gives logprobs only to requests that ask for them
+                first_logprobs=req.output_logprobs[0] if req.output_logprobs else None,
+                sampler_state=req.sampler_state())
+        finally:
+            self.release_held(request_id)
+
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its blocks; unknown or finished ids are ignored."""
         req = self.requests.pop(request_id, None)
@@ -253,6 +291,12 @@ class Engine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(self.config.block_size, self.layout, self.kv_cache.data.dtype)
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(self.kv.num_free_blocks, self.kv.usage, len(self.scheduler.waiting))
 
     # ---- the loop -----------------------------------------------------------------------------
     def step(self) -> list[Request]:

@@ -1,8 +1,13 @@
-"""What callers get back: vLLM-shaped RequestOutput / CompletionOutput, and engine statistics."""
+"""What callers get back: vLLM-shaped RequestOutput / CompletionOutput, engine statistics, and what the
+engine tells a worker: its fixed facts, its load, a finished prefill's export."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import torch
+
+from engine.kv_cache import KVLayout
 
 
 @dataclass
@@ -56,3 +61,40 @@ class EngineStats:
     # recent duration of a step that decoded (a decoding request's inter-token latency), seconds (0: none yet).
     num_waiting_prompt_tokens: int = 0
     recent_decode_step_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What never changes once an engine is built: safe to read from any thread."""
+
+    block_size: int  # tokens per KV block
+    layout: KVLayout  # the shape and dtype KV blocks have here, for export and import
+    kv_dtype: torch.dtype  # the KV pool's element type (layout.dtype as a torch dtype)
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """How full an engine is now (for routing): plain reads, possibly a step stale."""
+
+    kv_free_blocks: int
+    kv_usage: float  # fraction of KV blocks held by requests
+    num_waiting: int  # requests queued, not yet admitted
+
+
+@dataclass(frozen=True)
+class PrefillExport:
+    """A finished prefill, handed over by Engine.finish_prefill: what another engine needs to continue it.
+
+    blocks: a copy of the prompt's KV blocks [first_block, ...), shaped [num_layers, 2, n, block_size, Hkv, D],
+    holding num_tokens tokens (the last block may be partial). block_hashes: every full prompt block's hash
+    from block 0 (the directory is offered a prefix of them; the export carries those from first_block on).
+    sampler_state: a seeded request's random state after the first token (None: the seed restores it).
+    """
+
+    blocks: torch.Tensor
+    first_block: int
+    num_tokens: int
+    block_hashes: list[bytes]
+    first_token: int
+    first_logprobs: dict[int, float] | None
+    sampler_state: bytes | None

@@ -4,8 +4,8 @@ The exporting side stages a payload under a lease and returns a KVHandle; the
 importing side fetches it with the handle, checks it, and gets a tensor back.
 This base class owns everything that is the same for every transport:
 
-- checks of the blocks given to export() and of the handle given to fetch()
-  (layout, dtype, shape, sizes) and of the bytes received (size, CRC-32);
+- one check of a payload's invariants (check_payload: layout, dtype, shape, sizes), run on the blocks
+  given to export() and on the handle given to fetch(), and a check of the bytes received (size, CRC-32);
 - the staging area: export_id -> StagedExport, guarded by one lock because the
   engine worker's thread and transport threads (gRPC server) both touch it;
 - leases: an export not released within config.lease_s seconds is freed by
@@ -76,32 +76,42 @@ def byte_view(blocks: torch.Tensor) -> np.ndarray:
     return blocks.detach().reshape(-1).view(torch.uint8).numpy()
 
 
-def check_handle(handle: KVHandle, expected: KVLayout, max_payload_bytes: int) -> None:
-    """Raise KVLayoutError unless the handle describes blocks of exactly `expected`.
+def check_payload(what: str, layout: KVLayout, dtype: str, shape: Sequence[int], nbytes: int, *, num_tokens: int,
+                  first_block: int, num_hashes: int, max_payload_bytes: int,
+                  misfit: type[Exception] = KVLayoutError) -> None:
+    """The invariants of every payload, checked once for both sides: export() on the blocks it is given,
+    fetch() on the handle it is given. `what` names the payload in the errors.
 
-    Invariants checked: layout dict and dtype equal; shape = (L, 2, n, block_size, Hkv, D) with n >= 1;
-    nbytes = n * bytes_per_block; (n - 1) * block_size < num_tokens <= n * block_size;
-    at most n block hashes; first_block >= 0. nbytes above max_payload_bytes raises KVTransferError.
+    dtype equal, shape = (L, 2, n, block_size, Hkv, D) of `layout` with n >= 1 and nbytes (bytes) =
+    n * bytes_per_block, else KVLayoutError; (n - 1) * block_size < num_tokens <= n * block_size, at most
+    n block hashes and first_block >= 0, else `misfit` (export() passes ValueError: its caller's arguments
+    are wrong); nbytes above max_payload_bytes: KVTransferError.
     """
-    if handle.layout != expected.to_dict():
-        raise KVLayoutError(f"export {handle.export_id}: layout {handle.layout} != expected {expected.to_dict()}")
-    if handle.dtype != expected.dtype:
-        raise KVLayoutError(f"export {handle.export_id}: dtype {handle.dtype} != expected {expected.dtype}")
-    shape = tuple(handle.shape)
-    if len(shape) != 6 or shape[2] < 1 or shape != expected.blocks_shape(shape[2]):
-        raise KVLayoutError(f"export {handle.export_id}: shape {shape} does not fit layout {expected}")
+    if dtype != layout.dtype:
+        raise KVLayoutError(f"{what}: dtype {dtype} != layout dtype {layout.dtype}")
+    shape = tuple(shape)
+    if len(shape) != 6 or shape[2] < 1 or shape != layout.blocks_shape(shape[2]):
+        raise KVLayoutError(f"{what}: shape {shape} does not fit layout {layout}")
     n = shape[2]
-    if handle.nbytes != n * expected.bytes_per_block:
-        raise KVLayoutError(f"export {handle.export_id}: nbytes {handle.nbytes} != {n} blocks of "
-                            f"{expected.bytes_per_block} bytes")
-    if not (n - 1) * expected.block_size < handle.num_tokens <= n * expected.block_size:
-        raise KVLayoutError(f"export {handle.export_id}: {handle.num_tokens} tokens do not fill {n} blocks")
-    if len(handle.block_hashes) > n or handle.first_block < 0:
-        raise KVLayoutError(f"export {handle.export_id}: {len(handle.block_hashes)} hashes for {n} blocks, "
-                            f"first_block {handle.first_block}")
-    if handle.nbytes > max_payload_bytes:
-        raise KVTransferError(f"export {handle.export_id}: {handle.nbytes} bytes exceed max_payload_bytes "
-                              f"{max_payload_bytes}")
+    if nbytes != n * layout.bytes_per_block:
+        raise KVLayoutError(f"{what}: nbytes {nbytes} != {n} blocks of {layout.bytes_per_block} bytes")
+    if not (n - 1) * layout.block_size < num_tokens <= n * layout.block_size:
+        raise misfit(f"{what}: {num_tokens} tokens do not fill {n} blocks of {layout.block_size}")
+    if num_hashes > n or first_block < 0:
+        raise misfit(f"{what}: {num_hashes} hashes for {n} blocks, first_block {first_block}")
+    if nbytes > max_payload_bytes:
+        raise KVTransferError(f"{what}: {nbytes} bytes exceed max_payload_bytes {max_payload_bytes}")
+
+
+def check_handle(handle: KVHandle, expected: KVLayout, max_payload_bytes: int) -> None:
+    """Raise KVLayoutError unless the handle describes blocks of exactly `expected`: its advertised layout
+    equal, and check_payload's invariants (KVTransferError above max_payload_bytes)."""
+    what = f"export {handle.export_id}"
+    if handle.layout != expected.to_dict():
+        raise KVLayoutError(f"{what}: layout {handle.layout} != expected {expected.to_dict()}")
+    check_payload(what, expected, handle.dtype, handle.shape, handle.nbytes, num_tokens=handle.num_tokens,
+                  first_block=handle.first_block, num_hashes=len(handle.block_hashes),
+                  max_payload_bytes=max_payload_bytes)
 
 
 def payload_to_tensor(handle: KVHandle, payload: np.ndarray) -> torch.Tensor:
@@ -159,11 +169,8 @@ class KVConnector(ABC):
         if self._closed:
             raise KVTransferError("connector is closed")
         self.reap_expired()
-        raw = self._check_blocks(blocks, layout, first_block, num_tokens, block_hashes)
+        raw = self._check_blocks(request_id, blocks, layout, first_block, num_tokens, block_hashes)
         nbytes = raw.nbytes
-        if nbytes > self.config.max_payload_bytes:
-            raise KVTransferError(f"payload of {nbytes} bytes exceeds max_payload_bytes "
-                                  f"{self.config.max_payload_bytes}")
         expires_at = time.time() + self.config.lease_s
         handle = KVHandle(
             request_id=request_id, export_id=uuid.uuid4().hex, transport=self.transport, locator="",
@@ -308,22 +315,19 @@ class KVConnector(ABC):
         self._bytes_staged -= entry.nbytes
         return entry
 
-    @staticmethod
-    def _check_blocks(blocks: torch.Tensor, layout: KVLayout, first_block: int, num_tokens: int,
-                      block_hashes: Sequence[bytes]) -> np.ndarray:
+    def _check_blocks(self, request_id: str, blocks: torch.Tensor, layout: KVLayout, first_block: int,
+                      num_tokens: int, block_hashes: Sequence[bytes]) -> np.ndarray:
+        """export()'s arguments against check_payload's invariants; the blocks' raw bytes."""
         if not isinstance(blocks, torch.Tensor) or blocks.device.type != "cpu" or not blocks.is_contiguous():
             raise ValueError("blocks must be a contiguous CPU tensor")
-        if blocks.dtype != DTYPES[layout.dtype]:
-            raise KVLayoutError(f"blocks dtype {blocks.dtype} != layout dtype {layout.dtype}")
-        shape = tuple(blocks.shape)
-        if len(shape) != 6 or shape[2] < 1 or shape != layout.blocks_shape(shape[2]):
-            raise KVLayoutError(f"blocks of shape {shape} do not fit layout {layout}")
-        n = shape[2]
-        if not (n - 1) * layout.block_size < num_tokens <= n * layout.block_size:
-            raise ValueError(f"num_tokens {num_tokens} does not fill {n} blocks of {layout.block_size}")
-        if first_block < 0 or len(block_hashes) > n or not all(isinstance(h, bytes) for h in block_hashes):
-            raise ValueError(f"bad first_block {first_block} or block_hashes ({len(block_hashes)} for {n} blocks)")
-        return byte_view(blocks)
+        if not all(isinstance(h, bytes) for h in block_hashes):
+            raise ValueError("block_hashes must be bytes")
+        raw = byte_view(blocks)
+        dtype = str(blocks.dtype).removeprefix("torch.")  # torch.float32 -> "float32", as layouts name it
+        check_payload(f"blocks of request {request_id}", layout, dtype, blocks.shape, raw.nbytes,
+                      num_tokens=num_tokens, first_block=first_block, num_hashes=len(block_hashes),
+                      max_payload_bytes=self.config.max_payload_bytes, misfit=ValueError)
+        return raw
 
     def _advertised_layout(self, layout: KVLayout) -> dict:
         advertised = layout.to_dict()

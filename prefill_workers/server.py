@@ -24,10 +24,10 @@ import numpy as np
 import ray
 import torch
 
-from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig, SamplingParams
-from engine.outputs import EngineStats
-from kvtransfer import KVHandle, KVTransferConfig, make_connector
+from engine.outputs import EngineStats, PrefillExport
+from kvtransfer import KVHandle, KVTransferConfig
+from prefill_workers.engine_worker import EngineWorker, WorkerStats
 from prefill_workers.protocol import PrefillRequest, PrefillResult
 
 log = logging.getLogger(__name__)
@@ -41,26 +41,21 @@ DIRECTORY_RETRY_S = 1.0  # after a failure, how long before the directory's hand
 
 
 @dataclass(frozen=True)
-class PrefillStats:
-    worker_id: str
-    engine: EngineStats
+class PrefillStats(WorkerStats):
     exports_alive: int
     directory_blocks_fetched: int
     directory_blocks_published: int
     directory_errors: int
 
 
-class PrefillServer:
+class PrefillServer(EngineWorker):
+    role = "prefill"
+
     def __init__(self, engine_config: EngineConfig | dict | None = None,
                  transfer_config: KVTransferConfig | dict | None = None,
                  directory: str | ray.actor.ActorHandle | None = None,
                  directory_namespace: str = "pdserve", worker_id: str | None = None) -> None:
-        self.engine = AsyncEngine(EngineConfig.coerce(engine_config))
-        self.connector = make_connector(
-            KVTransferConfig.coerce(transfer_config).for_node(ray.util.get_node_ip_address()))
-        self.block_size = self.engine.engine.config.block_size
-        self.layout = self.engine.engine.layout
-        self.worker_id = worker_id or f"prefill-{uuid.uuid4().hex[:8]}"
+        super().__init__(engine_config, transfer_config, worker_id)
         self._directory_ref = directory
         self._directory_namespace = directory_namespace
         self._directory_handle = None  # the named directory's handle, looked up once and kept until it fails
@@ -85,34 +80,27 @@ class PrefillServer:
             raise
         num_local = req.num_computed_tokens // self.block_size
         try:
-            # Full blocks the engine may take from elsewhere: the last prompt token is always computed.
-            hashes = await self.engine.call(lambda e: list(req.full_block_hashes(
-                self.block_size, req.num_prompt_tokens - 1)))
-            num_from_directory = await self._fetch_from_directory(rid, hashes, num_local)
-            await self.engine.call(lambda e: e.enqueue(rid))
-            async for out in self.engine.iterate(rid, stream):
-                first = out
+            num_from_directory = await self._import_from_directory(rid, req.num_prompt_tokens, num_local)
+            async for _ in self.engine.iterate(rid, stream):
+                pass  # one output, the first token: the request is then held, its blocks kept for the export
+            # the engine frees the held blocks in this call, whatever happens to the caller afterwards
+            export = await self.engine.finish_prefill(rid, request.skip_blocks)
         except BaseException:  # cancelled (the caller gave up) or failed: free what the request holds
             self.engine.discard_stream(rid)
             if self.engine.alive:
                 await self.engine.abort(rid)
             raise
         num_cached = (num_local + num_from_directory) * self.block_size
-        try:
-            handle, full_hashes = await self._export(request, req.num_prompt_tokens)
-            sampler_state = await self.engine.call(lambda e: e.sampler_state(rid))
-        finally:
-            await self.engine.call(lambda e: e.release_held(rid))
+        handle = await self._export(rid, export)
         # Publish on reuse: only the blocks this worker found in its own cache, i.e. prefixes seen at
         # least twice. A prompt's unique blocks would cost a copy into the object store and engine time
         # for nothing: nobody else asks for them (measured: BENCHMARKS.md, prefix cache off vs on).
-        self._spawn(self._publish(full_hashes[:num_local]))
+        self._spawn(self._publish(export.block_hashes[:num_local]))
         return PrefillResult(
-            request_id=rid, first_token=first.new_token_ids[0],
-            first_logprobs=first.new_logprobs[0] if first.new_logprobs else None,
+            request_id=rid, first_token=export.first_token, first_logprobs=export.first_logprobs,
             num_cached_tokens=num_cached, num_computed_tokens=req.num_prompt_tokens - num_cached,
             kv=handle, worker_id=self.worker_id, prefill_seconds=time.monotonic() - start,
-            sampler_state=sampler_state,
+            sampler_state=export.sampler_state,
         )
 
     async def release_kv(self, export_id: str, owner: str | None = None) -> bool:
@@ -120,9 +108,6 @@ class PrefillServer:
         owner: the worker_id of the result that named the export; the prefill router sends the call to
         that replica by it."""
         return self.connector.release(export_id)
-
-    async def abort(self, request_id: str) -> None:
-        await self.engine.abort(request_id)
 
     async def warm_prefix(self, prompt_token_ids: list[int], cache_salt: str | None = None,
                           pin: bool = True) -> int:
@@ -147,46 +132,47 @@ class PrefillServer:
         return await directory.contains.remote(hashes)
 
     # ---- introspection -----------------------------------------------------------------------------
-    async def stats(self) -> PrefillStats:
-        engine_stats = await self.engine.call(lambda e: e.stats())
-        return PrefillStats(self.worker_id, engine_stats, self.connector.num_exports, self._fetched,
+    def _stats(self, engine: EngineStats) -> PrefillStats:
+        return PrefillStats(self.worker_id, engine, self.connector.num_exports, self._fetched,
                             self._published, self._directory_errors)
-
-    async def check_health(self) -> None:
-        """Ray Serve's health probe: fail when the engine loop is dead or wedged (Serve then replaces the
-        replica)."""
-        problem = self.engine.health_problem()
-        if problem is not None:
-            raise RuntimeError(f"prefill {problem}")
 
     async def reap_expired(self) -> int:
         return self.connector.reap_expired()
 
-    def __del__(self) -> None:
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.shutdown(timeout_s=1.0)
-
     # ---- helpers -----------------------------------------------------------------------------------
-    async def _fetch_from_directory(self, rid: str, hashes: list[bytes], num_local: int) -> int:
-        """Attach the longest run of directory blocks after the local ones; returns blocks attached."""
+    async def _import_from_directory(self, rid: str, num_prompt_tokens: int, num_local: int) -> int:
+        """Queue the deferred request with the longest run of directory blocks after its num_local local
+        ones attached (none: it computes them). Returns the blocks attached."""
         directory = self._directory()
-        if directory is None or num_local >= len(hashes):
-            return 0
+        # Full blocks the engine may take from elsewhere: the last prompt token is always computed.
+        if directory is not None and num_local < (num_prompt_tokens - 1) // self.block_size:
+            hashes = await self.engine.call(lambda e: e.requests[rid].full_block_hashes(
+                self.block_size, num_prompt_tokens - 1)[num_local:])
+            blocks = await self._fetch_from_directory(directory, hashes)
+            if blocks is not None:
+                n = blocks.shape[2]
+                try:
+                    await self.engine.import_kv(rid, blocks, n * self.block_size,
+                                                num_cached_tokens=(num_local + n) * self.block_size)
+                except ValueError as exc:  # blocks that do not fit this pool: still deferred, compute them
+                    self._directory_failed(exc, "blocks refused, computing instead")
+                else:
+                    self._fetched += n
+                    return n
+        await self.engine.import_kv(rid)
+        return 0
+
+    async def _fetch_from_directory(self, directory, hashes: list[bytes]) -> torch.Tensor | None:
+        """The directory's blocks for the longest known run of hashes, or None: it has none, or failed
+        (counted; the directory is an optimisation, the worker computes the blocks instead)."""
         try:
-            refs, arrays = await asyncio.wait_for(self._lookup(directory, hashes[num_local:]),
-                                                  DIRECTORY_LOOKUP_TIMEOUT_S)
+            refs, arrays = await asyncio.wait_for(self._lookup(directory, hashes), DIRECTORY_LOOKUP_TIMEOUT_S)
             if not refs:
-                return 0
-            blocks = torch.from_numpy(np.concatenate(arrays, axis=2)).view(self.engine.engine.kv_cache.data.dtype)
-            n = len(refs)
-            await self.engine.call(lambda e: e.attach_kv(rid, blocks, n * self.block_size,
-                                                         num_cached_tokens=(num_local + n) * self.block_size))
-        except Exception as exc:  # the directory is an optimisation: degrade to computing the blocks
+                return None
+            return torch.from_numpy(np.concatenate(arrays, axis=2)).view(self.engine.info.kv_dtype)
+        except Exception as exc:
             self._directory_failed(exc, "fetch failed, computing instead")
-            return 0
-        self._fetched += n
-        return n
+            return None
 
     @staticmethod
     async def _lookup(directory, hashes: list[bytes]) -> tuple[list, list[np.ndarray]]:
@@ -202,19 +188,11 @@ class PrefillServer:
         self._directory_retry_at = time.monotonic() + DIRECTORY_RETRY_S
         log.warning("prefix directory %s: %r", what, exc)
 
-    async def _export(self, request: PrefillRequest, prompt_len: int) -> tuple[KVHandle, list[bytes]]:
-        """Export blocks [skip_blocks, end) for the caller; return its handle and the prompt's full-block
-        hashes (what to offer the directory afterwards)."""
-        rid, skip = request.request_id, request.skip_blocks
-        skip = min(skip, prompt_len // self.block_size)
-        blocks = await self.engine.call(lambda e: e.read_held_blocks(rid, skip))
-        num_full = prompt_len // self.block_size  # full prompt blocks, the last one may be all-prompt too
-        full_hashes = (await self.engine.call(lambda e: list(e.held[rid].full_block_hashes(
-            self.block_size, prompt_len))))[:num_full]
-        handle = await asyncio.to_thread(
-            self.connector.export, rid, blocks, self.layout, first_block=skip,
-            num_tokens=prompt_len - skip * self.block_size, block_hashes=full_hashes[skip:])
-        return handle, full_hashes
+    async def _export(self, rid: str, export: PrefillExport) -> KVHandle:
+        """Stage a finished prefill's blocks for the caller (under the connector's lease); its handle."""
+        return await asyncio.to_thread(
+            self.connector.export, rid, export.blocks, self.layout, first_block=export.first_block,
+            num_tokens=export.num_tokens, block_hashes=export.block_hashes[export.first_block:])
 
     async def _publish(self, hashes: list[bytes]) -> None:
         """Offer a run of a prompt's full blocks (from its first) to the directory: it gets the ones it

@@ -228,3 +228,27 @@ def test_a_command_whose_caller_loop_closed_does_not_stop_the_engine(engine) -> 
         return await engine.call(lambda e: e.stats()) is not None
 
     assert asyncio.run(still_serving()) and engine.alive
+
+
+def test_a_cancelled_finish_prefill_still_frees_the_held_blocks(engine) -> None:
+    """The hand-over is one command: a caller cancelled while it waits (the decode side gave up) drops the
+    export, and the engine has freed the request's blocks anyway."""
+    prompt = random_prompts([70], 8192, seed=5)[0]
+    one_token = SamplingParams(temperature=0.0, max_tokens=1)
+
+    async def run():
+        stream = engine.open_stream("handover")
+        await engine.add_request(prompt, one_token, "handover", hold_kv=True, defer=True)
+        await engine.import_kv("handover")
+        [out] = [o async for o in engine.iterate("handover", stream)]
+        finishing = asyncio.ensure_future(engine.finish_prefill("handover"))
+        await asyncio.sleep(0)  # queued on the loop thread, then given up on
+        finishing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await finishing
+        return out, await engine.stats()
+
+    out, stats = asyncio.run(run())
+    assert out.finished and len(out.new_token_ids) == 1
+    assert stats.num_requests_held == 0 and stats.num_blocks_free == stats.num_blocks_total
+    assert engine.info.block_size == 16 and engine.load().kv_free_blocks == stats.num_blocks_total

@@ -343,4 +343,4 @@ def test_a_hung_directory_costs_a_bounded_delay_not_the_request(monkeypatch: pyt
     assert first.num_computed_tokens == len(prompt)
     assert elapsed < 30  # the lookup's timeout and the compute, far below a prefill call's own 60 s timeout
     assert stats.directory_errors >= 2 and pending == 0
-    prefill.engine.shutdown(timeout_s=5)
+    prefill.shutdown(timeout_s=5)

@@ -37,6 +37,14 @@ def _prefill(engine: Engine, rid: str, prompt: list[int], skip_blocks: int) -> t
     return req.output_token_ids[0], blocks
 
 
+def _one_engine_tokens(prompt: list[int], params: SamplingParams) -> list[int]:
+    """The reference for every hand-off: what one engine doing both prefill and decode outputs."""
+    one = Engine(EngineConfig())
+    ref = one.add_request(prompt, params, "ref")
+    _run(one)
+    return ref.output_token_ids
+
+
 def _assert_free(*engines: Engine) -> None:
     for e in engines:
         s = e.stats()
@@ -75,9 +83,7 @@ def test_first_token_and_sampler_state_carry_over(engines, params: SamplingParam
     prefill, decode = engines
     system = random_prompts([220], 8192, seed=61)[0]
     prompt = random_prompts([45], 8192, seed=66, prefix=system)[0]
-    one = Engine(EngineConfig())
-    ref = one.add_request(prompt, params, "ref")
-    _run(one)
+    expected = _one_engine_tokens(prompt, params)
     req = decode.add_request(prompt, params, "carry", defer=True)
     skip = req.num_computed_tokens // 16
     pre = prefill.add_request(prompt, replace(params, max_tokens=1), "carry", hold_kv=True)
@@ -91,7 +97,7 @@ def test_first_token_and_sampler_state_carry_over(engines, params: SamplingParam
         decode.attach_kv("carry", blocks, len(prompt) - skip * 16)
     decode.enqueue("carry")
     _run(decode)
-    assert req.output_token_ids == ref.output_token_ids
+    assert req.output_token_ids == expected
     _assert_free(prefill, decode)
 
 
@@ -142,3 +148,77 @@ def test_abort_of_deferred_and_held_requests_frees_blocks(engines) -> None:
     assert prefill.stats().num_requests_held == 1
     prefill.abort_request("held")
     _assert_free(prefill, decode)
+
+
+# ---- the coarse hand-offs the workers make: finish_prefill on one side, import_kv on the other -------------
+
+def _held_prefill(engine: Engine, rid: str, prompt: list[int], params: SamplingParams) -> None:
+    """A prefill worker's request up to its first token: deferred, queued without KV, run, then held."""
+    engine.add_request(prompt, replace(params, max_tokens=1), rid, hold_kv=True, defer=True)
+    engine.import_kv(rid)
+    _run(engine)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_finish_prefill_and_import_kv_equal_one_engine(engines, params: SamplingParams) -> None:
+    """One call hands the prefill over (its blocks freed inside), one call imports it: the tokens equal a
+    one-engine run's, and neither engine keeps a block."""
+    prefill, decode = engines
+    system = random_prompts([220], 8192, seed=61)[0]
+    prompt = random_prompts([37], 8192, seed=67, prefix=system)[0]
+    expected = _one_engine_tokens(prompt, params)
+    computed_before = decode.stats().prompt_tokens_computed
+    req = decode.add_request(prompt, params, "coarse", defer=True)
+    skip = req.num_computed_tokens // 16
+    _held_prefill(prefill, "coarse", prompt, params)
+    export = prefill.finish_prefill("coarse", skip)
+    assert not prefill.held and prefill.stats().num_blocks_free == prefill.stats().num_blocks_total
+    assert (export.first_block, export.num_tokens) == (skip, len(prompt) - skip * 16)
+    assert export.block_hashes == req.full_block_hashes(16, len(prompt))
+    assert decode.accept_first_token("coarse", export.first_token, export.first_logprobs,
+                                     sampler_state=export.sampler_state)
+    decode.import_kv("coarse", export.blocks, export.num_tokens)
+    _run(decode)
+    assert req.output_token_ids == expected
+    assert decode.stats().prompt_tokens_computed == computed_before  # the whole prompt came from elsewhere
+    _assert_free(prefill, decode)
+
+
+def test_finish_prefill_frees_the_blocks_when_the_read_fails(engines, monkeypatch: pytest.MonkeyPatch) -> None:
+    prefill, _ = engines
+    with pytest.raises(ValueError, match="not a held request"):
+        prefill.finish_prefill("never-added")
+    _held_prefill(prefill, "unread", random_prompts([70], 8192, seed=68)[0], GREEDY)
+
+    def broken_read(ids: list[int]) -> torch.Tensor:
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(prefill.kv_cache, "read_blocks", broken_read)
+    with pytest.raises(RuntimeError, match="device lost"):
+        prefill.finish_prefill("unread")
+    _assert_free(prefill)
+
+
+def test_import_kv_refuses_a_misfit_then_computes_without_it(engines) -> None:
+    """A payload that does not fit changes nothing: the request stays deferred, an import without blocks
+    computes it here, and no block is left behind."""
+    _, decode = engines
+    prompt = random_prompts([50], 8192, seed=69)[0]
+    expected = _one_engine_tokens(prompt, GREEDY)
+    req = decode.add_request(prompt, GREEDY, "misfit", defer=True)
+    with pytest.raises(ValueError, match="does not fit"):
+        decode.import_kv("misfit", torch.zeros(decode.layout.blocks_shape(3)), 50)
+    assert req.pending_kv is None and decode.stats().num_requests_deferred == 1
+    decode.import_kv("misfit")
+    _run(decode)
+    assert req.output_token_ids == expected
+    decode.import_kv("misfit")  # ended: nothing to do, as for a request its first token ended
+    _assert_free(decode)
+
+
+def test_engine_info_and_load(engines) -> None:
+    _, decode = engines
+    info = decode.info()
+    assert (info.block_size, info.layout, info.kv_dtype) == (16, decode.layout, torch.float32)
+    load = decode.load()
+    assert (load.kv_free_blocks, load.kv_usage, load.num_waiting) == (decode.stats().num_blocks_total, 0.0, 0)

@@ -35,7 +35,7 @@ def test_health_check_reflects_engine_liveness() -> None:
             with pytest.raises(RuntimeError, match="engine loop is dead"):
                 await server.check_health()
         finally:
-            server.engine.shutdown()
+            server.shutdown()
 
     asyncio.run(scenario())
 

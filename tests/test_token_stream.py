@@ -288,7 +288,7 @@ def test_direct_stream_cancel_cancels_the_call() -> None:
 def decoder():
     server = DecodeServer({"max_num_seqs": 8}, {"transport": "local"})
     yield server
-    server.engine.shutdown()
+    server.shutdown()
 
 
 async def _assert_idle(decoder: DecodeServer) -> None:
