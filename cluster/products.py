@@ -104,6 +104,9 @@ class ProductConfig(_Frozen):
     default_max_tokens: int = Field(64, ge=1)
     max_output_tokens: int = Field(512, ge=1)
     slo: SLO = SLO()
+    # Answer 429 (Retry-After) at once when a request's predicted time to first token is past this many
+    # times slo.ttft_s, instead of accepting a request that will miss; None: never (engine/scheduler.py).
+    reject_past_ttft: float | None = Field(None, gt=0)
     api_keys: tuple[str, ...] = ()  # Bearer keys; empty: no auth. Values "env:NAME" read NAME (comma-separated)
     max_queue_len: int = Field(64, ge=1)  # in-flight requests per ingress replica before 429
     disaggregated: bool = True
@@ -146,6 +149,11 @@ class ProductConfig(_Frozen):
     def prefix_caching(self) -> bool:
         """engine.enable_prefix_caching: the engines' block-hash caches and the cluster directory."""
         return self.engine_config().enable_prefix_caching
+
+    @property
+    def reject_past_s(self) -> float | None:
+        """Seconds of predicted time to first token past which a request is refused at once (None: never)."""
+        return None if self.reject_past_ttft is None else self.reject_past_ttft * self.slo.ttft_s
 
     @property
     def pool_name(self) -> str:

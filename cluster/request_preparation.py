@@ -41,7 +41,9 @@ class PreparedRequest:
     def sample_request(self, index: int) -> dict:
         """The decode worker's request for sample index (0 to n - 1)."""
         params = self.params if self.params.seed is None else replace(self.params, seed=self.params.seed + index)
-        return {"prompt_token_ids": self.prompt_token_ids, "sampling_params": params, "cache_salt": self.cache_salt}
+        config = self.product.config
+        return {"prompt_token_ids": self.prompt_token_ids, "sampling_params": params, "cache_salt": self.cache_salt,
+                "slo": config.slo.model_dump(), "reject_past_s": config.reject_past_s}
 
 
 class RequestPreparer:

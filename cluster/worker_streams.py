@@ -11,6 +11,7 @@ healthy engine, 503 a worker gone, failed or silent.
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,6 +23,7 @@ from cluster.direct_stream import DirectStream
 from cluster.http_edge import APIError, describe
 from decode_workers.token_stream import TokenStreamError, TokenStreamServer
 from engine.async_engine import RequestFailedError
+from engine.scheduler import OverloadedError
 
 # Waits on a worker, in seconds: for a sample's first output (queueing and prefill included), and for each
 # next output.
@@ -70,16 +72,26 @@ async def first_output(stream: AsyncIterator[dict]) -> dict:
         return await next_output(stream, FIRST_OUTPUT_TIMEOUT_S)
     except StopAsyncIteration as exc:
         raise APIError(503, "the worker ended the request without output", "server_error") from exc
-    except (RayTaskError, ValueError, TokenStreamError) as exc:  # TokenStreamError: outputs never arrived here
+    except (RayTaskError, ValueError, TokenStreamError, OverloadedError) as exc:  # TokenStreamError: no outputs
         cause = getattr(exc, "cause", None) or exc
         if isinstance(cause, ValueError):
             raise APIError(400, str(cause)) from exc
+        if isinstance(cause, OverloadedError):
+            raise overloaded(cause) from exc
         raise worker_failure(exc, "") from exc
     except (RayActorError, DeploymentUnavailableError) as exc:
         raise APIError(503, f"no healthy replica: {describe(exc)}", "server_error", "unavailable") from exc
     except BackPressureError as exc:
         raise APIError(429, "workers are at capacity; retry shortly", "rate_limit_error", "queue_full",
                        headers={"Retry-After": "1"}) from exc
+
+
+def overloaded(exc: OverloadedError) -> APIError:
+    """429 for a request its engine refused at once (its predicted time to first token is past its product's
+    limit); Retry-After is the predicted excess, in whole seconds."""
+    retry_after = max(1, math.ceil(exc.predicted_s - exc.limit_s))
+    return APIError(429, f"{exc}; retry in about {retry_after} s", "rate_limit_error", "slo_overloaded",
+                    headers={"Retry-After": str(retry_after)})
 
 
 def worker_failure(exc: BaseException, where: str) -> APIError:

@@ -26,8 +26,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from decode_workers.token_stream import TokenStreamSender, TokenStreamTarget
-from engine.config import EngineConfig, SamplingParams
+from engine.config import SLO, EngineConfig, SamplingParams
 from engine.outputs import EngineStats
+from engine.scheduler import OverloadedError
 from kvtransfer import KVHandle, KVTransferConfig, KVTransferError
 from prefill_workers.engine_worker import EngineWorker, WorkerStats
 from prefill_workers.protocol import PrefillRequest, PrefillResult
@@ -66,27 +67,34 @@ class DecodeServer(EngineWorker):
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
         """request: {"request_id"?, "prompt_token_ids", "sampling_params": dict | SamplingParams,
-        "cache_salt"?}. Yields StepOutput dicts; raises ValueError for bad input before any output."""
+        "cache_salt"?, "slo"?: {ttft_s, itl_s}, "reject_past_s"?: seconds}. Yields StepOutput dicts; raises
+        ValueError for bad input and OverloadedError (the predicted time to first token is past
+        reject_past_s) before any output."""
         rid = request.get("request_id") or uuid.uuid4().hex
         params = request["sampling_params"]
         if not isinstance(params, SamplingParams):
             params = SamplingParams(**params)
         prompt = request["prompt_token_ids"]
         salt = request.get("cache_salt")
+        slo = SLO(**request["slo"]) if request.get("slo") else None
+        reject_past_s = request.get("reject_past_s")
         if self.prefill_handle is None:
-            async for out in self.engine.generate(prompt, params, rid, salt):
+            async for out in self.engine.generate(prompt, params, rid, salt, slo=slo, reject_past_s=reject_past_s):
                 yield asdict(out)
             return
         stream = self.engine.open_stream(rid)
         try:
-            req = await self.engine.add_request(prompt, params, rid, salt, defer=True, reserve_prefix=self.dedup)
+            req = await self.engine.add_request(prompt, params, rid, salt, defer=True, reserve_prefix=self.dedup,
+                                                slo=slo)
         except BaseException:
             self.engine.discard_stream(rid)
             raise
         finished = False
         try:
             async with contextlib.aclosing(self.engine.iterate(rid, stream)) as outputs:
-                result = await self._remote_prefill(rid, req.prompt_token_ids, params, salt, req.num_computed_tokens)
+                skip = req.num_computed_tokens // self.block_size
+                result = await self._remote_prefill(PrefillRequest(rid, req.prompt_token_ids, params, salt, skip,
+                                                                   slo, reject_past_s))
                 blocks, kv_tokens = None, 0
                 try:
                     continues = None if result is None else await self._accept_first_token(rid, result)
@@ -131,11 +139,10 @@ class DecodeServer(EngineWorker):
         await conn.flush()
         return {"num_output_tokens": last.get("num_output_tokens", 0), "finish_reason": last.get("finish_reason")}
 
-    async def _remote_prefill(self, rid: str, prompt: list[int], params: SamplingParams, salt: str | None,
-                              num_reserved: int) -> PrefillResult | None:
-        """Prefill on a PrefillServer; None when that failed (the request is then computed here)."""
-        skip = num_reserved // self.block_size
-        call = self.prefill_handle.prefill.remote(PrefillRequest(rid, prompt, params, salt, skip))
+    async def _remote_prefill(self, request: PrefillRequest) -> PrefillResult | None:
+        """Prefill on a PrefillServer; None when that failed (the request is then computed here). A prefill
+        worker that refused the request as overloaded is no failure to recover from: OverloadedError."""
+        call = self.prefill_handle.prefill.remote(request)
         try:
             return await asyncio.wait_for(awaited(call), self.prefill_timeout_s)
         except asyncio.CancelledError:
@@ -143,7 +150,10 @@ class DecodeServer(EngineWorker):
             raise
         except Exception as exc:  # dead replica, timeout, engine error: recompute here
             cancel(call)
-            self._prefill_failed(rid, exc)
+            overloaded = getattr(exc, "cause", None) or exc
+            if isinstance(overloaded, OverloadedError):
+                raise overloaded from exc
+            self._prefill_failed(request.request_id, exc)
             return None
 
     async def _accept_first_token(self, rid: str, result: PrefillResult) -> bool | None:

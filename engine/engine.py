@@ -29,7 +29,7 @@ from engine.model_runner import ModelRunner, StepBatch
 from engine.outputs import EngineInfo, EngineLoad, EngineStats, PrefillExport
 from engine.request import Request, RequestStatus
 from engine.sampler import Sampler, SamplingError
-from engine.scheduler import Scheduler, SchedulerOutput
+from engine.scheduler import OverloadedError, Scheduler, SchedulerOutput
 
 
 @dataclass
@@ -122,7 +122,8 @@ class Engine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                     cache_salt: str | None = None, *, hold_kv: bool = False, defer: bool = False,
-                    reserve_prefix: bool = True, slo: SLO | None = None) -> Request:
+                    reserve_prefix: bool = True, slo: SLO | None = None,
+                    reject_past_s: float | None = None) -> Request:
         """Queue one sequence (n is handled by the caller). Validates first: bad input allocates nothing.
 
         hold_kv: when the request finishes, keep its blocks until release_held()
@@ -132,9 +133,15 @@ class Engine:
         the caller can attach KV from elsewhere for the rest, then enqueue().
         reserve_prefix=False skips that reservation (the whole prompt comes from elsewhere).
         slo: the request's latency targets (its product's), for the "slo" scheduling policy.
+        reject_past_s: raise OverloadedError (adding nothing) when the predicted time to first token is past
+        this many seconds (Scheduler.predicted_ttft_s); None: never.
         """
         prompt_token_ids = self.tokenize(prompt)
         self.validate(prompt_token_ids, params)
+        if reject_past_s is not None:
+            predicted = self.scheduler.predicted_ttft_s(len(prompt_token_ids))
+            if predicted is not None and predicted > reject_past_s:
+                raise OverloadedError(predicted, reject_past_s)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests or request_id in self.held:
             raise ValueError(f"request_id {request_id!r} is already in use")

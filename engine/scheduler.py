@@ -40,6 +40,19 @@ from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus
 from engine.step_cost import StepCost
 
+
+class OverloadedError(Exception):
+    """A request refused at once: its predicted time to first token is past the limit it came with."""
+
+    def __init__(self, predicted_s: float, limit_s: float) -> None:
+        super().__init__(f"predicted time to first token {predicted_s:.2f} s is past this request's limit of "
+                         f"{limit_s:.2f} s: the engine is overloaded")
+        self.predicted_s, self.limit_s = predicted_s, limit_s
+
+    def __reduce__(self) -> tuple:  # it crosses processes (a worker to the ingress): rebuilt from its fields
+        return OverloadedError, (self.predicted_s, self.limit_s)
+
+
 # "Out of memory while a quarter of memory is free" (the incident, bench/incident.py): a refused
 # admission with at least this fraction of KV blocks free is the incident's symptom.
 FREE_MEMORY_FRACTION = 0.25
@@ -84,6 +97,21 @@ class Scheduler:
         bound) and the rest of running prompts (chunked prefill)."""
         left = (r.num_tokens - r.num_computed_tokens for r in (*self.waiting, *self.running))
         return sum(n for n in left if n > 1)
+
+    def predicted_ttft_s(self, num_prompt_tokens: int) -> float | None:
+        """Seconds until a new prompt of num_prompt_tokens would have its first token, if it queued behind
+        every prompt token not computed yet at the rate steps take them now: the learned per-token cost,
+        or under "slo" with decodes running, the prompt budget of a step that lasts the ITL target. None
+        until a step with prompt tokens has been timed."""
+        per_token_s = self.cost.per_token_s
+        if per_token_s is None:
+            return None
+        tokens = self.num_waiting_prompt_tokens() + num_prompt_tokens
+        seconds = tokens * per_token_s
+        target = self._decoding_itl_target()
+        if self.policy == "slo" and target != float("inf"):
+            seconds = max(seconds, tokens / self._prompt_budget() * target)
+        return seconds
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -174,10 +202,14 @@ class Scheduler:
         decoding requests (at least a block); otherwise the whole step budget."""
         if self.policy == "fcfs":
             return self.max_num_batched_tokens
-        target = min((r.itl_target for r in self.running if r.num_tokens - r.num_computed_tokens == 1),
-                     default=float("inf"))
+        target = self._decoding_itl_target()
         allowed = self.cost.prefill_budget(target) if target != float("inf") else None
         return self.max_num_batched_tokens if allowed is None else max(allowed, self.kv.block_size)
+
+    def _decoding_itl_target(self) -> float:
+        """The smallest ITL target among the requests decoding now (inf: none has one)."""
+        return min((r.itl_target for r in self.running if r.num_tokens - r.num_computed_tokens == 1),
+                   default=float("inf"))
 
     def _watermark(self) -> int:
         """Blocks admission leaves free: what the running requests need for their next watermark_tokens."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.config import SamplingParams
+from engine.config import SLO, SamplingParams
 from kvtransfer.handle import KVHandle
 
 
@@ -14,6 +14,8 @@ class PrefillRequest:
 
     skip_blocks: leading full blocks the caller already holds (same hashes);
     they are left out of the returned KV.
+    slo: the product's latency targets (the engine's "slo" scheduling orders and sizes work by them).
+    reject_past_s: refuse at once (OverloadedError) when the predicted time to first token is past this.
     """
 
     request_id: str
@@ -21,6 +23,8 @@ class PrefillRequest:
     sampling_params: SamplingParams
     cache_salt: str | None = None
     skip_blocks: int = 0
+    slo: SLO | None = None
+    reject_past_s: float | None = None
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,8 @@ class PrefillServer(EngineWorker):
         stream = self.engine.open_stream(rid)
         try:
             req = await self.engine.add_request(request.prompt_token_ids, params, rid, request.cache_salt,
-                                                hold_kv=True, defer=True)
+                                                hold_kv=True, defer=True, slo=request.slo,
+                                                reject_past_s=request.reject_past_s)
         except BaseException:
             self.engine.discard_stream(rid)
             raise

@@ -4,6 +4,7 @@ a worker that is gone or full becomes 503 / 429 in OpenAI's error shape, a worke
 from __future__ import annotations
 
 import asyncio
+import pickle
 
 import pytest
 from ray.exceptions import ActorDiedError
@@ -16,6 +17,7 @@ from decode_workers.server import DecodeServer
 from decode_workers.token_stream import TokenStreamError
 from engine.async_engine import EngineDeadError
 from engine.config import SamplingParams
+from engine.scheduler import OverloadedError
 
 
 def test_health_check_reflects_engine_liveness() -> None:
@@ -58,6 +60,34 @@ def test_worker_failures_map_to_http_errors(exc: BaseException, status: int, cod
     assert info.value.status == status and info.value.code == code
     if status == 429:
         assert info.value.headers == {"Retry-After": "1"}
+
+
+def test_an_overloaded_engine_is_a_429_with_the_predicted_excess_as_retry_after() -> None:
+    copy = pickle.loads(pickle.dumps(OverloadedError(predicted_s=7.2, limit_s=2.0)))  # as Ray carries it
+    assert (copy.predicted_s, copy.limit_s) == (7.2, 2.0)
+    with pytest.raises(APIError) as info:
+        asyncio.run(first_output(_failing(OverloadedError(predicted_s=7.2, limit_s=2.0))))
+    assert (info.value.status, info.value.code, info.value.type) == (429, "slo_overloaded", "rate_limit_error")
+    assert info.value.headers == {"Retry-After": "6"} and "7.20 s" in info.value.message
+
+
+def test_a_decode_worker_refuses_a_request_predicted_past_its_limit_and_keeps_nothing() -> None:
+    async def scenario() -> None:
+        server = DecodeServer(None, {"transport": "local"}, None)
+        try:
+            request = {"prompt_token_ids": list(range(5, 45)), "sampling_params": SamplingParams(max_tokens=2),
+                       "slo": {"ttft_s": 1.0, "itl_s": 0.2}, "reject_past_s": 1e-6}
+            assert len([o async for o in server.generate(request)]) >= 1  # nothing timed yet: no prediction
+            with pytest.raises(OverloadedError):
+                async for _ in server.generate(request):
+                    pass
+            engine = (await server.stats()).engine
+            assert engine.num_blocks_free == engine.num_blocks_total and engine.num_requests_waiting == 0
+            assert len([o async for o in server.generate({**request, "reject_past_s": None})]) >= 1
+        finally:
+            server.shutdown()
+
+    asyncio.run(scenario())
 
 
 def test_a_worker_that_stops_sending_ends_the_request() -> None:

@@ -9,7 +9,7 @@ from engine import Engine, EngineConfig, SamplingParams
 from engine.config import SLO
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import DEFAULT_TTFT_S, Request, RequestStatus
-from engine.scheduler import Scheduler
+from engine.scheduler import OverloadedError, Scheduler
 from engine.step_cost import StepCost
 from tests.engine_helpers import random_prompts
 
@@ -136,6 +136,33 @@ def test_the_watermark_never_holds_back_a_request_alone() -> None:
     s = _scheduler("slo", num_blocks=4, watermark=10_000)
     s.add(_request("alone", 60, CHAT))
     assert [r.request_id for r, _ in s.schedule().scheduled] == ["alone"]
+
+
+def test_predicted_ttft_counts_every_queued_prompt_token_at_the_rate_steps_take_them() -> None:
+    s = _scheduler("slo", num_blocks=256, budget=2048)
+    assert s.predicted_ttft_s(100) is None  # no step timed yet
+    s.cost.per_token_s = 0.001
+    s.add(_request("queued", 500, REPORT))
+    assert s.predicted_ttft_s(100) == pytest.approx(0.6)  # 600 tokens at 1 ms
+    s.waiting.clear()
+    _run_prompts(s, _request("report", 500, REPORT))  # it decodes from here on
+    s.cost.base_s = 0.1  # a 0.25 s step (its ITL target) takes 150 prompt tokens besides its decode
+    assert s.predicted_ttft_s(300) == pytest.approx(300 / 150 * 0.25)
+
+
+def test_an_engine_refuses_a_request_predicted_past_its_limit_and_adds_nothing() -> None:
+    engine = Engine(EngineConfig(scheduling="slo", max_num_batched_tokens=64))
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+    engine.add_request(list(range(3, 400)), params, "first", reject_past_s=1e-9)  # nothing timed: accepted
+    engine.step()  # a 64-token chunk of it: the engine now knows what a prompt token costs
+    free = engine.kv.num_free_blocks
+    with pytest.raises(OverloadedError, match="past this request's limit"):
+        engine.add_request(list(range(3, 40)), params, "late", reject_past_s=1e-9)
+    assert "late" not in engine.requests and engine.kv.num_free_blocks == free
+    engine.add_request(list(range(3, 40)), params, "patient", reject_past_s=3600.0)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
 
 
 def test_slo_targets_are_validated() -> None:
