@@ -43,6 +43,13 @@ from bench.offline_throughput import model_path
 from cluster.metrics import PREFIX
 
 _ONE_REPLICA = {"autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+# Both products on one pool with 2 x 128 MiB of KV: two colocated engines, or a prefill engine on core 0 with
+# a quarter of it and a decode engine on core 1 with the rest (what each role holds).
+_COLOCATED_POOL = {"pool": "shared", "disaggregated": False, "prefill": _ONE_REPLICA,
+                   "decode": {"autoscaling": {"min_replicas": 2, "max_replicas": 2}}}
+_DISAGGREGATED_POOL = {
+    "pool": "shared", "prefill": {**_ONE_REPLICA, "cpu_affinity": [0], "engine": {"kv_cache_bytes": 64 << 20}},
+    "decode": {**_ONE_REPLICA, "cpu_affinity": [1], "engine": {"kv_cache_bytes": 192 << 20}}}
 # Variants per comparison: (label, override merged into every product file; its "per_product" list, if
 # any, is merged into the product files in name order, one each). The first variant is the baseline.
 COMPARISONS: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
@@ -84,12 +91,18 @@ COMPARISONS: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
     # As "pool", with the same KV memory in both placements (2 x 128 MiB) split by what each role holds:
     # the decode engine keeps every running sequence to its end, the prefill engine prompts until exported.
     "pool-sized": (
-        ("colocated pool, two engines", {
-            "pool": "shared", "disaggregated": False, "prefill": _ONE_REPLICA,
-            "decode": {"autoscaling": {"min_replicas": 2, "max_replicas": 2}}}),
-        ("disaggregated pool, prefill core 0 (64 MiB KV), decode core 1 (192 MiB)", {
-            "pool": "shared", "prefill": {**_ONE_REPLICA, "cpu_affinity": [0], "engine": {"kv_cache_bytes": 64 << 20}},
-            "decode": {**_ONE_REPLICA, "cpu_affinity": [1], "engine": {"kv_cache_bytes": 192 << 20}}}),
+        ("colocated pool, two engines", _COLOCATED_POOL),
+        ("disaggregated pool, prefill core 0 (64 MiB KV), decode core 1 (192 MiB)", _DISAGGREGATED_POOL),
+    ),
+    # The engines' scheduling policy on those pools: first come first served, or by each product's SLO
+    # (prompts by TTFT deadline, prompt chunks sized to keep decodes within their ITL target).
+    "scheduling": (
+        ("disaggregated pool, FCFS", _DISAGGREGATED_POOL),
+        ("disaggregated pool, SLO scheduling", {**_DISAGGREGATED_POOL, "engine": {"scheduling": "slo"}}),
+    ),
+    "scheduling-colocated": (
+        ("colocated pool, FCFS", _COLOCATED_POOL),
+        ("colocated pool, SLO scheduling", {**_COLOCATED_POOL, "engine": {"scheduling": "slo"}}),
     ),
 }
 COUNTERS = ("prompt_tokens_computed", "prompt_tokens_cached", "generation_tokens")
