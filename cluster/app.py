@@ -91,7 +91,7 @@ def build_app(products: dict[str, ProductConfig], ingress_replicas: int = 1,
         decoder = serve.deployment(DecodeDeployment).options(
             **_deployment_options(f"{name}-decode", product.decode, KVHeadroomRouter),
         ).bind(_engine(product, product.decode), transfer, prefill, product=name,
-               cpu_affinity=product.decode.cpu_affinity)
+               cpu_affinity=product.decode.cpu_affinity, local_prefill_max_tokens=product.local_prefill_max_tokens)
         for member in members:
             decoders[member.name] = decoder
             if prefill is not None:

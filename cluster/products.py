@@ -110,6 +110,10 @@ class ProductConfig(_Frozen):
     api_keys: tuple[str, ...] = ()  # Bearer keys; empty: no auth. Values "env:NAME" read NAME (comma-separated)
     max_queue_len: int = Field(64, ge=1)  # in-flight requests per ingress replica before 429
     disaggregated: bool = True
+    # Disaggregated products: a prompt whose uncached part is at most this many tokens may be computed on the
+    # decode engine instead, when that is cheaper than the remote path's measured cost (a short follow-up
+    # pays no KV transfer; decode_workers/prefill_placement.py). 0: always on a prefill worker.
+    local_prefill_max_tokens: int = Field(0, ge=0)
     engine: dict[str, Any] = {}
     # KVTransferConfig fields. The gRPC transport's shared token comes from the environment variable that
     # auth_token_env names, read by each worker when it starts; a literal auth_token is refused here so

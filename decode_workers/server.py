@@ -25,9 +25,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from decode_workers.prefill_placement import PrefillPlacement
 from decode_workers.token_stream import TokenStreamSender, TokenStreamTarget
 from engine.config import SLO, EngineConfig, SamplingParams
 from engine.outputs import EngineStats
+from engine.request import Request
 from engine.scheduler import OverloadedError
 from kvtransfer import KVHandle, KVTransferConfig, KVTransferError
 from prefill_workers.engine_worker import EngineWorker, WorkerStats
@@ -45,6 +47,7 @@ class DecodeStats(WorkerStats):
     prefill_failures: int
     recomputed_prefills: int
     remote_prefills: int
+    local_prefills: int = 0  # short prompts computed here by choice (PrefillPlacement), not after a failure
 
 
 class DecodeServer(EngineWorker):
@@ -53,16 +56,19 @@ class DecodeServer(EngineWorker):
     def __init__(self, engine_config: EngineConfig | dict | None = None,
                  transfer_config: KVTransferConfig | dict | None = None,
                  prefill=None, prefill_timeout_s: float = 60.0, worker_id: str | None = None,
-                 dedup: bool = True) -> None:
+                 dedup: bool = True, local_prefill_max_tokens: int = 0) -> None:
         """prefill: a handle whose `.prefill.remote(PrefillRequest)` is awaitable (a Ray actor
         handle or a Serve DeploymentHandle), or None for colocated mode. dedup=False asks for
-        every block even when this worker holds some (for measuring what dedup saves)."""
+        every block even when this worker holds some (for measuring what dedup saves).
+        local_prefill_max_tokens: with a prefill handle, prompts whose uncached part is at most this many
+        tokens may be computed here when that is cheaper than the remote path (PrefillPlacement)."""
         super().__init__(engine_config, transfer_config, worker_id)
         self.prefill_handle = prefill
         self.prefill_timeout_s = prefill_timeout_s
         self.dedup = dedup
         # the connector counts fetches and their failures; these count what the worker made of them
-        self._refused_imports = self._prefill_failures = self._recomputed = self._remote = 0
+        self._refused_imports = self._prefill_failures = self._recomputed = self._remote = self._local = 0
+        self.placement = PrefillPlacement(local_prefill_max_tokens)
         self._token_streams = TokenStreamSender()
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
@@ -92,9 +98,11 @@ class DecodeServer(EngineWorker):
         finished = False
         try:
             async with contextlib.aclosing(self.engine.iterate(rid, stream)) as outputs:
-                skip = req.num_computed_tokens // self.block_size
-                result = await self._remote_prefill(PrefillRequest(rid, req.prompt_token_ids, params, salt, skip,
-                                                                   slo, reject_past_s))
+                called = time.monotonic()
+                result = await self._prefill(req, PrefillRequest(rid, req.prompt_token_ids, params, salt,
+                                                                 req.num_computed_tokens // self.block_size, slo,
+                                                                 reject_past_s))
+                call_s = time.monotonic() - called
                 blocks, kv_tokens = None, 0
                 try:
                     continues = None if result is None else await self._accept_first_token(rid, result)
@@ -103,7 +111,10 @@ class DecodeServer(EngineWorker):
                         finished = first.finished
                         yield asdict(first)
                     if continues:
+                        fetched = time.monotonic()
                         blocks, kv_tokens = await self._fetch_kv(rid, result.kv), result.kv.num_tokens
+                        if blocks is not None:
+                            self.placement.observe_remote(call_s, result.prefill_seconds, time.monotonic() - fetched)
                 finally:
                     if result is not None:
                         self._release_remote(result.kv.export_id, result.worker_id)
@@ -138,6 +149,15 @@ class DecodeServer(EngineWorker):
                 last = out
         await conn.flush()
         return {"num_output_tokens": last.get("num_output_tokens", 0), "finish_reason": last.get("finish_reason")}
+
+    async def _prefill(self, req: Request, request: PrefillRequest) -> PrefillResult | None:
+        """The remote prefill's result, or None when the prompt is computed here: by choice (a short
+        uncached part, PrefillPlacement) or because the remote prefill failed."""
+        uncached = req.num_prompt_tokens - req.num_computed_tokens
+        if self.placement.here(uncached, self.engine.load().prompt_token_s):
+            self._local += 1
+            return None
+        return await self._remote_prefill(request)
 
     async def _remote_prefill(self, request: PrefillRequest) -> PrefillResult | None:
         """Prefill on a PrefillServer; None when that failed (the request is then computed here). A prefill
@@ -216,7 +236,7 @@ class DecodeServer(EngineWorker):
         transfers = self.connector.stats
         return DecodeStats(self.worker_id, engine, transfers.bytes_fetched, transfers.fetch_seconds_total,
                            transfers.failures + self._refused_imports, self._prefill_failures, self._recomputed,
-                           self._remote)
+                           self._remote, self._local)
 
     def record_routing_stats(self) -> dict[str, float]:
         """For the KV-headroom router (Ray Serve polls this); a slightly stale value is fine for routing."""

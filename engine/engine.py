@@ -303,7 +303,8 @@ class Engine:
         return EngineInfo(self.config.block_size, self.layout, self.kv_cache.data.dtype)
 
     def load(self) -> EngineLoad:
-        return EngineLoad(self.kv.num_free_blocks, self.kv.usage, len(self.scheduler.waiting))
+        return EngineLoad(self.kv.num_free_blocks, self.kv.usage, len(self.scheduler.waiting),
+                          self.scheduler.cost.per_token_s)
 
     # ---- the loop -----------------------------------------------------------------------------
     def step(self) -> list[Request]:

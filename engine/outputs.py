@@ -79,6 +79,7 @@ class EngineLoad:
     kv_free_blocks: int
     kv_usage: float  # fraction of KV blocks held by requests
     num_waiting: int  # requests queued, not yet admitted
+    prompt_token_s: float | None = None  # the learned cost of one prompt token in a step, seconds (None: unknown)
 
 
 @dataclass(frozen=True)

@@ -50,9 +50,11 @@ def start_prefill(transfer: dict | None = None, engine: dict | None = None, dire
     return actor.remote(engine, transfer, name, worker_id=worker_id)
 
 
-def start_decode(prefill, transfer: dict | None = None, engine: dict | None = None, resources: dict | None = None):
+def start_decode(prefill, transfer: dict | None = None, engine: dict | None = None, resources: dict | None = None,
+                 **kwargs):
+    """kwargs: DecodeServer's keyword arguments (local_prefill_max_tokens, ...)."""
     actor = ray.remote(num_cpus=0.5, max_concurrency=64, resources=resources or {})(DecodeServer)
-    return actor.remote(engine, transfer, prefill)
+    return actor.remote(engine, transfer, prefill, **kwargs)
 
 
 def start_directory(capacity_bytes: int = 256 << 20):

@@ -75,6 +75,27 @@ def test_disaggregated_colocated_and_transformers_agree(ray_local, directory, tr
         kill_all(prefill, decode, colocated)
 
 
+def test_short_uncached_prompts_are_computed_on_the_decode_engine(ray_local, directory) -> None:
+    """Conditional disaggregation: with local_prefill_max_tokens 64, a prompt whose uncached part is short
+    is computed by the decode engine itself (no prefill call, no KV moved), a long one on the prefill worker;
+    the tokens are the same as a colocated engine's either way."""
+    prefill = start_prefill()
+    decode = start_decode(prefill, local_prefill_max_tokens=64)
+    colocated = start_decode(None)
+    try:
+        short, long = random_prompts([40, 300], 8192, seed=35)
+        for prompt in (short, long):
+            assert generate(decode, prompt, GREEDY)["token_ids"] == generate(colocated, prompt, GREEDY)["token_ids"]
+        stats = ray.get(decode.stats.remote(), timeout=TIMEOUT_S)
+        assert (stats.local_prefills, stats.remote_prefills, stats.recomputed_prefills) == (1, 1, 0)
+        assert stats.engine.prompt_tokens_computed == len(short)
+        prefilled = ray.get(prefill.stats.remote(), timeout=TIMEOUT_S).engine.prompt_tokens_computed
+        assert prefilled == len(long)
+        assert_idle([prefill], [decode, colocated])
+    finally:
+        kill_all(prefill, decode, colocated)
+
+
 def test_system_prompt_computed_once_per_cluster(ray_local, directory) -> None:
     prefills = [start_prefill(worker_id=f"p{i}") for i in range(2)]
     decodes = [start_decode(p) for p in prefills]
