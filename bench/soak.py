@@ -116,7 +116,7 @@ def main() -> int:
     import ray
 
     from cluster.invariants import wait_cluster_idle
-    from cluster.metrics import get_hub
+    from cluster.metrics_hub import get_hub
     from cluster.prefix_directory import DIRECTORY_NAME, NAMESPACE
 
     try:
