@@ -33,7 +33,7 @@ from bench.extreme_requests import answer_problem, random_request, send
 from bench.load_bench import add_arguments, plan_from_args, run_plan
 from bench.load_client import ChatSender, Endpoint, require_local
 from bench.load_stats import OK
-from cluster.cli import reach, read_state
+from cluster.cli_state import reach, read_state
 
 # Nothing above imports Ray: reach() must set Ray's authentication settings before Ray is first imported.
 
