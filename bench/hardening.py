@@ -33,7 +33,7 @@ from bench.extreme_requests import answer_problem, random_request, send
 from bench.load_bench import add_arguments, plan_from_args, run_plan
 from bench.load_client import ChatSender, Endpoint, require_local
 from bench.load_stats import OK
-from cluster.cli import reach, read_state
+from cluster.cli_state import reach, read_state
 
 # Nothing above imports Ray: reach() must set Ray's authentication settings before Ray is first imported.
 
@@ -66,7 +66,7 @@ def _kill_a_decode_replica(product: str) -> str:
     """Kill one live decode replica of product (found by the id it reports metrics under); its id."""
     import ray
 
-    from cluster.metrics import get_hub
+    from cluster.metrics_hub import get_hub
 
     sources = [s for s in ray.get(get_hub().sources.remote(), timeout=60)
                if s.role == "decode" and s.product == product and s.live]
@@ -107,7 +107,7 @@ def main() -> int:
     import ray
 
     from cluster.invariants import wait_cluster_idle
-    from cluster.metrics import get_hub
+    from cluster.metrics_hub import get_hub
     from cluster.prefix_directory import DIRECTORY_NAME, NAMESPACE
 
     plan = plan_from_args(args)

@@ -40,7 +40,7 @@ from bench.load_client import ChatSender, Endpoint, require_local
 from bench.load_report import write_report
 from bench.load_stats import ALL, ProductSummary, RunSummary, summarize
 from bench.offline_throughput import model_path
-from cluster.metrics import PREFIX
+from cluster.metric_names import PREFIX
 
 _ONE_REPLICA = {"autoscaling": {"min_replicas": 1, "max_replicas": 1}}
 # Both products on one pool with 2 x 128 MiB of KV: two colocated engines, or a prefill engine on core 0 with

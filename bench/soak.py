@@ -28,7 +28,8 @@ import psutil
 from bench.load_bench import add_arguments, plan_from_args, run_plan
 from bench.load_client import ChatSender, Endpoint, require_local
 from bench.load_stats import OK
-from cluster.cli import detached_temp_dir, reach, read_state
+from cluster.cli_state import reach, read_state
+from cluster.detached_head import detached_temp_dir
 
 # Nothing above imports Ray: reach() must set Ray's authentication settings before Ray is first imported.
 
@@ -116,7 +117,7 @@ def main() -> int:
     import ray
 
     from cluster.invariants import wait_cluster_idle
-    from cluster.metrics import get_hub
+    from cluster.metrics_hub import get_hub
     from cluster.prefix_directory import DIRECTORY_NAME, NAMESPACE
 
     try:

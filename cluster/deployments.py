@@ -18,16 +18,9 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 
 from cluster.autoscaling import engine_signals
-from cluster.metrics import (
-    KV_TRANSFER_SECONDS,
-    ROLE_DECODE,
-    ROLE_PREFILL,
-    Histogram,
-    MetricsReporter,
-    MetricsSnapshot,
-    snapshot_from_decode_stats,
-    snapshot_from_prefill_stats,
-)
+from cluster.metric_names import KV_TRANSFER_SECONDS, ROLE_DECODE, ROLE_PREFILL
+from cluster.metric_snapshots import Histogram, MetricsSnapshot, snapshot_from_decode_stats, snapshot_from_prefill_stats
+from cluster.metrics_reporter import MetricsReporter
 from decode_workers.server import DecodeServer
 from prefill_workers.server import PrefillServer
 

@@ -45,7 +45,10 @@ from cluster.http_edge import (
     parse_request,
     refusal_reason,
 )
-from cluster.metrics import CONTENT_TYPE, ROLE_INGRESS, MetricsReporter, get_or_create_hub
+from cluster.metric_names import ROLE_INGRESS
+from cluster.metrics_exposition import CONTENT_TYPE
+from cluster.metrics_hub import get_or_create_hub
+from cluster.metrics_reporter import MetricsReporter
 from cluster.prefix_directory import get_or_create_directory
 from cluster.products import ProductConfig
 from cluster.request_preparation import PreparedRequest, RequestPreparer

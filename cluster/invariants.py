@@ -22,7 +22,7 @@ import time
 
 import ray
 
-from cluster.metrics import (
+from cluster.metric_names import (
     INGRESS_INFLIGHT,
     KV_BLOCKS_USED,
     KV_EXPORTS_ALIVE,
@@ -32,8 +32,8 @@ from cluster.metrics import (
     ROLE_INGRESS,
     ROLE_PREFILL,
     TOKEN_STREAMS_OPEN,
-    SourceInfo,
 )
+from cluster.metrics_hub import SourceInfo
 
 _MUST_BE_ZERO = (NUM_REQUESTS_RUNNING, NUM_REQUESTS_WAITING, KV_BLOCKS_USED, KV_EXPORTS_ALIVE, INGRESS_INFLIGHT,
                  TOKEN_STREAMS_OPEN)

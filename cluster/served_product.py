@@ -9,7 +9,7 @@ from typing import Any
 from transformers import AutoTokenizer
 
 from cluster.admission import Admission
-from cluster.metrics import (
+from cluster.metric_names import (
     E2E_REQUEST_LATENCY,
     INGRESS_INFLIGHT,
     INTER_TOKEN_LATENCY,
@@ -17,9 +17,8 @@ from cluster.metrics import (
     REQUESTS_REJECTED,
     TIME_TO_FIRST_TOKEN,
     TOKEN_STREAMS_OPEN,
-    Histogram,
-    MetricsSnapshot,
 )
+from cluster.metric_snapshots import Histogram, MetricsSnapshot
 from cluster.products import ProductConfig
 from engine.engine import context_limit
 from engine.model import load_config

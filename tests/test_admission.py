@@ -9,7 +9,7 @@ import pytest
 
 from cluster.admission import Admission, Release, ReleasingStreamingResponse
 from cluster.http_edge import APIError
-from cluster.metrics import INGRESS_INFLIGHT
+from cluster.metric_names import INGRESS_INFLIGHT
 from cluster.served_product import ServedProduct
 from tests.cluster_helpers import tiny_products
 

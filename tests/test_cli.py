@@ -151,7 +151,8 @@ def _sid(pid: int) -> int | None:
 
 
 def test_private_dirs_refuse_what_others_can_write(tmp_path) -> None:
-    from cluster.cli import detached_home, detached_temp_dir, private_dir
+    from cluster.cli_state import private_dir
+    from cluster.detached_head import detached_home, detached_temp_dir
 
     made = private_dir(tmp_path / "new" / "state")
     assert made.stat().st_mode & 0o777 == 0o700
@@ -168,7 +169,7 @@ def test_ray_auth_defaults_to_a_private_token_in_a_private_state_dir(tmp_path, m
     """No RAY_AUTH_* set: token mode, with a 0600 token file inside a 0700 directory, even when pdserve's
     cache directory exists readable by all (as the model cache creates it); the same file every time.
     A choice in the environment wins."""
-    from cluster.cli import ray_auth_env, state_dir
+    from cluster.cli_state import ray_auth_env, state_dir
 
     cache = tmp_path / "cache"
     cache.mkdir(mode=0o755)
@@ -259,7 +260,7 @@ def test_detached_up_that_fails_to_deploy_stops_the_head_it_started(tmp_path) ->
     running with no state file for `down` to find it by."""
     import subprocess
 
-    from cluster.cli import detached_temp_dir
+    from cluster.detached_head import detached_temp_dir
 
     config = tmp_path / "serve.yaml"
     config.write_text("applications:\n  - {name: pdserve, route_prefix: /, import_path: \"cluster.app:app_builder\", "

@@ -21,7 +21,8 @@ from starlette.requests import ClientDisconnect
 from cluster.admission import Admission, Release, ReleasingStreamingResponse
 from cluster.direct_stream import DirectStream
 from cluster.invariants import wait_cluster_idle
-from cluster.metrics import INGRESS_INFLIGHT, get_hub
+from cluster.metric_names import INGRESS_INFLIGHT
+from cluster.metrics_hub import get_hub
 from decode_workers.token_stream import TokenStreamServer
 from tests.test_http_api import REPORT_KEY
 

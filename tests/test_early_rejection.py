@@ -13,7 +13,7 @@ from ray import serve
 
 from cluster.app import build_app
 from cluster.invariants import wait_cluster_idle
-from cluster.metrics import get_hub
+from cluster.metrics_hub import get_hub
 from cluster.products import SLO
 from tests.cluster_helpers import tiny_products
 

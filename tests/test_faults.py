@@ -25,7 +25,8 @@ from ray import serve
 
 from cluster.app import build_app
 from cluster.invariants import wait_cluster_idle
-from cluster.metrics import NUM_REQUESTS_RUNNING, get_hub
+from cluster.metric_names import NUM_REQUESTS_RUNNING
+from cluster.metrics_hub import get_hub
 from cluster.prefix_directory import NAMESPACE, PrefixDirectory
 from cluster.products import Autoscaling
 from engine.config import SamplingParams

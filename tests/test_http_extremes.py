@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from bench.extreme_requests import FLOAT_EDGES, INT_EDGES, ROLES, TOP_K_EDGES, UNIT_EDGES, answer_problem, send
 from cluster.invariants import wait_cluster_idle
-from cluster.metrics import get_hub
+from cluster.metrics_hub import get_hub
 from cluster.openai_protocol import MAX_LOGPROBS, MAX_N, MAX_STOP_SEQUENCES
 from tests.test_http_api import REPORT_KEY
 

@@ -15,7 +15,7 @@ from bench.load_bench import add_arguments, plan_from_args, run_plan
 from bench.load_client import ChatSender, Endpoint
 from bench.load_stats import OK
 from cluster.invariants import wait_cluster_idle
-from cluster.metrics import get_hub
+from cluster.metrics_hub import get_hub
 
 
 def test_overload_gets_429s_accepted_requests_complete_and_nothing_remains(pdserve_url: str) -> None:

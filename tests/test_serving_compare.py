@@ -11,7 +11,7 @@ import yaml
 
 from bench.load_stats import OK, RequestRecord, summarize
 from bench.serving_compare import COMPARISONS, VariantResult, merge, parse_counters, report, write_variant
-from cluster.metrics import PREFIX
+from cluster.metric_names import PREFIX
 from cluster.products import SLO, load_products
 
 PRODUCTS = Path(__file__).resolve().parent.parent / "deploy" / "products"
