@@ -27,6 +27,7 @@ KV_TRANSFER_FAILURES = "kv_transfer_failures"
 PREFILL_FAILURES = "prefill_failures"
 RECOMPUTED_PREFILLS = "recomputed_prefills"
 REMOTE_PREFILLS = "remote_prefills"
+LOCAL_PREFILLS = "local_prefills"
 DIRECTORY_BLOCKS_FETCHED = "prefix_directory_blocks_fetched"
 DIRECTORY_BLOCKS_PUBLISHED = "prefix_directory_blocks_published"
 DIRECTORY_ERRORS = "prefix_directory_errors"
@@ -87,6 +88,7 @@ HELP = {
     PREFILL_FAILURES: "Remote prefill calls that failed or timed out (recomputed on the decode worker).",
     RECOMPUTED_PREFILLS: "Prompts a decode worker computed itself after a failed prefill or transfer.",
     REMOTE_PREFILLS: "Prompts prefilled on a prefill worker whose KV was imported by a decode worker.",
+    LOCAL_PREFILLS: "Prompts a decode worker chose to compute itself: a short uncached part, cheaper than a transfer.",
     DIRECTORY_BLOCKS_FETCHED: "KV blocks fetched from the cluster prefix directory.",
     DIRECTORY_BLOCKS_PUBLISHED: "KV blocks published to the cluster prefix directory.",
     DIRECTORY_ERRORS: "Prefix directory calls that failed (served without the directory).",

@@ -32,6 +32,7 @@ from cluster.metric_names import (
     KV_TRANSFER_BYTES,
     KV_TRANSFER_FAILURES,
     KV_TRANSFER_SECONDS,
+    LOCAL_PREFILLS,
     NUM_REQUESTS_RUNNING,
     NUM_REQUESTS_WAITING,
     PREEMPTIONS,
@@ -234,7 +235,7 @@ def snapshot_from_decode_stats(stats: DecodeStats, *, disaggregated: bool = True
     """
     counters = {KV_TRANSFER_BYTES: stats.kv_transfer_bytes, KV_TRANSFER_FAILURES: stats.kv_transfer_failures,
                 PREFILL_FAILURES: stats.prefill_failures, RECOMPUTED_PREFILLS: stats.recomputed_prefills,
-                REMOTE_PREFILLS: stats.remote_prefills}
+                REMOTE_PREFILLS: stats.remote_prefills, LOCAL_PREFILLS: stats.local_prefills}
     if disaggregated and local_prompt_tokens_cached is not None:
         counters[PROMPT_TOKENS_CACHED] = local_prompt_tokens_cached
     hists = dict(histograms or {})

@@ -20,6 +20,7 @@ from cluster.metric_names import (
     KV_TRANSFER_BYTES,
     KV_TRANSFER_FAILURES,
     KV_TRANSFER_SECONDS,
+    LOCAL_PREFILLS,
     NUM_REPLICAS,
     NUM_REQUESTS_RUNNING,
     NUM_REQUESTS_WAITING,
@@ -27,6 +28,7 @@ from cluster.metric_names import (
     PREFIX,
     PREFIX_CACHE_QUERIES,
     PROMPT_TOKENS_CACHED,
+    REMOTE_PREFILLS,
     REQUEST_SUCCESS,
     REQUESTS_REJECTED,
     ROLE_DECODE,
@@ -261,7 +263,7 @@ def test_snapshots_from_worker_stats_count_each_token_once() -> None:
     assert prefill.gauges[KV_BLOCKS_USED] == 25 and prefill.gauges[KV_BLOCKS_TOTAL] == 100
 
     stats = DecodeStats("d", engine, kv_transfer_bytes=4096, kv_transfer_seconds=0.5, kv_transfer_failures=1,
-                        prefill_failures=0, recomputed_prefills=1, remote_prefills=3)
+                        prefill_failures=0, recomputed_prefills=1, remote_prefills=3, local_prefills=2)
     transfer = Histogram.for_metric(KV_TRANSFER_SECONDS)
     transfer.observe(0.002)
     decode = snapshot_from_decode_stats(stats, kv_transfer_seconds=transfer,
@@ -269,6 +271,7 @@ def test_snapshots_from_worker_stats_count_each_token_once() -> None:
     assert PROMPT_TOKENS_CACHED not in decode.counters  # the prefill worker counted those tokens
     assert decode.counters[GENERATION_TOKENS] == 90 and decode.counters[KV_TRANSFER_BYTES] == 4096
     assert decode.counters[KV_TRANSFER_FAILURES] == 1
+    assert (decode.counters[REMOTE_PREFILLS], decode.counters[LOCAL_PREFILLS]) == (3, 2)  # both prefill paths
     assert decode.histograms[KV_TRANSFER_SECONDS].count == 1
     assert decode.labelled_counters[REQUEST_SUCCESS] == {"stop": 3.0}
     assert snapshot_from_decode_stats(stats, local_prompt_tokens_cached=16).counters[PROMPT_TOKENS_CACHED] == 16
