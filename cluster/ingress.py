@@ -46,7 +46,7 @@ from cluster.http_edge import (
     refusal_reason,
 )
 from cluster.metric_names import ROLE_INGRESS
-from cluster.metrics_exposition import CONTENT_TYPE
+from cluster.metrics_exposition import CONTENT_TYPE, scrape
 from cluster.metrics_hub import get_or_create_hub
 from cluster.metrics_reporter import MetricsReporter
 from cluster.prefix_directory import get_or_create_directory
@@ -117,13 +117,7 @@ class OpenAIIngress:
     @app.get("/metrics")
     async def metrics(self) -> Response:
         """Prometheus text for the whole cluster: every replica of every deployment, by product."""
-        try:
-            async with asyncio.timeout(METRICS_TIMEOUT_S):
-                await self._reporter.flush()
-                text = await self._hub.render.remote()
-        except TimeoutError as exc:
-            raise APIError(503, f"the metrics hub did not answer within {METRICS_TIMEOUT_S:g} s", "server_error",
-                           "unavailable") from exc
+        text = await scrape(self._reporter.flush, self._hub.render.remote, METRICS_TIMEOUT_S)
         return Response(text, media_type=CONTENT_TYPE)
 
     @app.post("/v1/completions")

@@ -13,14 +13,16 @@ Invariants of what the hub renders:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
+from cluster.http_edge import APIError
 from cluster.metric_names import (
     BUCKETS,
     COUNTER_LABELS,
@@ -118,3 +120,15 @@ def _family(kind: str, name: str, agg: Aggregate) -> Metric:
             value = gauges.get(name, 0.0)
         fam.add_metric([product], value)
     return fam
+
+
+async def scrape(flush: Callable[[], Awaitable[object]], render: Callable[[], Awaitable[str]], timeout_s: float) -> str:
+    """The cluster's Prometheus text for GET /metrics: this replica's own snapshot pushed first (flush), then
+    the hub's rendering. A hub that does not answer within timeout_s seconds is a 503, not a hung scrape."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await flush()
+            return await render()
+    except TimeoutError as exc:
+        raise APIError(503, f"the metrics hub did not answer within {timeout_s:g} s", "server_error",
+                       "unavailable") from exc

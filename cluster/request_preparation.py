@@ -109,7 +109,7 @@ def prepare(product: ServedProduct, req: oai._SamplingFields, ids: list[int], ma
                             f"you requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, "
                             f"{max_tokens} for the completion).", code="context_length_exceeded",
                        param="messages" if chat else "prompt")
-    vocab = len(product.tokenizer)
+    vocab = product.vocab_size
     if any(t >= vocab for t in ids):
         raise APIError(400, f"prompt token ids must be below the vocabulary size {vocab}", param="prompt")
     try:

@@ -21,7 +21,7 @@ from cluster.metric_names import (
 from cluster.metric_snapshots import Histogram, MetricsSnapshot
 from cluster.products import ProductConfig
 from engine.engine import context_limit
-from engine.model import load_config
+from engine.model import load_config, vocab_size
 from engine.models import resolve as resolve_model
 
 
@@ -43,6 +43,7 @@ class ServedProduct:
     config: ProductConfig
     tokenizer: Any
     max_model_len: int  # tokens: the longest request (prompt + max_tokens) every engine it passes can hold
+    vocab_size: int  # prompt token ids must be below it: the model's own, as the engines check it
     keys: frozenset[str]  # Bearer keys; empty: open
     system_prefix: list[int]  # token ids of the rendered system turn: shared by all chat requests
     stats: ProductStats = field(default_factory=ProductStats)
@@ -73,4 +74,4 @@ def load_product(config: ProductConfig) -> ServedProduct:
     # A request must fit every engine it passes through (a role may size its KV pool differently).
     roles = (config.prefill, config.decode) if config.disaggregated else (config.decode,)
     limit = min(context_limit(config.engine_config(role), hf_config) for role in roles)
-    return ServedProduct(config, tokenizer, limit, config.resolved_api_keys(), prefix)
+    return ServedProduct(config, tokenizer, limit, vocab_size(hf_config), config.resolved_api_keys(), prefix)

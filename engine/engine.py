@@ -24,7 +24,7 @@ from engine.cuda_graphs import cuda_capture
 from engine.device import resolve_device, resolve_dtype
 from engine.kv_cache import DTYPES, KVLayout, PagedKVCache, blocks_in
 from engine.kv_cache_manager import KVCacheManager
-from engine.model import kv_layout, load_model
+from engine.model import kv_layout, load_model, vocab_size
 from engine.model_runner import ModelRunner, StepBatch
 from engine.outputs import EngineInfo, EngineLoad, EngineStats, PrefillExport
 from engine.request import Request, RequestStatus
@@ -60,7 +60,7 @@ class Engine:
             cpu_linear.pack_linears(self.model)
             cpu_norm.fuse_rms_norms(self.model)
         hf_config = self.model.config.get_text_config()
-        self.vocab_size: int = hf_config.vocab_size
+        self.vocab_size = vocab_size(self.model.config)
         self.eos_token_ids = _eos_token_ids(self.model_path, hf_config)
         self.layout = kv_layout(self.model.config, config.block_size, self.dtype)
         self.attention_backend = _resolve_backend(config.attention_backend, self.layout, self.device)

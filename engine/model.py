@@ -67,3 +67,8 @@ def kv_layout(config: PretrainedConfig, block_size: int, dtype: str) -> KVLayout
 
 def load_config(path: str) -> PretrainedConfig:
     return AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def vocab_size(hf_config: PretrainedConfig) -> int:
+    """Token ids the model takes: [0, vocab_size) of its text config (a tokenizer may know fewer or more)."""
+    return hf_config.get_text_config().vocab_size

@@ -95,7 +95,8 @@ def test_a_streamed_response_is_released_when_it_ends(body_releases: bool) -> No
 
 def test_a_products_admission_is_bounded_by_its_queue_length_and_reported() -> None:
     config = tiny_products()["support-chat"]
-    product = ServedProduct(config, tokenizer=None, max_model_len=256, keys=frozenset(), system_prefix=[])
+    product = ServedProduct(config, tokenizer=None, max_model_len=256, vocab_size=8192, keys=frozenset(),
+                            system_prefix=[])
     assert product.admission.limit == config.max_queue_len
     product.admission.admit(2)
     snapshot = product.snapshot(token_streams_open=1)

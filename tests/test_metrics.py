@@ -10,6 +10,7 @@ import uuid
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cluster.http_edge import APIError
 from cluster.metric_names import (
     DIRECTORY_BLOCKS_FETCHED,
     E2E_REQUEST_LATENCY,
@@ -45,6 +46,7 @@ from cluster.metric_snapshots import (
     snapshot_from_engine_stats,
     snapshot_from_prefill_stats,
 )
+from cluster.metrics_exposition import scrape
 from cluster.metrics_hub import MetricsHub, get_or_create_hub
 from cluster.metrics_reporter import MetricsReporter
 from decode_workers.server import DecodeStats
@@ -277,6 +279,27 @@ def test_snapshots_from_worker_stats_count_each_token_once() -> None:
     assert snapshot_from_decode_stats(stats, local_prompt_tokens_cached=16).counters[PROMPT_TOKENS_CACHED] == 16
     colocated = snapshot_from_decode_stats(stats, disaggregated=False)
     assert colocated.counters[PROMPT_TOKENS_CACHED] == 320
+
+
+def test_a_scrape_answers_503_when_the_hub_does_not_answer_in_time() -> None:
+    flushed: list[bool] = []
+
+    async def flush() -> None:
+        flushed.append(True)
+
+    async def render() -> str:
+        return "# the cluster's metrics\n"
+
+    async def hung() -> str:
+        await asyncio.Event().wait()  # a hub stuck (or a GCS outage): never answers
+        return ""
+
+    assert asyncio.run(scrape(flush, render, timeout_s=5.0)) == "# the cluster's metrics\n" and flushed
+    started = time.monotonic()
+    with pytest.raises(APIError) as info:
+        asyncio.run(scrape(flush, hung, timeout_s=0.05))
+    assert (info.value.status, info.value.code) == (503, "unavailable") and "0.05 s" in info.value.message
+    assert time.monotonic() - started < 5.0
 
 
 def test_reporter_without_a_hub_never_raises() -> None:

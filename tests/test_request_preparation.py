@@ -4,6 +4,7 @@ event loop, the chat template's messages, limits, sampling parameters, seeds and
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 
 import pytest
@@ -45,7 +46,7 @@ class Tokenizer:
 def _product(tokenizer: Tokenizer | None = None, keys: frozenset[str] = frozenset(), **config) -> ServedProduct:
     base = tiny_products()["support-chat"]
     config = base.model_copy(update={"system_prompt": "", "default_max_tokens": 8, "max_output_tokens": 16, **config})
-    return ServedProduct(config, tokenizer or Tokenizer(), MAX_MODEL_LEN, keys, system_prefix=[])
+    return ServedProduct(config, tokenizer or Tokenizer(), MAX_MODEL_LEN, VOCAB, keys, system_prefix=[])
 
 
 def _completion(**fields) -> oai.CompletionRequest:
@@ -136,6 +137,16 @@ def test_a_request_longer_than_the_context_is_a_400(chat: bool, param: str) -> N
 def test_token_ids_outside_the_vocabulary_are_a_400() -> None:
     error = _refusal(prepare, _product(), _completion(), [1, VOCAB], 4, chat=False)
     assert (error.status, error.param) == (400, "prompt") and str(VOCAB) in error.message
+
+
+def test_the_vocabulary_is_the_models_as_the_engines_check_it_not_the_tokenizers() -> None:
+    """A model may take more ids than its tokenizer names (a padded embedding) or fewer: the ingress
+    checks the model's own size, the one the engines check, so the two never disagree."""
+    product = _product()
+    wider = dataclasses.replace(product, vocab_size=2 * VOCAB)
+    assert prepare(wider, _completion(), [VOCAB + 1], 4, chat=False).prompt_token_ids == [VOCAB + 1]
+    narrower = dataclasses.replace(product, vocab_size=VOCAB // 2)
+    assert _refusal(prepare, narrower, _completion(), [VOCAB // 2], 4, chat=False).status == 400
 
 
 # ---- sampling parameters, seeds, cache namespaces ----------------------------------------------

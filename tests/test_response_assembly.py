@@ -70,7 +70,7 @@ def _sample(letters: str, reason: str = "stop", steps: int = 2) -> list[dict]:
 
 def _job(chat: bool = False, stream: bool = False, n: int = 1, **fields):
     config = tiny_products()["support-chat"]
-    product = ServedProduct(config, Tokenizer(), 256, frozenset(), [])
+    product = ServedProduct(config, Tokenizer(), 256, 8192, frozenset(), [])
     req = oai.CompletionRequest.model_validate({"model": config.name, "prompt": PROMPT, "n": n, "stream": stream,
                                                 **fields})
     job = prepare(product, req, PROMPT, 16, chat=chat)
