@@ -11,7 +11,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID
 
 from cluster import routing
 from cluster.routing import KVHeadroomRouter, PrefixAffinityRouter
-from engine.block_hash import hash_full_blocks
+from engine.block_hash import extra_keys, hash_full_blocks
 from engine.config import SamplingParams
 from prefill_workers.protocol import PrefillRequest
 
@@ -62,29 +62,24 @@ async def _prefill_affinity() -> None:
     assert all(rank for rank in await choose([a], None))  # never an empty rank
 
 
-def test_a_prompt_is_hashed_once_per_request(monkeypatch) -> None:
-    """Choosing (twice here, as when Serve retries) and recording the route share one hashing of the prompt;
-    the routed request's hashes are then forgotten."""
-    calls = []
-
-    def counting(*args):
-        calls.append(args)
-        return hash_full_blocks(*args)
-
-    monkeypatch.setattr(routing, "hash_full_blocks", counting)
+def test_a_prompt_is_hashed_once_per_request() -> None:
+    """Choosing (twice here, as when Serve retries) and recording the route share one hashing of the prompt
+    (the same list each time); the routed request's hashes are then forgotten."""
 
     async def route() -> list[list[FakeReplica]]:
         router = _router(PrefixAffinityRouter)
         a, b = FakeReplica("a"), FakeReplica("b")
         pending = _pending(list(range(100, 180)))
         await router.choose_replicas([a, b], pending)
+        first = router._hashed[id(pending)][1]
+        assert first == hash_full_blocks(list(range(100, 180)), routing.ROUTING_BLOCK, extra_keys("", "p"))
         await router.choose_replicas([a, b], pending)
+        assert len(router._hashed) == 1 and router._hashed[id(pending)][1] is first  # not hashed again
         router.on_request_routed(pending, "b", None)
-        assert len(calls) == 1 and not router._hashed
+        assert not router._hashed
         return await router.choose_replicas([a, b], _pending(list(range(100, 180))))
 
-    assert asyncio.run(route())[0][0].replica_id == "b"
-    assert len(calls) == 2  # a new request with the same prompt: hashed anew
+    assert asyncio.run(route())[0][0].replica_id == "b"  # a new request with the same prompt follows the owner
 
 
 def test_a_release_goes_to_the_replica_that_holds_the_export() -> None:
