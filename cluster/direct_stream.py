@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from decode_workers.token_stream import TokenStreamError, TokenStreamServer
+from decode_workers.token_stream import TokenStreamError
+from decode_workers.token_stream_server import TokenStreamServer
 from prefill_workers.remote_calls import awaited
 
 FINAL_GRACE_S = 10.0  # the call returned; its last output, written before, is this late at most

@@ -55,7 +55,8 @@ from cluster.request_preparation import PreparedRequest, RequestPreparer
 from cluster.response_assembly import respond
 from cluster.served_product import ServedProduct, load_product
 from cluster.worker_streams import open_stream, open_streams_of
-from decode_workers.token_stream import TokenStreamSecurity, TokenStreamServer
+from decode_workers.token_stream import TokenStreamSecurity
+from decode_workers.token_stream_server import TokenStreamServer
 
 log = logging.getLogger(__name__)
 

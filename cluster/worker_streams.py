@@ -21,7 +21,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from cluster.direct_stream import DirectStream
 from cluster.http_edge import APIError, describe
-from decode_workers.token_stream import TokenStreamError, TokenStreamServer
+from decode_workers.token_stream import TokenStreamError
+from decode_workers.token_stream_server import TokenStreamServer
 from engine.async_engine import RequestFailedError
 from engine.scheduler import OverloadedError
 

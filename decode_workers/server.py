@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from decode_workers.prefill_placement import PrefillPlacement
-from decode_workers.token_stream import TokenStreamSender, TokenStreamTarget
+from decode_workers.token_stream import TokenStreamTarget
+from decode_workers.token_stream_sender import TokenStreamSender
 from engine.config import SLO, EngineConfig, SamplingParams
 from engine.outputs import EngineStats
 from engine.request import Request

@@ -23,7 +23,7 @@ from cluster.direct_stream import DirectStream
 from cluster.invariants import wait_cluster_idle
 from cluster.metric_names import INGRESS_INFLIGHT
 from cluster.metrics_hub import get_hub
-from decode_workers.token_stream import TokenStreamServer
+from decode_workers.token_stream_server import TokenStreamServer
 from tests.test_http_api import REPORT_KEY
 
 PRODUCT = "report-gen"  # long answers (up to 1,536 tokens): still decoding when the client leaves

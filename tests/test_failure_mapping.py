@@ -96,7 +96,7 @@ def test_a_worker_that_stops_sending_ends_the_request() -> None:
     aborts the request on the worker and closes its token-stream queue."""
     from cluster.direct_stream import DirectStream
     from cluster.worker_streams import next_output
-    from decode_workers.token_stream import TokenStreamServer
+    from decode_workers.token_stream_server import TokenStreamServer
 
     async def scenario() -> tuple[bool, int]:
         server = TokenStreamServer()

@@ -21,7 +21,8 @@ from cryptography import x509
 
 from cluster.products import ProductConfig
 from kvtransfer import KVAuthError, KVConnector, KVNotFoundError, KVTransferConfig, KVTransferError, make_connector
-from kvtransfer.grpc_transport import METHOD, FetchRequest
+from kvtransfer.grpc_frames import FetchRequest
+from kvtransfer.grpc_transport import METHOD
 from tests.test_kvtransfer import LAYOUT, export, make_blocks, same_bytes
 from tests.tls_helpers import TLSFiles, loopback_names, write_self_signed
 

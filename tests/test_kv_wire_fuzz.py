@@ -25,18 +25,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvtransfer import KVConnector, KVCorruptError, KVHandle, KVTransferConfig, KVTransferError, make_connector
-from kvtransfer.connector import byte_view
-from kvtransfer.grpc_transport import (
+from kvtransfer.grpc_frames import (
     FRAME_SLACK,
-    METHOD,
     REQUEST_MAX_BYTES,
-    SERVICE,
     DataFrame,
     EndFrame,
     FetchRequest,
     HeaderFrame,
     decode_frame,
 )
+from kvtransfer.grpc_transport import METHOD, SERVICE
+from kvtransfer.payload import byte_view
 from tests.test_kvtransfer import LAYOUT, export, make_blocks, same_bytes
 
 CHUNK = 1024  # importer and fake exporter frame size: LAYOUT's 1 KiB blocks, one data frame per block

@@ -11,13 +11,9 @@ from cluster import direct_stream
 from cluster.direct_stream import DirectStream
 from decode_workers import token_stream as ts
 from decode_workers.server import DecodeServer
-from decode_workers.token_stream import (
-    TokenStreamError,
-    TokenStreamSecurity,
-    TokenStreamSender,
-    TokenStreamServer,
-    TokenStreamTarget,
-)
+from decode_workers.token_stream import TokenStreamError, TokenStreamSecurity, TokenStreamTarget
+from decode_workers.token_stream_sender import TokenStreamSender
+from decode_workers.token_stream_server import TokenStreamServer
 from engine.config import SamplingParams
 from tests.engine_helpers import random_prompts
 from tests.tls_helpers import loopback_names, write_self_signed
@@ -103,7 +99,7 @@ def test_wrong_secret_is_refused_and_delivers_nothing() -> None:
 
 @pytest.mark.parametrize("frame", [
     pytest.param(b"\x00\x00\x00\x03\xc1\xc1\xc1", id="undecodable"),  # 0xc1 is no msgpack type
-    pytest.param(ts._frame({"s": [1]}), id="not-a-list-of-pairs"),
+    pytest.param(ts.encode_frame({"s": [1]}), id="not-a-list-of-pairs"),
     pytest.param((ts.MAX_FRAME_BYTES + 1).to_bytes(4, "big"), id="oversized"),
 ])
 def test_a_bad_frame_closes_its_connection_and_spares_the_others(frame: bytes) -> None:
@@ -111,9 +107,9 @@ def test_a_bad_frame_closes_its_connection_and_spares_the_others(frame: bytes) -
         server = await _server()
         queue = server.open("s")
         reader, writer = await asyncio.open_connection(server.host, server.port)
-        writer.write(ts._frame(server.secret))
+        writer.write(ts.encode_frame(server.secret))
         assert await reader.read(1) == ts.ACK
-        writer.write(frame + ts._frame([["s", _out([9])]]))  # a good frame behind the bad one is not read
+        writer.write(frame + ts.encode_frame([["s", _out([9])]]))  # a good frame behind the bad one is not read
         assert await asyncio.wait_for(reader.read(1), 5) == b""  # the server closed the connection
         writer.close()
         assert queue.empty()

@@ -11,7 +11,8 @@ import pytest
 import cluster.worker_streams as worker_streams
 from cluster.direct_stream import DirectStream
 from cluster.worker_streams import close, open_stream, open_streams_of, rest_outputs
-from decode_workers.token_stream import TokenStreamError, TokenStreamServer
+from decode_workers.token_stream import TokenStreamError
+from decode_workers.token_stream_server import TokenStreamServer
 
 REQUEST = {"prompt_token_ids": [1, 2], "sampling_params": None, "cache_salt": "s"}
 
