@@ -37,7 +37,7 @@ import msgpack
 from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass as config_dataclass
 
-from kvtransfer.config import is_loopback
+from kvtransfer.config import check_tls_files, is_loopback
 
 MAX_FRAME_BYTES = 8 << 20  # far above one frame of outputs (a step's tokens for every stream)
 MAX_HELLO_BYTES = 1024
@@ -66,11 +66,7 @@ class TokenStreamSecurity:
     allow_plaintext: bool = False
 
     def __post_init__(self) -> None:
-        files = (self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
-        if any(f is not None for f in files) and not all(files):
-            raise ValueError("token stream TLS: set tls_cert_file, tls_key_file and tls_ca_file together")
-        if self.tls_server_name is not None and not self.tls:
-            raise ValueError("token stream tls_server_name needs the TLS files")
+        check_tls_files(self.tls_cert_file, self.tls_key_file, self.tls_ca_file, self.tls_server_name, "token stream")
 
     @property
     def tls(self) -> bool:

@@ -15,6 +15,15 @@ Fault = Literal["corrupt", "truncate", "timeout", "wrong_layout"]
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})  # bind every interface; never dialable
 
 
+def check_tls_files(cert: str | None, key: str | None, ca: str | None, server_name: str | None, owner: str) -> None:
+    """ValueError unless the TLS PEM files are all three or none, and a server name comes only with them."""
+    files = (cert, key, ca)
+    if any(f is not None for f in files) and not all(files):
+        raise ValueError(f"{owner}: tls_cert_file, tls_key_file and tls_ca_file go together: set all three or none")
+    if server_name is not None and cert is None:
+        raise ValueError(f"{owner}: tls_server_name needs TLS (tls_cert_file, tls_key_file, tls_ca_file)")
+
+
 def is_loopback(host: str) -> bool:
     """True if `host` names this machine only (127.0.0.0/8, ::1, localhost): nothing off the host can dial it."""
     if host == "localhost":
@@ -116,16 +125,12 @@ class KVTransferConfig:
         return token
 
     def _check_security(self) -> None:
-        files = (self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
-        if any(f is not None for f in files) and not all(files):
-            raise ValueError("tls_cert_file, tls_key_file and tls_ca_file go together: set all three or none")
+        check_tls_files(self.tls_cert_file, self.tls_key_file, self.tls_ca_file, self.tls_server_name, "KV transfer")
         if self.auth_token is not None and self.auth_token_env is not None:
             raise ValueError("set auth_token or auth_token_env, not both")
         secured = self.tls or self.auth_token is not None or self.auth_token_env is not None
         if secured and self.transport != "grpc":
             raise ValueError(f"TLS and tokens apply to the grpc transport only, not {self.transport!r}")
-        if self.tls_server_name is not None and not self.tls:
-            raise ValueError("tls_server_name needs TLS (tls_cert_file, tls_key_file, tls_ca_file)")
         if (self.transport == "grpc" and not self.tls and not self.allow_plaintext
                 and not is_loopback(self.grpc_host)):
             raise ValueError(f"grpc_host {self.grpc_host!r} reaches beyond this machine: KV blocks would cross the "
