@@ -31,6 +31,8 @@ LOCAL_PREFILLS = "local_prefills"
 DIRECTORY_BLOCKS_FETCHED = "prefix_directory_blocks_fetched"
 DIRECTORY_BLOCKS_PUBLISHED = "prefix_directory_blocks_published"
 DIRECTORY_ERRORS = "prefix_directory_errors"
+DIRECTORY_LOOKUPS = "prefix_directory_lookups"
+DIRECTORY_STALE_BLOCKS = "prefix_directory_stale_blocks"
 # Labelled counters: bare name -> its one label besides product.
 REQUEST_SUCCESS = "request_success"
 REQUESTS_REJECTED = "requests_rejected"
@@ -92,6 +94,8 @@ HELP = {
     DIRECTORY_BLOCKS_FETCHED: "KV blocks fetched from the cluster prefix directory.",
     DIRECTORY_BLOCKS_PUBLISHED: "KV blocks published to the cluster prefix directory.",
     DIRECTORY_ERRORS: "Prefix directory calls that failed (served without the directory).",
+    DIRECTORY_LOOKUPS: "Fetch calls to the prefix directory (made only when a worker's index lists wanted blocks).",
+    DIRECTORY_STALE_BLOCKS: "Blocks a worker's index listed that the directory had evicted (computed instead).",
     REQUEST_SUCCESS: "Requests finished, by finish reason.",
     REQUESTS_REJECTED: "Requests rejected before any work, by reason.",
     NUM_REQUESTS_RUNNING: "Requests in engine batches now (prefill and decode workers).",

@@ -25,6 +25,8 @@ from cluster.metric_names import (
     DIRECTORY_BLOCKS_FETCHED,
     DIRECTORY_BLOCKS_PUBLISHED,
     DIRECTORY_ERRORS,
+    DIRECTORY_LOOKUPS,
+    DIRECTORY_STALE_BLOCKS,
     GENERATION_TOKENS,
     KV_BLOCKS_TOTAL,
     KV_BLOCKS_USED,
@@ -214,7 +216,8 @@ def snapshot_from_prefill_stats(stats: PrefillStats,
         stats.engine, count_generation=False, histograms=histograms,
         counters={DIRECTORY_BLOCKS_FETCHED: stats.directory_blocks_fetched,
                   DIRECTORY_BLOCKS_PUBLISHED: stats.directory_blocks_published,
-                  DIRECTORY_ERRORS: stats.directory_errors},
+                  DIRECTORY_ERRORS: stats.directory_errors, DIRECTORY_LOOKUPS: stats.directory_lookups,
+                  DIRECTORY_STALE_BLOCKS: stats.directory_stale_blocks},
         gauges={KV_EXPORTS_ALIVE: stats.exports_alive},
     )
 

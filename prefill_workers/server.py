@@ -9,13 +9,15 @@ reply, off the critical path.
 
 A plain class: it runs as a Ray actor or as a Ray Serve deployment. The
 directory is optional (None: prefix reuse stays per worker) and is reached by
-name, so a restarted directory is found again.
+name, so a restarted directory is found again. Whether it holds a prompt's
+blocks is read from a local index that follows the directory's change feed
+(prefill_workers/directory_client.py): no directory call on the request path
+unless there is something to fetch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -27,17 +29,9 @@ import torch
 from engine.config import EngineConfig, SamplingParams
 from engine.outputs import EngineStats, PrefillExport
 from kvtransfer import KVHandle, KVTransferConfig
+from prefill_workers.directory_client import DirectoryClient
 from prefill_workers.engine_worker import EngineWorker, WorkerStats
 from prefill_workers.protocol import PrefillRequest, PrefillResult
-
-log = logging.getLogger(__name__)
-
-
-# The directory is an optimisation: a slow or dead one may cost a request at most this much TTFT before
-# the worker computes the blocks itself (seconds; a healthy lookup takes milliseconds).
-DIRECTORY_LOOKUP_TIMEOUT_S = 1.0
-DIRECTORY_PUBLISH_TIMEOUT_S = 10.0  # in the background, after the request: bounds the tasks a hang leaves
-DIRECTORY_RETRY_S = 1.0  # after a failure, how long before the directory's handle is looked up again
 
 
 @dataclass(frozen=True)
@@ -46,6 +40,9 @@ class PrefillStats(WorkerStats):
     directory_blocks_fetched: int
     directory_blocks_published: int
     directory_errors: int
+    directory_lookups: int = 0  # calls to the directory to fetch blocks its index listed
+    directory_stale_blocks: int = 0  # blocks the index listed that the directory no longer held (computed)
+    directory_index_entries: int = 0  # block hashes the local index lists
 
 
 class PrefillServer(EngineWorker):
@@ -56,18 +53,13 @@ class PrefillServer(EngineWorker):
                  directory: str | ray.actor.ActorHandle | None = None,
                  directory_namespace: str = "pdserve", worker_id: str | None = None) -> None:
         super().__init__(engine_config, transfer_config, worker_id)
-        self._directory_ref = directory
-        self._directory_namespace = directory_namespace
-        self._directory_handle = None  # the named directory's handle, looked up once and kept until it fails
-        self._directory_retry_at = 0.0  # monotonic seconds: no new lookup before (a GCS outage costs one per period)
-        self._fetched = self._published = self._directory_errors = 0
-        self._pinned: set[bytes] = set()  # hashes this worker warmed: re-pinned if the directory restarts
+        self.directory = None if directory is None else DirectoryClient(directory, directory_namespace)
         self._background: set[asyncio.Task] = set()
         self._reaper: asyncio.Task | None = None
 
     # ---- the request path ------------------------------------------------------------------------
     async def prefill(self, request: PrefillRequest) -> PrefillResult:
-        self._ensure_reaper()
+        self._ensure_background()
         start = time.monotonic()
         rid = request.request_id
         params = replace(request.sampling_params, n=1, max_tokens=1)
@@ -96,7 +88,8 @@ class PrefillServer(EngineWorker):
         # Publish on reuse: only the blocks this worker found in its own cache, i.e. prefixes seen at
         # least twice. A prompt's unique blocks would cost a copy into the object store and engine time
         # for nothing: nobody else asks for them (measured: BENCHMARKS.md, prefix cache off vs on).
-        self._spawn(self._publish(export.block_hashes[:num_local]))
+        if self.directory is not None:
+            self._spawn(self.directory.offer(export.block_hashes[:num_local], self._read_cached_blocks))
         return PrefillResult(
             request_id=rid, first_token=export.first_token, first_logprobs=export.first_logprobs,
             num_cached_tokens=num_cached, num_computed_tokens=req.num_prompt_tokens - num_cached,
@@ -121,21 +114,26 @@ class PrefillServer(EngineWorker):
                                  cache_salt)
         result = await self.prefill(request)
         self.connector.release(result.kv.export_id)
-        directory = self._directory()
-        if directory is None:
+        if self.directory is None:
             return 0
         hashes = list(result.kv.block_hashes)
         if pin:
-            self._pinned.update(hashes)
-        await self._publish(hashes)  # all of them: a warmed prompt is shared by definition
-        if pin:
-            await directory.pin.remote(hashes)
-        return await directory.contains.remote(hashes)
+            self.directory.pinned.update(hashes)
+        await self.directory.offer(hashes, self._read_cached_blocks)  # all: a warmed prompt is shared
+        return await self.directory.pin(hashes) if pin else self.directory.index.leading_run(hashes)
 
     # ---- introspection -----------------------------------------------------------------------------
     def _stats(self, engine: EngineStats) -> PrefillStats:
-        return PrefillStats(self.worker_id, engine, self.connector.num_exports, self._fetched,
-                            self._published, self._directory_errors)
+        d = self.directory
+        if d is None:
+            return PrefillStats(self.worker_id, engine, self.connector.num_exports, 0, 0, 0)
+        return PrefillStats(self.worker_id, engine, self.connector.num_exports, d.fetched, d.published,
+                            d.errors, d.lookups, d.stale, len(d.index))
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        if self.directory is not None:
+            self.directory.close()
+        super().shutdown(timeout_s)
 
     async def reap_expired(self) -> int:
         return self.connector.reap_expired()
@@ -144,50 +142,26 @@ class PrefillServer(EngineWorker):
     async def _import_from_directory(self, rid: str, num_prompt_tokens: int, num_local: int) -> int:
         """Queue the deferred request with the longest run of directory blocks after its num_local local
         ones attached (none: it computes them). Returns the blocks attached."""
-        directory = self._directory()
+        d = self.directory
         # Full blocks the engine may take from elsewhere: the last prompt token is always computed.
-        if directory is not None and num_local < (num_prompt_tokens - 1) // self.block_size:
+        if d is not None and num_local < (num_prompt_tokens - 1) // self.block_size \
+                and await d.synced() and len(d.index):
             hashes = await self.engine.call(lambda e: e.requests[rid].full_block_hashes(
                 self.block_size, num_prompt_tokens - 1)[num_local:])
-            blocks = await self._fetch_from_directory(directory, hashes)
-            if blocks is not None:
+            arrays = await d.fetch(hashes)
+            if arrays:
+                blocks = torch.from_numpy(np.concatenate(arrays, axis=2)).view(self.engine.info.kv_dtype)
                 n = blocks.shape[2]
                 try:
                     await self.engine.import_kv(rid, blocks, n * self.block_size,
                                                 num_cached_tokens=(num_local + n) * self.block_size)
                 except ValueError as exc:  # blocks that do not fit this pool: still deferred, compute them
-                    self._directory_failed(exc, "blocks refused, computing instead")
+                    d.failed(exc, "blocks refused, computing instead")
                 else:
-                    self._fetched += n
+                    d.fetched += n
                     return n
         await self.engine.import_kv(rid)
         return 0
-
-    async def _fetch_from_directory(self, directory, hashes: list[bytes]) -> torch.Tensor | None:
-        """The directory's blocks for the longest known run of hashes, or None: it has none, or failed
-        (counted; the directory is an optimisation, the worker computes the blocks instead)."""
-        try:
-            refs, arrays = await asyncio.wait_for(self._lookup(directory, hashes), DIRECTORY_LOOKUP_TIMEOUT_S)
-            if not refs:
-                return None
-            return torch.from_numpy(np.concatenate(arrays, axis=2)).view(self.engine.info.kv_dtype)
-        except Exception as exc:
-            self._directory_failed(exc, "fetch failed, computing instead")
-            return None
-
-    @staticmethod
-    async def _lookup(directory, hashes: list[bytes]) -> tuple[list, list[np.ndarray]]:
-        """The directory's refs for the longest known run of hashes, and their arrays."""
-        refs = await directory.lookup.remote(hashes)
-        return refs, (await asyncio.gather(*refs) if refs else [])
-
-    def _directory_failed(self, exc: BaseException, what: str) -> None:
-        """Count a failed directory call and forget the handle: the next call looks the directory up again
-        (it may have restarted), but not before DIRECTORY_RETRY_S."""
-        self._directory_errors += 1
-        self._directory_handle = None
-        self._directory_retry_at = time.monotonic() + DIRECTORY_RETRY_S
-        log.warning("prefix directory %s: %r", what, exc)
 
     async def _export(self, rid: str, export: PrefillExport) -> KVHandle:
         """Stage a finished prefill's blocks for the caller (under the connector's lease); its handle."""
@@ -195,51 +169,22 @@ class PrefillServer(EngineWorker):
             self.connector.export, rid, export.blocks, self.layout, first_block=export.first_block,
             num_tokens=export.num_tokens, block_hashes=export.block_hashes[export.first_block:])
 
-    async def _publish(self, hashes: list[bytes]) -> None:
-        """Offer a run of a prompt's full blocks (from its first) to the directory: it gets the ones it
-        lacks (it owns them from then on), read from this worker's prefix cache. Blocks already known are
-        offered again: after a directory restart this is how it is refilled (and warmed prompts re-pinned)."""
-        directory = self._directory()
-        if directory is None or not hashes:
-            return
-        try:
-            await asyncio.wait_for(self._offer(directory, hashes), DIRECTORY_PUBLISH_TIMEOUT_S)
-        except Exception as exc:
-            self._directory_failed(exc, "publish failed")
-
-    async def _offer(self, directory, hashes: list[bytes]) -> None:
-        """_publish's calls: the blocks the directory lacks, then the pins it lost."""
-        known = await directory.contains.remote(hashes)
-        if known == len(hashes):
-            return
-        blocks = await self.engine.call(lambda e: e.read_cached_blocks(hashes[known:]))
-        n = blocks.shape[2]
-        if n:
-            await directory.publish.remote(hashes[known:known + n], _as_numpy(blocks), False)
-            self._published += n
-        repin = [h for h in hashes[known:known + n] if h in self._pinned]
-        if repin:  # the directory restarted and lost its pins
-            await directory.pin.remote(repin)
-
-    def _directory(self):
-        ref = self._directory_ref
-        if ref is None or not isinstance(ref, str):
-            return ref
-        if self._directory_handle is None and time.monotonic() >= self._directory_retry_at:
-            try:
-                self._directory_handle = ray.get_actor(ref, namespace=self._directory_namespace)
-            except ValueError:  # not running (yet, or restarting): serve without it for a while
-                self._directory_retry_at = time.monotonic() + DIRECTORY_RETRY_S
-        return self._directory_handle
+    async def _read_cached_blocks(self, hashes: list[bytes]) -> np.ndarray:
+        """The K/V of a leading run of hashes from this worker's prefix cache, as the directory stores it."""
+        return _as_numpy(await self.engine.call(lambda e: e.read_cached_blocks(hashes)))
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _ensure_reaper(self) -> None:
+    def _ensure_background(self) -> None:
+        """The lease reaper and the directory's change feed (started from the first request: they need
+        the replica's event loop)."""
         if self._reaper is None or self._reaper.done():
             self._reaper = asyncio.ensure_future(self._reap_loop())
+        if self.directory is not None:
+            self.directory.follow()
 
     async def _reap_loop(self) -> None:
         period = max(0.05, min(1.0, self.connector.config.lease_s / 4))

@@ -102,9 +102,15 @@ def test_system_prompt_computed_once_per_cluster(ray_local, directory) -> None:
     try:
         pinned = ray.get(prefills[0].warm_prefix.remote(SYSTEM), timeout=TIMEOUT_S)
         assert pinned == 220 // 16
+        before = ray.get(directory.stats.remote(), timeout=TIMEOUT_S)
         prompts = random_prompts([40, 70, 15, 120, 33, 64, 5, 80], 8192, seed=33, prefix=SYSTEM)
         for i, prompt in enumerate(prompts):
             generate(decodes[i % 2], prompt, GREEDY)
+        # The directory is asked once in all: by the second worker, to fetch the system prompt its index
+        # listed. Every other request read the index (no call), and nothing was offered again.
+        after = ray.get(directory.stats.remote(), timeout=TIMEOUT_S)
+        assert after.lookups - before.lookups == 1
+        assert (after.contains_calls, after.publish_calls) == (before.contains_calls, before.publish_calls)
         computed = sum(ray.get(p.stats.remote(), timeout=TIMEOUT_S).engine.prompt_tokens_computed
                        for p in prefills)
         full_prefix = (220 // 16) * 16
@@ -334,16 +340,19 @@ class _HungDirectory:
         def never(*_args):
             return asyncio.get_running_loop().create_future()
 
-        self.lookup = self.contains = self.publish = self.pin = _Call(never)
+        self.lookup = self.contains = self.publish = self.pin = self.changes = _Call(never)
 
 
 def test_a_hung_directory_costs_a_bounded_delay_not_the_request(monkeypatch: pytest.MonkeyPatch) -> None:
-    """In one process, no Ray: the lookup gives up after its timeout and the worker computes the prompt;
-    the background publish gives up too, leaving no task behind. Both are counted as directory errors."""
-    import prefill_workers.server as server
+    """In one process, no Ray: the first request waits a bounded time for the directory's change feed and
+    computes the prompt; the feed's long poll and the background publish give up too, leaving no task
+    behind. They are counted as directory errors."""
+    import prefill_workers.directory_client as client
 
-    monkeypatch.setattr(server, "DIRECTORY_LOOKUP_TIMEOUT_S", 0.2)
-    monkeypatch.setattr(server, "DIRECTORY_PUBLISH_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(client, "DIRECTORY_LOOKUP_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(client, "DIRECTORY_PUBLISH_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(client, "FEED_POLL_S", 0.1)
+    monkeypatch.setattr(client, "FEED_MARGIN_S", 0.1)
     prefill = PrefillServer(None, {"transport": "local"}, _HungDirectory())
     prompt = _prompts(2)[1]
 
