@@ -1,6 +1,8 @@
 """Admission: how many samples a product has in flight on this replica, and the one release of each request.
 
-Invariants: a product's in-flight count is the samples admitted and not yet released; a request is
+Invariants: a product's in-flight count is the samples admitted and not yet released; it is admitted up
+to this replica's share of the product's bound (cluster/admission_split.py), which may change while
+samples are in flight and then applies to new admissions only; a request is
 admitted whole (its n samples) or refused with 429 and Retry-After, and released exactly once however it
 ends (finished, failed, or its client gone at any point), so departed clients cannot leave the count up
 and the product answering 429 forever.
@@ -19,10 +21,11 @@ from cluster.worker_streams import close
 
 
 class Admission:
-    """One product's in-flight samples on this replica, bounded by limit (the product's max_queue_len)."""
+    """One product's in-flight samples on this replica. bound: the product's max_queue_len, for the whole
+    ingress deployment; limit: this replica's share of it (the whole bound until split)."""
 
     def __init__(self, product: str, limit: int) -> None:
-        self.product, self.limit, self.inflight = product, limit, 0
+        self.product, self.bound, self.limit, self.inflight = product, limit, limit, 0
 
     def admit(self, samples: int) -> None:
         """Count samples in flight, or refuse them all with 429 when they would pass the limit."""

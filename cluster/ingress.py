@@ -5,7 +5,8 @@ Per request, in this order, each step its own module:
   read within its size and time limits and parsed;
 - request preparation (cluster/request_preparation.py): the product from `model`, its key, chat template
   and system prompt, tokens (off the event loop), limits, sampling parameters;
-- admission (cluster/admission.py): the product's in-flight bound (429 with Retry-After past it);
+- admission (cluster/admission.py): this replica's share of the product's in-flight bound (429 with
+  Retry-After past it); the shares follow the ingress replica count (cluster/admission_split.py);
 - the samples run on the product's DecodeServer deployment (cluster/worker_streams.py);
 - response assembly (cluster/response_assembly.py): SSE or one JSON body, with the latency metrics.
 Every refusal happens before any engine work, in OpenAI's error shape: 400 malformed JSON / too long, 408
@@ -32,6 +33,7 @@ from ray import serve
 
 from cluster import openai_protocol as oai
 from cluster.admission import Release
+from cluster.admission_split import AdmissionSplit
 from cluster.http_edge import (
     BODY_READ_TIMEOUT_S,
     APIError,
@@ -45,6 +47,7 @@ from cluster.http_edge import (
     parse_request,
     refusal_reason,
 )
+from cluster.ingress_membership import serve_membership
 from cluster.metric_names import ROLE_INGRESS
 from cluster.metrics_exposition import CONTENT_TYPE, scrape
 from cluster.metrics_hub import get_or_create_hub
@@ -93,6 +96,10 @@ class OpenAIIngress:
         self._decoders = decoders
         self._prefills = prefills or {}
         self._products = {name: load_product(config) for name, config in configs.items()}
+        # Each product's bound split across the ingress replicas; split once now, before any request, and
+        # then every second off the request path (started with the metrics reporter).
+        self._split = AdmissionSplit([p.admission for p in self._products.values()], serve_membership)
+        self._split.refresh_now()
         self._preparer = RequestPreparer(self._products)
         self._body_limit = body_limit_bytes(max(p.max_model_len for p in self._products.values()))
         self._body_timeout_s = body_timeout_s
@@ -131,7 +138,7 @@ class OpenAIIngress:
 
     async def _counted(self, request: Request, handler: Callable[[Request], Awaitable[Response]]) -> Response:
         """Run a route; count a refusal against its product (when the body named a known one)."""
-        self._reporter.start()
+        self._start_background()
         await check_key(request, self._any_key)  # before reading the body
         try:
             return await handler(request)
@@ -159,8 +166,12 @@ class OpenAIIngress:
 
     # ---- Serve hooks ------------------------------------------------------------------------------
     async def check_health(self) -> None:
-        self._reporter.start()
+        self._start_background()
         self._ensure_warm()
+
+    async def admission_limits(self) -> dict[str, int]:
+        """This replica's share of each product's bound now (operators and tests read it)."""
+        return {name: p.admission.limit for name, p in self._products.items()}
 
     async def warm(self) -> dict[str, int]:
         """Compute each system prompt once and pin it in the prefix directory: once per namespace, so products
@@ -177,6 +188,11 @@ class OpenAIIngress:
         return results
 
     # ---- internals --------------------------------------------------------------------------------
+    def _start_background(self) -> None:
+        """The metrics pushes and the admission re-split, on the replica's event loop (idempotent)."""
+        self._reporter.start()
+        self._split.start()
+
     def _ensure_warm(self) -> None:
         if self._warmed is None:
             self._warmed = asyncio.ensure_future(self.warm())

@@ -108,7 +108,7 @@ class ProductConfig(_Frozen):
     # times slo.ttft_s, instead of accepting a request that will miss; None: never (engine/scheduler.py).
     reject_past_ttft: float | None = Field(None, gt=0)
     api_keys: tuple[str, ...] = ()  # Bearer keys; empty: no auth. Values "env:NAME" read NAME (comma-separated)
-    max_queue_len: int = Field(64, ge=1)  # in-flight requests per ingress replica before 429
+    max_queue_len: int = Field(64, ge=1)  # in-flight samples across all ingress replicas before 429 (split)
     disaggregated: bool = True
     # Disaggregated products: a prompt whose uncached part is at most this many tokens may be computed on the
     # decode engine instead, when that is cheaper than the remote path's measured cost (a short follow-up

@@ -40,6 +40,7 @@ from ray.serve.deployment import Application
 from ray.serve.schema import ServeDeploySchema
 
 import cluster.app
+from cluster.ingress_config import IngressConfig
 from cluster.products import ProductConfig, load_products
 from decode_workers.token_stream import TokenStreamSecurity
 from tests.process_helpers import STARTUP_TIMEOUT_S, _kill_session, chat, cli, free_port, run_dir, served
@@ -75,12 +76,13 @@ def _check_app(config: ServeDeploySchema, args: tuple[str, ...] = ("products_dir
 def test_serve_yaml_validates_and_loads_both_products(monkeypatch, tmp_path):
     config = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_YAML.read_text()))
     assert (config.http_options.host, config.http_options.port) == ("127.0.0.1", 8000)
-    args = _check_app(config)
+    args = _check_app(config, ("products_dir", "ingress"))
     assert config.applications[0].runtime_env == {}  # the package is pip-installed: no working_dir
     # A relative products_dir works from any directory (it falls back to the repository root).
     monkeypatch.chdir(tmp_path)
     products = load_products(_products_dir(args["products_dir"]))
     assert set(products) == PRODUCTS
+    IngressConfig(**args["ingress"]).check_products(products)  # the ingress block is valid for these products
 
 
 # ---- deploy/kuberay/rayservice.yaml -----------------------------------------------------------------
