@@ -16,6 +16,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import openai
@@ -85,16 +86,6 @@ def _chat(client: openai.OpenAI, content: str, max_tokens: int, model: str = PRO
         **({"stream_options": {"include_usage": True}} if stream else {}))
 
 
-def _stream_tokens(client: openai.OpenAI, content: str, max_tokens: int, started: threading.Event) -> int:
-    """Completion tokens of a streamed request (from its usage chunk); raises on a stream error event."""
-    tokens = 0
-    for chunk in _chat(client, content, max_tokens, stream=True):
-        started.set()
-        if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
-    return tokens
-
-
 def _sources(role: str, product: str = PRODUCT):
     hub = get_hub()
     return [s for s in ray.get(hub.sources.remote(), timeout=TIMEOUT_S)
@@ -156,37 +147,77 @@ def _assert_idle(products: tuple[str, ...] = (PRODUCT, CORRUPT)) -> None:
     assert not problems, problems
 
 
-def test_decode_replica_death_mid_stream(client: openai.OpenAI) -> None:
-    n_streams, length = 4, 1200
-    started = [threading.Event() for _ in range(n_streams)]
-    with ThreadPoolExecutor(max_workers=n_streams + 1) as pool:
-        streams = [pool.submit(_stream_tokens, client, f"stream {i}", length, started[i]) for i in range(n_streams)]
+@dataclass
+class _Run:
+    """A streamed chat answer as the client saw it: text, token strings (logprobs), usage, chunk times."""
+
+    text: str = ""
+    tokens: list[str] = field(default_factory=list)
+    completion_tokens: int = 0
+    times: list[float] = field(default_factory=list)  # time.monotonic() of each chunk
+
+
+def _streamed(client: openai.OpenAI, content: str, max_tokens: int, seed: int | None,
+              started: threading.Event | None = None) -> _Run:
+    """Greedy without a seed, else temperature 1 with it; raises on a stream error event."""
+    run = _Run()
+    for chunk in client.chat.completions.create(
+            model=PRODUCT, messages=[{"role": "user", "content": content}], max_tokens=max_tokens,
+            temperature=0 if seed is None else 1.0, seed=seed, logprobs=True, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}):
+        run.times.append(time.monotonic())
+        if started is not None:
+            started.set()
+        if chunk.usage is not None:
+            run.completion_tokens = chunk.usage.completion_tokens
+        for choice in chunk.choices:
+            run.text += choice.delta.content or ""
+            run.tokens += [t.token for t in (choice.logprobs.content or [])] if choice.logprobs else []
+    return run
+
+
+def _longest_gap_after(times: list[float], moment: float) -> float:
+    """The longest wait between chunks that ended after moment (seconds): the pause a migration made."""
+    return max((b - a for a, b in zip(times, times[1:], strict=False) if b > moment), default=0.0)
+
+
+def test_decode_replica_death_mid_stream_resumes_every_stream_token_for_token(
+        client: openai.OpenAI, faults_url: str) -> None:
+    """Greedy and seeded streams (and a whole answer) on two decode replicas; the busier replica is killed
+    mid-stream. Every answer completes and equals an uninterrupted run of the same request, token for token."""
+    length, seeds = 1000, [None, None, 11, 12]
+    contents = [f"stream {i}" for i in range(len(seeds))]
+    with ThreadPoolExecutor(max_workers=len(seeds) + 1) as pool:  # the uninterrupted runs
+        expected = list(pool.map(lambda cs: _streamed(client, cs[0], length, cs[1]), zip(contents, seeds, strict=True)))
+        expected_plain = _chat(client, "not streamed", length).choices[0].message.content
+    label = (("product", PRODUCT),)
+    before = _metrics(faults_url).get(("pdserve:migrations_total", label), 0)
+    started = [threading.Event() for _ in seeds]
+    with ThreadPoolExecutor(max_workers=len(seeds) + 1) as pool:
+        streams = [pool.submit(_streamed, client, content, length, seed, event)
+                   for content, seed, event in zip(contents, seeds, started, strict=True)]
         for event in started:
             assert event.wait(TIMEOUT_S), "a stream never started"
         plain = pool.submit(_chat, client, "not streamed", length)
-        time.sleep(1.5)  # the plain request is running too by now
         # the router spreads the five over both replicas (by queue length: their KV is equally free)
         running = _wait_for_busy_replicas("decode", count=2)
         victim = max(running, key=running.__getitem__)
-        running_on_victim = running[victim]
+        killed_at = time.monotonic()
         _kill_replica(victim)
-        outcomes = [f.exception(timeout=TIMEOUT_S) or f.result() for f in [*streams, plain]]
-    failed = [o for o in outcomes if isinstance(o, BaseException)]
-    completed = [o for o in outcomes if not isinstance(o, BaseException)]
-    # Requests on the dead replica end with a clean error; the others are untouched and complete.
-    assert len(failed) == running_on_victim and 0 < len(failed) < len(outcomes), outcomes
-    for err in failed:
-        assert isinstance(err, openai.APIError), repr(err)
-        if isinstance(err, openai.APIStatusError):  # the non-streamed one: 503
-            assert err.status_code == 503, err
-        # streams: an SSE error event in OpenAI's error shape, then the stream ended
-        assert err.body["code"] == "worker_failed" and err.body["type"] == "server_error", err.body
-        assert "worker failed mid-request" in err.message, err.message
-    for o in completed:
-        tokens = o if isinstance(o, int) else o.usage.completion_tokens
-        assert tokens == length
+        runs = [f.result(timeout=TIMEOUT_S) for f in streams]
+        plain_text = plain.result(timeout=TIMEOUT_S).choices[0].message.content
+    for run, want in zip(runs, expected, strict=True):
+        assert run.completion_tokens == want.completion_tokens == length
+        assert run.tokens == want.tokens and run.text == want.text
+    assert plain_text == expected_plain
+    stalls = sorted(_longest_gap_after(run.times, killed_at) for run in runs)
+    print(f"longest gap between chunks after the kill, per stream (s): {[round(s, 2) for s in stalls]}")
+    assert stalls[-1] < 30, "a migration waited on a timeout instead of the replica's death"
+    deadline = time.monotonic() + 10
+    while _metrics(faults_url).get(("pdserve:migrations_total", label), 0) < before + running[victim]:
+        assert time.monotonic() < deadline, f"fewer than {running[victim]} migrations counted"
+        time.sleep(0.5)
     _wait_replaced(f"{PRODUCT}-decode", victim, replicas=2)
-    assert _chat(client, "after the replacement", 5).usage.completion_tokens == 5
     _assert_idle()
 
 
