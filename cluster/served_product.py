@@ -13,6 +13,7 @@ from cluster.metric_names import (
     E2E_REQUEST_LATENCY,
     INGRESS_INFLIGHT,
     INTER_TOKEN_LATENCY,
+    MIGRATIONS,
     REQUEST_SUCCESS,
     REQUESTS_REJECTED,
     TIME_TO_FIRST_TOKEN,
@@ -34,6 +35,10 @@ class ProductStats:
     e2e: Histogram = field(default_factory=lambda: Histogram.for_metric(E2E_REQUEST_LATENCY))
     finished: Counter = field(default_factory=Counter)  # finish reason -> requests
     rejected: Counter = field(default_factory=Counter)  # reason -> requests refused before any work
+    migrations: int = 0  # samples resumed on another decode replica (theirs died)
+
+    def count_migration(self) -> None:
+        self.migrations += 1
 
 
 @dataclass
@@ -58,6 +63,7 @@ class ServedProduct:
         return MetricsSnapshot(
             histograms={TIME_TO_FIRST_TOKEN: stats.ttft.snapshot(), INTER_TOKEN_LATENCY: stats.itl.snapshot(),
                         E2E_REQUEST_LATENCY: stats.e2e.snapshot()},
+            counters={MIGRATIONS: float(stats.migrations)},
             labelled_counters={REQUEST_SUCCESS: dict(stats.finished), REQUESTS_REJECTED: dict(stats.rejected)},
             gauges={INGRESS_INFLIGHT: float(self.admission.inflight), TOKEN_STREAMS_OPEN: float(token_streams_open)})
 

@@ -3,7 +3,8 @@
 A stream async-iterates StepOutput dicts: the items of a Serve streaming call ("serve" mode) or a
 DirectStream fed by this replica's token-stream server ("direct" mode, stream ids `<product>/<hex>`).
 Every wait for an output is bounded, so a worker that stops sending without failing (wedged; its health
-check then gets it replaced) ends the request instead of holding it forever. Failures become APIErrors:
+check then gets it replaced) ends the request instead of holding it forever. A replica that dies is not a
+failure: the sample resumes on another (cluster/stream_migration.py). Failures become APIErrors:
 400 the worker refused the input, 429 workers full (Retry-After), 500 the request's own work failed on a
 healthy engine, 503 a worker gone, failed or silent.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ray.exceptions import RayActorError, RayTaskError
@@ -21,6 +22,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from cluster.direct_stream import DirectStream
 from cluster.http_edge import APIError, describe
+from cluster.stream_migration import MigratingStream
 from decode_workers.token_stream import TokenStreamError
 from decode_workers.token_stream_server import TokenStreamServer
 from engine.async_engine import RequestFailedError
@@ -32,9 +34,15 @@ FIRST_OUTPUT_TIMEOUT_S = 300.0
 NEXT_OUTPUT_TIMEOUT_S = 300.0
 
 
-def open_stream(handle: Any, request: dict, product: str, server: TokenStreamServer | None) -> AsyncIterator[dict]:
+def open_stream(handle: Any, request: dict, product: str, server: TokenStreamServer | None,
+                on_migration: Callable[[], None] | None = None) -> AsyncIterator[dict]:
     """Start request (a decode worker's request dict) on the product's DecodeServer handle; its outputs over
-    server's token stream, or as a Serve streaming call when server is None."""
+    server's token stream, or as a Serve streaming call when server is None. When the replica serving it dies,
+    the request resumes on another (cluster/stream_migration.py; on_migration is called each time)."""
+    return MigratingStream(lambda req: _open_on_replica(handle, req, product, server), request, on_migration)
+
+
+def _open_on_replica(handle: Any, request: dict, product: str, server: TokenStreamServer | None) -> AsyncIterator[dict]:
     if server is None:
         return handle.options(stream=True).generate.remote(request).__aiter__()
     stream_id = f"{product}/{uuid.uuid4().hex}"  # per product: counted by open_streams_of

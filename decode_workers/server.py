@@ -74,9 +74,14 @@ class DecodeServer(EngineWorker):
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
         """request: {"request_id"?, "prompt_token_ids", "sampling_params": dict | SamplingParams,
-        "cache_salt"?, "slo"?: {ttft_s, itl_s}, "reject_past_s"?: seconds}. Yields StepOutput dicts; raises
-        ValueError for bad input and OverloadedError (the predicted time to first token is past
-        reject_past_s) before any output."""
+        "cache_salt"?, "slo"?: {ttft_s, itl_s}, "reject_past_s"?: seconds, "resume_token_ids"?: list[int]}.
+        Yields StepOutput dicts; raises ValueError for bad input and OverloadedError (the predicted time to
+        first token is past reject_past_s) before any output.
+
+        resume_token_ids: the output another replica already delivered for this prompt and sampling params
+        (it died mid-stream). They are computed here with the prompt, as a colocated request (that replica's
+        KV died with it; the prompt's blocks may still hit this pool's prefix cache), and the outputs go on
+        from the next new token, counted against the same max_tokens."""
         rid = request.get("request_id") or uuid.uuid4().hex
         params = request["sampling_params"]
         if not isinstance(params, SamplingParams):
@@ -85,8 +90,10 @@ class DecodeServer(EngineWorker):
         salt = request.get("cache_salt")
         slo = SLO(**request["slo"]) if request.get("slo") else None
         reject_past_s = request.get("reject_past_s")
-        if self.prefill_handle is None:
-            async for out in self.engine.generate(prompt, params, rid, salt, slo=slo, reject_past_s=reject_past_s):
+        resume = request.get("resume_token_ids") or None
+        if self.prefill_handle is None or resume:
+            async for out in self.engine.generate(prompt, params, rid, salt, slo=slo, reject_past_s=reject_past_s,
+                                                  resume_token_ids=resume):
                 yield asdict(out)
             return
         stream = self.engine.open_stream(rid)

@@ -281,10 +281,11 @@ class AsyncEngine:
         if req.status == RequestStatus.FINISHED_ERROR:
             self._streams.pop(req.request_id, None)
             return RequestFailedError(f"request {req.request_id!r} failed: {req.error}")
-        new = req.output_token_ids[stream.sent:]
+        sent = max(stream.sent, req.num_resumed_tokens)  # a resumed request's leading tokens went out elsewhere
+        new = req.output_token_ids[sent:]
         if not new and not req.is_finished:
             return None
-        logprobs = req.output_logprobs[stream.sent:] if req.sampling_params.logprobs is not None else None
+        logprobs = req.output_logprobs[sent:] if req.sampling_params.logprobs is not None else None
         stream.sent = req.num_output_tokens
         finished = req.is_finished
         out = StepOutput(

@@ -123,7 +123,7 @@ class Engine:
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                     cache_salt: str | None = None, *, hold_kv: bool = False, defer: bool = False,
                     reserve_prefix: bool = True, slo: SLO | None = None,
-                    reject_past_s: float | None = None) -> Request:
+                    reject_past_s: float | None = None, resume_token_ids: list[int] | None = None) -> Request:
         """Queue one sequence (n is handled by the caller). Validates first: bad input allocates nothing.
 
         hold_kv: when the request finishes, keep its blocks until release_held()
@@ -135,9 +135,15 @@ class Engine:
         slo: the request's latency targets (its product's), for the "slo" scheduling policy.
         reject_past_s: raise OverloadedError (adding nothing) when the predicted time to first token is past
         this many seconds (Scheduler.predicted_ttft_s); None: never.
+        resume_token_ids: output another engine already generated for this prompt and params (Request.resume):
+        computed here with the prompt, counted in max_tokens and stop checks, never output again; fewer than
+        max_tokens, and prompt plus them within max_model_len.
         """
         prompt_token_ids = self.tokenize(prompt)
-        self.validate(prompt_token_ids, params)
+        resumed = list(resume_token_ids or [])
+        self.validate(prompt_token_ids + resumed, params)
+        if resumed and len(resumed) >= params.max_tokens:
+            raise ValueError(f"{len(resumed)} tokens to resume from leave none of max_tokens={params.max_tokens}")
         if reject_past_s is not None:
             predicted = self.scheduler.predicted_ttft_s(len(prompt_token_ids))
             if predicted is not None and predicted > reject_past_s:
@@ -148,6 +154,8 @@ class Engine:
         req = Request(request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=params,
                       hash_extra=extra_keys(self.model_id, cache_salt), max_total_tokens=self.max_model_len,
                       hold_kv=hold_kv, slo=slo)
+        if resumed:
+            req.resume(resumed)
         if defer and reserve_prefix:
             blocks, num_cached = self.kv.get_computed_blocks(req)
             # Reserving only what is free right now cannot fail: touching cached blocks needs no new ones.

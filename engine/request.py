@@ -7,6 +7,9 @@ Token accounting (all in tokens):
 A decode step computes the one token sampled last step; a prefill step computes
 a chunk of the prompt. Preemption frees the blocks and sets
 num_computed_tokens = 0 (recompute), keeping the tokens already generated.
+A resumed request (resume()) starts the same way: its first num_resumed_tokens
+outputs came from another engine and are computed here like a preempted
+request's, so its first sampled token is the next new one.
 """
 
 from __future__ import annotations
@@ -73,6 +76,10 @@ class Request:
     # a random state carried over from another engine before this one created the generator
     carried_sampler_state: bytes | None = field(default=None, repr=False)
     slo: SLO | None = None  # latency targets (the "slo" scheduling policy reads them)
+    # A resumed request (resume()): leading output tokens another engine generated and the client already has.
+    num_resumed_tokens: int = 0
+    # Random draws that run made from this request's seed, replayed onto the generator before its next one.
+    num_draws_to_replay: int = 0
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
@@ -97,7 +104,10 @@ class Request:
 
     def sampler_state(self) -> bytes | None:
         """The random state to continue this request elsewhere (an engine on the same kind of device), or
-        None when the seed alone restores it (unseeded, or nothing drawn here yet)."""
+        None when the seed alone restores it (unseeded, or nothing drawn here yet). A resumed request whose
+        replay is still pending has no state yet: ValueError."""
+        if self.num_draws_to_replay:
+            raise ValueError(f"request {self.request_id!r} has {self.num_draws_to_replay} draws still to replay")
         if self.generator is not None:
             return self.generator.get_state().numpy().tobytes()
         return self.carried_sampler_state
@@ -110,6 +120,19 @@ class Request:
             self.generator.set_state(_state_tensor(state))
         else:
             self.carried_sampler_state = bytes(state)
+
+    def resume(self, token_ids: list[int]) -> None:
+        """Continue a run that another engine began: token_ids, the output it already delivered, become this
+        request's leading output (context to compute, never sent again). A seeded sampled request replays one
+        draw per token onto its generator (engine.sampler.replay_draws), so its next token is the one that run
+        would have drawn. Called before the request first runs, at most once."""
+        if self.output_token_ids or self.generator is not None:
+            raise ValueError(f"request {self.request_id!r} already ran: it cannot be resumed")
+        for token_id in token_ids:
+            self.append_token(token_id, {} if self.sampling_params.logprobs is not None else None)
+        self.num_resumed_tokens = len(token_ids)
+        if self.sampling_params.seed is not None and not self.sampling_params.greedy:
+            self.num_draws_to_replay = len(token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -374,3 +374,24 @@ def test_a_hung_directory_costs_a_bounded_delay_not_the_request(monkeypatch: pyt
     assert elapsed < 30  # the lookup's timeout and the compute, far below a prefill call's own 60 s timeout
     assert stats.directory_errors >= 2 and pending == 0
     prefill.shutdown(timeout_s=5)
+
+
+def test_a_seeded_run_resumed_on_another_decode_worker_continues_it(ray_local) -> None:
+    """A disaggregated seeded run (its first token, and that token's random draw, on the prefill worker)
+    resumed on another decode worker from its first k tokens gives the rest of the same run: what the ingress
+    asks when the first decode replica died."""
+    prefill = start_prefill(directory=False)
+    first, second = start_decode(prefill), start_decode(prefill)
+    params = SamplingParams(temperature=1.0, seed=77, max_tokens=12, ignore_eos=True)
+    try:
+        prompt = random_prompts([60], 8192, seed=37)[0]
+        whole = generate(first, prompt, params)["token_ids"]
+        for k in (1, 5):
+            request = {"prompt_token_ids": prompt, "sampling_params": params, "resume_token_ids": whole[:k]}
+            outs = [ray.get(ref, timeout=TIMEOUT_S)
+                    for ref in second.generate.options(num_returns="streaming").remote(request)]
+            assert [t for out in outs for t in out["new_token_ids"]] == whole[k:]
+            assert outs[-1]["num_output_tokens"] == params.max_tokens and outs[-1]["finish_reason"] == "length"
+        assert_idle([prefill], [first, second])
+    finally:
+        kill_all(prefill, first, second)

@@ -16,6 +16,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import openai
@@ -28,7 +29,7 @@ from cluster.invariants import wait_cluster_idle
 from cluster.metric_names import NUM_REQUESTS_RUNNING
 from cluster.metrics_hub import get_hub
 from cluster.prefix_directory import NAMESPACE, PrefixDirectory
-from cluster.products import Autoscaling
+from cluster.products import Autoscaling, ProductConfig
 from engine.config import SamplingParams
 from tests.cluster_helpers import assert_idle, generate, kill_all, start_decode, start_prefill, tiny_products
 from tests.engine_helpers import random_prompts
@@ -40,21 +41,28 @@ CORRUPT = "faults-corrupt"
 TWO_PREFILLS = "faults-two-prefills"
 LONG_LEASE_S = 120  # far past the idle check below: an export released late is not reaped in time
 TIMEOUT_S = 120
+SERVE_MODE = "faults-serve-mode"  # an app (and product) like "faults" whose tokens come back through Serve's calls
 
 
 def _fixed(replicas: int) -> Autoscaling:
     return Autoscaling(min_replicas=replicas, max_replicas=replicas, initial_replicas=replicas)
 
 
-@pytest.fixture(scope="module")
-def faults_url(pdserve_url: str):
+def _two_decoders(name: str) -> ProductConfig:
+    """One prefill replica, two decode replicas, a small token budget (a long prefill spans many steps)."""
     base = tiny_products()["support-chat"]
-    engine = {**base.engine, "max_num_batched_tokens": 16}
-    faults = base.model_copy(update={
-        "name": PRODUCT, "cache_salt": PRODUCT, "max_output_tokens": 2048, "engine": engine,
+    return base.model_copy(update={
+        "name": name, "cache_salt": name, "max_output_tokens": 2048,
+        "engine": {**base.engine, "max_num_batched_tokens": 16},
         "prefill": base.prefill.model_copy(update={"autoscaling": _fixed(1)}),
         "decode": base.decode.model_copy(update={"autoscaling": _fixed(2)}),
     })
+
+
+@pytest.fixture(scope="module")
+def faults_url(pdserve_url: str):
+    base = tiny_products()["support-chat"]
+    faults = _two_decoders(PRODUCT)
     corrupt = base.model_copy(update={
         "name": CORRUPT, "cache_salt": CORRUPT,
         "transfer": {**base.transfer, "fault": "corrupt", "lease_s": LONG_LEASE_S},
@@ -74,8 +82,20 @@ def faults_url(pdserve_url: str):
 
 
 @pytest.fixture(scope="module")
+def serve_mode_url(pdserve_url: str):
+    serve.run(build_app({SERVE_MODE: _two_decoders(SERVE_MODE)}, token_stream="serve"), name=SERVE_MODE,
+              route_prefix=f"/{SERVE_MODE}")
+    yield f"{pdserve_url}/{SERVE_MODE}"
+    serve.delete(SERVE_MODE)
+
+
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
 def client(faults_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{faults_url}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT_S)
+    return _client(faults_url)
 
 
 def _chat(client: openai.OpenAI, content: str, max_tokens: int, model: str = PRODUCT, stream: bool = False):
@@ -85,28 +105,18 @@ def _chat(client: openai.OpenAI, content: str, max_tokens: int, model: str = PRO
         **({"stream_options": {"include_usage": True}} if stream else {}))
 
 
-def _stream_tokens(client: openai.OpenAI, content: str, max_tokens: int, started: threading.Event) -> int:
-    """Completion tokens of a streamed request (from its usage chunk); raises on a stream error event."""
-    tokens = 0
-    for chunk in _chat(client, content, max_tokens, stream=True):
-        started.set()
-        if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
-    return tokens
-
-
 def _sources(role: str, product: str = PRODUCT):
     hub = get_hub()
     return [s for s in ray.get(hub.sources.remote(), timeout=TIMEOUT_S)
             if s.role == role and s.product == product and s.live]
 
 
-def _wait_for_busy_replicas(role: str, count: int, timeout_s: float = 30) -> dict[str, int]:
+def _wait_for_busy_replicas(role: str, count: int, timeout_s: float = 30, product: str = PRODUCT) -> dict[str, int]:
     """Running requests by replica id once `count` live replicas of `role` report some (every ~1 s)."""
     deadline = time.monotonic() + timeout_s
     busy: dict[str, int] = {}
     while time.monotonic() < deadline:
-        busy = {s.source_id: s.gauges[NUM_REQUESTS_RUNNING] for s in _sources(role)
+        busy = {s.source_id: s.gauges[NUM_REQUESTS_RUNNING] for s in _sources(role, product)
                 if s.gauges.get(NUM_REQUESTS_RUNNING, 0) > 0}
         if len(busy) >= count:
             return busy
@@ -132,21 +142,21 @@ def _kill_replica(replica_id: str) -> None:
     ray.kill(ray.get_actor(replica_id, namespace="serve"), no_restart=True)
 
 
-def _wait_replaced(deployment: str, dead: str, replicas: int) -> None:
+def _wait_replaced(deployment: str, dead: str, replicas: int, app: str = APP) -> None:
     """Serve runs `replicas` healthy replicas of the deployment again, none of them the dead one."""
     deadline = time.monotonic() + TIMEOUT_S
     while time.monotonic() < deadline:
-        status = serve.status().applications[APP].deployments[deployment]
+        status = serve.status().applications[app].deployments[deployment]
         running = status.replica_states.get("RUNNING", 0)
-        alive = {name for name in _named_replicas(deployment)}
+        alive = {name for name in _named_replicas(deployment, app)}
         if status.status == "HEALTHY" and running == replicas and dead not in alive and len(alive) == replicas:
             return
         time.sleep(0.5)
-    raise AssertionError(f"{deployment} was not replaced: {serve.status().applications[APP].deployments}")
+    raise AssertionError(f"{deployment} was not replaced: {serve.status().applications[app].deployments}")
 
 
-def _named_replicas(deployment: str) -> list[str]:
-    prefix = f"SERVE_REPLICA::{APP}#{deployment}#"
+def _named_replicas(deployment: str, app: str = APP) -> list[str]:
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
             if a["namespace"] == "serve" and a["name"].startswith(prefix)]
 
@@ -156,38 +166,83 @@ def _assert_idle(products: tuple[str, ...] = (PRODUCT, CORRUPT)) -> None:
     assert not problems, problems
 
 
-def test_decode_replica_death_mid_stream(client: openai.OpenAI) -> None:
-    n_streams, length = 4, 1200
-    started = [threading.Event() for _ in range(n_streams)]
-    with ThreadPoolExecutor(max_workers=n_streams + 1) as pool:
-        streams = [pool.submit(_stream_tokens, client, f"stream {i}", length, started[i]) for i in range(n_streams)]
+@dataclass
+class _Run:
+    """A streamed chat answer as the client saw it: text, token strings (logprobs), usage, chunk times."""
+
+    text: str = ""
+    tokens: list[str] = field(default_factory=list)
+    completion_tokens: int = 0
+    times: list[float] = field(default_factory=list)  # time.monotonic() of each chunk
+
+
+def _streamed(client: openai.OpenAI, content: str, max_tokens: int, seed: int | None,
+              started: threading.Event | None = None, model: str = PRODUCT) -> _Run:
+    """Greedy without a seed, else temperature 1 with it; raises on a stream error event."""
+    run = _Run()
+    for chunk in client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": content}], max_tokens=max_tokens,
+            temperature=0 if seed is None else 1.0, seed=seed, logprobs=True, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}):
+        run.times.append(time.monotonic())
+        if started is not None:
+            started.set()
+        if chunk.usage is not None:
+            run.completion_tokens = chunk.usage.completion_tokens
+        for choice in chunk.choices:
+            run.text += choice.delta.content or ""
+            run.tokens += [t.token for t in (choice.logprobs.content or [])] if choice.logprobs else []
+    return run
+
+
+def _longest_gap_after(times: list[float], moment: float) -> float:
+    """The longest wait between chunks that ended after moment (seconds): the pause a migration made."""
+    return max((b - a for a, b in zip(times, times[1:], strict=False) if b > moment), default=0.0)
+
+
+@pytest.mark.parametrize("mode", ["direct", "serve"])
+def test_decode_replica_death_mid_stream_resumes_every_stream_token_for_token(mode: str, request) -> None:
+    """Greedy and seeded streams (and a whole answer) on two decode replicas; the busier replica is killed
+    mid-stream. Every answer completes and equals an uninterrupted run of the same request, token for token.
+    mode: how tokens reach the ingress (direct token streams, or Serve's streaming calls)."""
+    app, url = (APP, request.getfixturevalue("faults_url")) if mode == "direct" else (
+        SERVE_MODE, request.getfixturevalue("serve_mode_url"))
+    product, client = app, _client(url)  # each app's product is named like it
+    length, seeds = 1000, [None, None, 11, 12]
+    contents = [f"stream {i}" for i in range(len(seeds))]
+    with ThreadPoolExecutor(max_workers=len(seeds) + 1) as pool:  # the uninterrupted runs
+        expected = list(pool.map(lambda cs: _streamed(client, cs[0], length, cs[1], model=product),
+                                 zip(contents, seeds, strict=True)))
+        expected_plain = _chat(client, "not streamed", length, model=product).choices[0].message.content
+    label = (("product", product),)
+    before = _metrics(url).get(("pdserve:migrations_total", label), 0)
+    started = [threading.Event() for _ in seeds]
+    with ThreadPoolExecutor(max_workers=len(seeds) + 1) as pool:
+        streams = [pool.submit(_streamed, client, content, length, seed, event, product)
+                   for content, seed, event in zip(contents, seeds, started, strict=True)]
         for event in started:
             assert event.wait(TIMEOUT_S), "a stream never started"
-        plain = pool.submit(_chat, client, "not streamed", length)
-        time.sleep(1.5)  # the plain request is running too by now
+        plain = pool.submit(_chat, client, "not streamed", length, product)
         # the router spreads the five over both replicas (by queue length: their KV is equally free)
-        running = _wait_for_busy_replicas("decode", count=2)
+        running = _wait_for_busy_replicas("decode", count=2, product=product)
         victim = max(running, key=running.__getitem__)
-        running_on_victim = running[victim]
+        killed_at = time.monotonic()
         _kill_replica(victim)
-        outcomes = [f.exception(timeout=TIMEOUT_S) or f.result() for f in [*streams, plain]]
-    failed = [o for o in outcomes if isinstance(o, BaseException)]
-    completed = [o for o in outcomes if not isinstance(o, BaseException)]
-    # Requests on the dead replica end with a clean error; the others are untouched and complete.
-    assert len(failed) == running_on_victim and 0 < len(failed) < len(outcomes), outcomes
-    for err in failed:
-        assert isinstance(err, openai.APIError), repr(err)
-        if isinstance(err, openai.APIStatusError):  # the non-streamed one: 503
-            assert err.status_code == 503, err
-        # streams: an SSE error event in OpenAI's error shape, then the stream ended
-        assert err.body["code"] == "worker_failed" and err.body["type"] == "server_error", err.body
-        assert "worker failed mid-request" in err.message, err.message
-    for o in completed:
-        tokens = o if isinstance(o, int) else o.usage.completion_tokens
-        assert tokens == length
-    _wait_replaced(f"{PRODUCT}-decode", victim, replicas=2)
-    assert _chat(client, "after the replacement", 5).usage.completion_tokens == 5
-    _assert_idle()
+        runs = [f.result(timeout=TIMEOUT_S) for f in streams]
+        plain_text = plain.result(timeout=TIMEOUT_S).choices[0].message.content
+    for run, want in zip(runs, expected, strict=True):
+        assert run.completion_tokens == want.completion_tokens == length
+        assert run.tokens == want.tokens and run.text == want.text
+    assert plain_text == expected_plain
+    stalls = sorted(_longest_gap_after(run.times, killed_at) for run in runs)
+    print(f"longest gap between chunks after the kill, per stream (s): {[round(s, 2) for s in stalls]}")
+    assert stalls[-1] < 30, "a migration waited on a timeout instead of the replica's death"
+    deadline = time.monotonic() + 10
+    while _metrics(url).get(("pdserve:migrations_total", label), 0) < before + running[victim]:
+        assert time.monotonic() < deadline, f"fewer than {running[victim]} migrations counted"
+        time.sleep(0.5)
+    _wait_replaced(f"{product}-decode", victim, replicas=2, app=app)
+    _assert_idle((product,))
 
 
 def test_prefill_replica_death_mid_request_costs_only_latency(client: openai.OpenAI, faults_url: str) -> None:

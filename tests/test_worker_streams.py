@@ -10,6 +10,7 @@ import pytest
 
 import cluster.worker_streams as worker_streams
 from cluster.direct_stream import DirectStream
+from cluster.stream_migration import MigratingStream
 from cluster.worker_streams import close, open_stream, open_streams_of, rest_outputs
 from decode_workers.token_stream import TokenStreamError
 from decode_workers.token_stream_server import TokenStreamServer
@@ -55,9 +56,15 @@ class Outputs:
 
 
 def test_in_serve_mode_a_sample_is_a_serve_streaming_call() -> None:
-    outputs = Outputs([{"finished": True}])
-    handle = Handle(generate=outputs)
-    assert open_stream(handle, REQUEST, "support-chat", None) is outputs
+    last = {"new_token_ids": [7], "finished": True}
+    handle = Handle(generate=Outputs([last]))
+    stream = open_stream(handle, REQUEST, "support-chat", None)
+    assert isinstance(stream, MigratingStream)  # resumes elsewhere should its replica die
+
+    async def read() -> list[dict]:
+        return [out async for out in stream]
+
+    assert asyncio.run(read()) == [last]
     assert handle.options_used == [{"stream": True}] and handle.generate.requests == [REQUEST]
     assert open_streams_of(None, "support-chat") == 0
 
@@ -68,7 +75,7 @@ def test_in_direct_mode_a_sample_gets_a_token_stream_of_its_product_until_closed
         call = asyncio.get_running_loop().create_future()  # the decode call: runs until cancelled
         handle = Handle(generate_to=call)
         stream = open_stream(handle, REQUEST, "support-chat", server)
-        assert isinstance(stream, DirectStream)
+        assert isinstance(stream, MigratingStream) and isinstance(stream._stream, DirectStream)
         sent = handle.generate_to.requests[0]
         opened = open_streams_of(server, "support-chat"), open_streams_of(server, "report-gen")
         await close(stream)
