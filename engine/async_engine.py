@@ -77,8 +77,12 @@ class _Command:
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig, idle_wait_s: float = 0.05) -> None:
-        """Builds the Engine on the loop thread and returns once it is built (or raises its error).
+    def __init__(self, config: EngineConfig, idle_wait_s: float = 0.05,
+                 build: Callable[[EngineConfig], Engine] = Engine) -> None:
+        """Builds the Engine (build(config)) on the loop thread and returns once it is built (or raises its error).
+
+        build: the Engine class or a factory of one; serving always uses Engine itself (a benchmark may pass
+        a subclass, bench/engine_standin.py).
 
         Why there: torch's CPU thread settings and OpenMP's thread team belong to the
         thread that runs the parallel regions. An engine built (weights packed, thread
@@ -96,7 +100,8 @@ class AsyncEngine:
         self.engine: Engine  # set by the loop thread before `built` hears from it; only that thread uses it
         self.info: EngineInfo  # likewise; never changes, read it from anywhere
         built: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, args=(config, built), name="pdserve-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(config, build, built), name="pdserve-engine",
+                                        daemon=True)
         self._thread.start()
         error = built.get()
         if error is not None:
@@ -219,9 +224,9 @@ class AsyncEngine:
         self._thread.join(timeout_s)
 
     # ---- the loop thread ---------------------------------------------------------------------
-    def _run(self, config: EngineConfig, built: queue.SimpleQueue) -> None:
+    def _run(self, config: EngineConfig, build: Callable[[EngineConfig], Engine], built: queue.SimpleQueue) -> None:
         try:
-            self.engine = Engine(config)
+            self.engine = build(config)
         except BaseException as exc:  # bad config, missing model: the constructor re-raises it
             built.put(exc)
             return
