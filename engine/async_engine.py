@@ -78,10 +78,10 @@ class _Command:
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig, idle_wait_s: float = 0.05,
-                 build: Callable[[EngineConfig], Engine] = Engine) -> None:
-        """Builds the Engine (build(config)) on the loop thread and returns once it is built (or raises its error).
+                 build: Callable[[EngineConfig], Engine] | None = None) -> None:
+        """Builds the Engine on the loop thread and returns once it is built (or raises its error).
 
-        build: the Engine class or a factory of one; serving always uses Engine itself (a benchmark may pass
+        build: a factory of the engine, None for Engine itself (what serving always uses; a benchmark may pass
         a subclass, bench/engine_standin.py).
 
         Why there: torch's CPU thread settings and OpenMP's thread team belong to the
@@ -224,9 +224,10 @@ class AsyncEngine:
         self._thread.join(timeout_s)
 
     # ---- the loop thread ---------------------------------------------------------------------
-    def _run(self, config: EngineConfig, build: Callable[[EngineConfig], Engine], built: queue.SimpleQueue) -> None:
+    def _run(self, config: EngineConfig, build: Callable[[EngineConfig], Engine] | None,
+             built: queue.SimpleQueue) -> None:
         try:
-            self.engine = build(config)
+            self.engine = (build or Engine)(config)
         except BaseException as exc:  # bad config, missing model: the constructor re-raises it
             built.put(exc)
             return
