@@ -21,7 +21,7 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from cluster.autoscaling import SignalPolicy
-from cluster.deployments import DecodeDeployment, PrefillDeployment
+from cluster.deployments import SERVING_WORKERS, WorkerClasses
 from cluster.http_edge import BODY_READ_TIMEOUT_S
 from cluster.ingress import TOKEN_STREAM_MODES, OpenAIIngress
 from cluster.ingress_config import DEFAULT_INGRESS, IngressConfig
@@ -70,7 +70,8 @@ def _engine(product: ProductConfig, role: Role) -> dict[str, Any]:
 
 def build_app(products: dict[str, ProductConfig], ingress: IngressConfig = DEFAULT_INGRESS,
               token_stream: str = "direct", body_timeout_s: float = BODY_READ_TIMEOUT_S,
-              token_stream_host: str | None = None, token_stream_security: dict | None = None) -> Application:
+              token_stream_host: str | None = None, token_stream_security: dict | None = None,
+              workers: WorkerClasses = SERVING_WORKERS) -> Application:
     """token_stream: how decode workers send outputs to the ingress, "direct" or "serve" (cluster/ingress.py).
     token_stream_host: the address the ingress's token streams listen on (None: its node's; loopback suits
     a one-node cluster, which then exposes nothing of pdserve's on the network).
@@ -78,7 +79,8 @@ def build_app(products: dict[str, ProductConfig], ingress: IngressConfig = DEFAU
     allow_plaintext. Beyond loopback, direct streams without either fall back to "serve".
     body_timeout_s: seconds a request body may take to arrive (slower: 408).
     ingress: the ingress deployment's autoscaling and size; every product's max_queue_len holds across all
-    its replicas (split, cluster/admission_split.py)."""
+    its replicas (split, cluster/admission_split.py).
+    workers: the deployed worker classes; serving keeps the default (the real engines)."""
     ingress.check_products(products)
     if token_stream not in TOKEN_STREAM_MODES:
         raise ValueError(f"token_stream must be one of {TOKEN_STREAM_MODES}, not {token_stream!r}")
@@ -93,14 +95,15 @@ def build_app(products: dict[str, ProductConfig], ingress: IngressConfig = DEFAU
         # Prefix caching off turns off the cluster-wide layer too: nothing is looked up or published.
         directory = DIRECTORY_NAME if product.prefix_caching else None
         if product.disaggregated:
-            prefill = serve.deployment(PrefillDeployment).options(
+            prefill = serve.deployment(workers.prefill).options(
                 **_deployment_options(f"{name}-prefill", product.prefill, PrefixAffinityRouter),
             ).bind(_engine(product, product.prefill), transfer, directory, product=name,
-                   cpu_affinity=product.prefill.cpu_affinity)
-        decoder = serve.deployment(DecodeDeployment).options(
+                   cpu_affinity=product.prefill.cpu_affinity, **workers.kwargs)
+        decoder = serve.deployment(workers.decode).options(
             **_deployment_options(f"{name}-decode", product.decode, KVHeadroomRouter),
         ).bind(_engine(product, product.decode), transfer, prefill, product=name,
-               cpu_affinity=product.decode.cpu_affinity, local_prefill_max_tokens=product.local_prefill_max_tokens)
+               cpu_affinity=product.decode.cpu_affinity, local_prefill_max_tokens=product.local_prefill_max_tokens,
+               **workers.kwargs)
         for member in members:
             decoders[member.name] = decoder
             if prefill is not None:

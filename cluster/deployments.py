@@ -12,7 +12,9 @@ replica an operator would inspect or kill.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from ray import serve
 from ray.serve.exceptions import RayServeException
@@ -98,3 +100,23 @@ class DecodeDeployment(_Deployed, DecodeServer):
     async def _snapshot(self) -> MetricsSnapshot:
         return snapshot_from_decode_stats(await self.stats(), disaggregated=self.prefill_handle is not None,
                                           kv_transfer_seconds=self._transfer_seconds)
+
+
+@dataclass(frozen=True)
+class WorkerClasses:
+    """The classes build_app deploys per role, and keyword arguments both get on top of what the product gives.
+
+    Serving always uses the defaults: no product file or CLI option reaches this. A benchmark may deploy
+    subclasses of these two (bench/standin_app.py runs engines with no model behind them).
+    """
+
+    prefill: type = PrefillDeployment
+    decode: type = DecodeDeployment
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (issubclass(self.prefill, PrefillDeployment) and issubclass(self.decode, DecodeDeployment)):
+            raise TypeError("worker classes must subclass PrefillDeployment and DecodeDeployment")
+
+
+SERVING_WORKERS = WorkerClasses()  # what serving deploys: the real engines

@@ -77,8 +77,12 @@ class _Command:
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig, idle_wait_s: float = 0.05) -> None:
+    def __init__(self, config: EngineConfig, idle_wait_s: float = 0.05,
+                 build: Callable[[EngineConfig], Engine] | None = None) -> None:
         """Builds the Engine on the loop thread and returns once it is built (or raises its error).
+
+        build: a factory of the engine, None for Engine itself (what serving always uses; a benchmark may pass
+        a subclass, bench/engine_standin.py).
 
         Why there: torch's CPU thread settings and OpenMP's thread team belong to the
         thread that runs the parallel regions. An engine built (weights packed, thread
@@ -96,7 +100,8 @@ class AsyncEngine:
         self.engine: Engine  # set by the loop thread before `built` hears from it; only that thread uses it
         self.info: EngineInfo  # likewise; never changes, read it from anywhere
         built: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, args=(config, built), name="pdserve-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(config, build, built), name="pdserve-engine",
+                                        daemon=True)
         self._thread.start()
         error = built.get()
         if error is not None:
@@ -219,9 +224,10 @@ class AsyncEngine:
         self._thread.join(timeout_s)
 
     # ---- the loop thread ---------------------------------------------------------------------
-    def _run(self, config: EngineConfig, built: queue.SimpleQueue) -> None:
+    def _run(self, config: EngineConfig, build: Callable[[EngineConfig], Engine] | None,
+             built: queue.SimpleQueue) -> None:
         try:
-            self.engine = Engine(config)
+            self.engine = (build or Engine)(config)
         except BaseException as exc:  # bad config, missing model: the constructor re-raises it
             built.put(exc)
             return

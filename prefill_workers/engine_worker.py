@@ -38,12 +38,17 @@ class EngineWorker:
 
     def __init__(self, engine_config: EngineConfig | dict | None, transfer_config: KVTransferConfig | dict | None,
                  worker_id: str | None) -> None:
-        self.engine = AsyncEngine(EngineConfig.coerce(engine_config))
+        self.engine = self._make_engine(EngineConfig.coerce(engine_config))
         self.connector = make_connector(
             KVTransferConfig.coerce(transfer_config).for_node(ray.util.get_node_ip_address()))
         self.block_size = self.engine.info.block_size  # tokens per KV block
         self.layout = self.engine.info.layout  # what this worker's KV blocks look like, exported or imported
         self.worker_id = worker_id or f"{self.role}-{uuid.uuid4().hex[:8]}"
+
+    def _make_engine(self, config: EngineConfig) -> AsyncEngine:
+        """This worker's engine loop. Serving never overrides it; a benchmark's subclass may run another Engine
+        in it (bench/engine_standin.py)."""
+        return AsyncEngine(config)
 
     async def check_health(self) -> None:
         """Ray Serve's health probe: fail when the engine loop is dead or wedged (Serve then replaces the
