@@ -18,6 +18,7 @@ from ray.serve import Application
 from bench.engine_standin import DEFAULT_COST, STANDIN_MODEL, StandinCost, StandinEngine
 from cluster.app import DEFAULT_PRODUCTS_DIR, build_app
 from cluster.deployments import DecodeDeployment, PrefillDeployment, WorkerClasses
+from cluster.ingress_config import DEFAULT_INGRESS, IngressConfig
 from cluster.products import Autoscaling, ProductConfig, Role, load_products
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
@@ -62,7 +63,7 @@ def standin_products(prefill_replicas: int, decode_replicas: int, max_queue_len:
                      products_dir: Path = DEFAULT_PRODUCTS_DIR) -> dict[str, ProductConfig]:
     """The shipped products, renamed PREFIX + name, on one pool of stand-in engines: prefill_replicas and
     decode_replicas fixed (no autoscaling), REPLICA_CPUS each, in CACHE_SALT's prefix namespace.
-    max_queue_len: in-flight requests per ingress replica before 429. Keyed by the new names."""
+    max_queue_len: in-flight requests before 429, split across the ingress replicas. Keyed by the new names."""
     pool = {"model": STANDIN_MODEL, "pool": POOL, "cache_salt": CACHE_SALT, "engine": STANDIN_ENGINE,
             "transfer": {"transport": "ray"}, "prefill": _role(prefill_replicas), "decode": _role(decode_replicas),
             "max_queue_len": max_queue_len}
@@ -76,6 +77,6 @@ def _role(replicas: int) -> Role:
 
 
 def build_standin_app(products: dict[str, ProductConfig], cost: StandinCost = DEFAULT_COST,
-                      ingress_replicas: int = 1) -> Application:
+                      ingress: IngressConfig = DEFAULT_INGRESS) -> Application:
     """The pdserve app for `products` with stand-in engines, token streams on loopback (one host)."""
-    return build_app(products, ingress_replicas, token_stream_host="127.0.0.1", workers=standin_workers(cost))
+    return build_app(products, ingress, token_stream_host="127.0.0.1", workers=standin_workers(cost))
