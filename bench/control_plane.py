@@ -55,7 +55,7 @@ class Run:
     e2e_p99: float | None
     cpu_s: Mapping[str, float]  # component -> CPU seconds over the run (bench/process_cpu.py)
     client_cpu_s: float
-    directory_lookups: int  # prefix-directory lookups during the run
+    directory_calls: int  # prefix-directory lookups, contains and publish calls during the run (not feed polls)
     idle_cores: Mapping[str, float] = field(default_factory=dict)  # component -> cores busy with no load
 
     @property
@@ -145,13 +145,14 @@ def _hub_sources() -> int:
     return len(ray.get(hub.sources.remote(), timeout=30)) if hub is not None else 0
 
 
-def _directory_lookups() -> int:
+def _directory_calls() -> int:
     import ray
 
     from cluster.prefix_directory import DIRECTORY_NAME, NAMESPACE
 
     directory = ray.get_actor(DIRECTORY_NAME, namespace=NAMESPACE)
-    return ray.get(directory.stats.remote(), timeout=30).lookups
+    stats = ray.get(directory.stats.remote(), timeout=30)
+    return stats.lookups + stats.contains_calls + stats.publish_calls
 
 
 def run_rate(base_url: str, replicas: int, rate: float, args: argparse.Namespace, idle: Deployment) -> Run:
@@ -168,11 +169,11 @@ def run_rate(base_url: str, replicas: int, rate: float, args: argparse.Namespace
                         read_timeout_s=60.0)
     requests = chat_requests(mix, Poisson(rate), args.seed, model_tokenizer("tiny"))
     limits = Limits(duration_s=args.duration, drain_s=30.0)
-    lookups, before, client = _directory_lookups(), snapshot(), own_cpu_s()
+    lookups, before, client = _directory_calls(), snapshot(), own_cpu_s()
     sender = ChatSender(endpoint)
     result = asyncio.run(_send(requests, Poisson(rate), limits, sender))
     cpu = cpu_delta(before, snapshot())
-    client_cpu, lookups = own_cpu_s() - client, _directory_lookups() - lookups
+    client_cpu, lookups = own_cpu_s() - client, _directory_calls() - lookups
     s = summarize(result.records, {}, result.wall_s).products[ALL]
     return Run(replicas, rate, s.sent, s.ok, s.errors, result.wall_s, s.ttft.p50, s.ttft.p99, s.e2e.p50, s.e2e.p99,
                cpu, client_cpu, lookups, idle.idle_cores)
@@ -194,7 +195,7 @@ def _ms(seconds: float | None) -> str:
 def runs_table(runs: list[Run]) -> str:
     """Markdown: one row per run."""
     head = ("| N | offered req/s | answered req/s | ok/sent | TTFT p50/p99 ms | e2e p50/p99 ms | control plane "
-            "CPU ms/req (marginal) | engine replicas CPU ms/req | client CPU ms/req | directory lookups/req |")
+            "CPU ms/req (marginal) | engine replicas CPU ms/req | client CPU ms/req | directory calls/req |")
     rows = [head, "|" + "---|" * 10]
     for r in runs:
         rows.append(
@@ -202,7 +203,7 @@ def runs_table(runs: list[Run]) -> str:
             f"| {_ms(r.ttft_p50)}/{_ms(r.ttft_p99)} "
             f"| {_ms(r.e2e_p50)}/{_ms(r.e2e_p99)} | {r.control_ms_per_request():.1f} "
             f"({r.control_ms_per_request(marginal=True):.1f}) | {r.engines_ms_per_request():.1f} "
-            f"| {1000 * r.client_cpu_s / max(r.ok, 1):.1f} | {r.directory_lookups / max(r.ok, 1):.2f} |")
+            f"| {1000 * r.client_cpu_s / max(r.ok, 1):.1f} | {r.directory_calls / max(r.ok, 1):.2f} |")
     return "\n".join(rows)
 
 
