@@ -100,7 +100,8 @@ def build_app(products: dict[str, ProductConfig], ingress: IngressConfig = DEFAU
         decoder = serve.deployment(DecodeDeployment).options(
             **_deployment_options(f"{name}-decode", product.decode, KVHeadroomRouter),
         ).bind(_engine(product, product.decode), transfer, prefill, product=name,
-               cpu_affinity=product.decode.cpu_affinity, local_prefill_max_tokens=product.local_prefill_max_tokens)
+               cpu_affinity=product.decode.cpu_affinity, local_prefill_max_tokens=product.local_prefill_max_tokens,
+               kv_streaming=product.kv_streaming)
         for member in members:
             decoders[member.name] = decoder
             if prefill is not None:

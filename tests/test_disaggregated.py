@@ -307,7 +307,6 @@ def _wait_until_prefilling(prefill) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
 def _wait_for_chunks(prefill, n: int) -> None:
     deadline = time.monotonic() + TIMEOUT_S
     while ray.get(prefill.stats.remote(), timeout=TIMEOUT_S).kv_chunks_published < n:
@@ -315,6 +314,7 @@ def _wait_for_chunks(prefill, n: int) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
 def test_killed_prefill_worker_mid_request_recomputes(ray_local, streamed: bool) -> None:
     # A token budget of 4 makes the 2,000-token prefill take 500 steps: time to kill the worker mid-way.
     prefill = start_prefill(engine={"max_num_batched_tokens": 4}, directory=False)
