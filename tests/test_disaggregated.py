@@ -137,6 +137,23 @@ def test_system_prompt_computed_once_per_cluster(ray_local, directory) -> None:
         kill_all(*prefills, *decodes)
 
 
+def test_streamed_kv_with_directory_blocks_equals_transformers(ray_local, directory) -> None:
+    """A prefill worker that takes the system prompt's blocks from the directory streams them as its first
+    chunk (they land in its pool with the first step), then its own chunks: the tokens are transformers'."""
+    warm, prefill = start_prefill(worker_id="w0"), start_prefill(engine=STREAMED_PREFILL, worker_id="w1")
+    decode = start_decode(prefill, kv_streaming=True)
+    try:
+        assert ray.get(warm.warm_prefix.remote(SYSTEM), timeout=TIMEOUT_S) == 220 // 16
+        for prompt in random_prompts([40, 150], 8192, seed=38, prefix=SYSTEM):
+            assert generate(decode, prompt, GREEDY)["token_ids"] == hf_greedy(model_path("tiny"), prompt,
+                                                                               GREEDY.max_tokens)[0]
+        stats = ray.get(prefill.stats.remote(), timeout=TIMEOUT_S)
+        assert stats.directory_blocks_fetched == 220 // 16 and stats.kv_chunks_published > 0
+        assert_idle([warm, prefill], [decode])
+    finally:
+        kill_all(warm, prefill, decode)
+
+
 def test_directory_gets_prefixes_seen_twice_not_every_prompt(ray_local, directory) -> None:
     prefills = [start_prefill(worker_id=f"q{i}") for i in range(2)]
     decodes = [start_decode(p) for p in prefills]
