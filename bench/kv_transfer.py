@@ -8,11 +8,14 @@ decode worker does not receive thanks to dedup (it already holds the system
 prompt's blocks), measured through real PrefillServer/DecodeServer actors on
 the seed workload. With --first-token-only: what a client waits for the first
 and second tokens of a disaggregated request (real PrefillServer/DecodeServer
-actors, `small` model, 2,000-token prompts): the first token leaves the decode
-worker before its KV is fetched, so only the second waits for the transfer.
+actors, `small` model, 2,000-token prompts), the KV exported whole after the
+prompt against streamed chunk by chunk while it computes, on the ray and grpc
+transports. The first token leaves the decode worker before its KV is fetched,
+so the fetch delays the second; the export of a whole prompt happens before the
+prefill worker replies, so it delays the first too.
 
     python -m bench.kv_transfer [--repeats 5] [--requests 64] [--dedup-only] [--out results/kv_transfer.json]
-    python -m bench.kv_transfer --first-token-only --repeats 5
+    python -m bench.kv_transfer --first-token-only --repeats 5 [--transports ray,grpc] [--chunk-tokens 512]
 """
 
 from __future__ import annotations
@@ -170,36 +173,76 @@ def measure_dedup(num_requests: int) -> dict:
     return result
 
 
-def measure_first_token(repeats: int) -> dict:
-    """Median seconds from sending a disaggregated request to its first and to its second output
-    (`small` model, fresh 2,000-token prompts so nothing is cached, ray transport, one request at a time)."""
+def measure_first_token(repeats: int, transports: tuple[str, ...] = ("ray", "grpc"),
+                        chunk_tokens: int = 512) -> list[dict]:
+    """Median seconds from sending a disaggregated request to its first and to its second output, the KV
+    exported whole after the prompt against streamed while it computes (kv_streaming), per transport.
+
+    `small` model, fresh 2,000-token prompts (nothing cached), one request at a time, one torch thread per
+    worker. Both variants share one prefill worker whose token budget (chunk_tokens) splits the prompt into
+    the same chunks, so they compute the same steps and differ only in when the KV leaves; the order of the
+    two alternates per repeat, and the first pair warms the workers up.
+    """
     from decode_workers.server import DecodeServer
     from prefill_workers.server import PrefillServer
 
     small = model_path("small")
     vocab = load_config(small).vocab_size
     rng = random.Random(40)
-    prompts = [[rng.randrange(3, vocab) for _ in range(PROMPT_TOKENS)] for _ in range(repeats + 1)]
-    engine = {"model": small, "num_threads": 1}
-    prefill = ray.remote(num_cpus=1)(PrefillServer).remote(engine, {"transport": "ray"})
-    decode = ray.remote(num_cpus=1)(DecodeServer).remote(engine, {"transport": "ray"}, prefill)
+    rows = []
+    for transport in transports:
+        transfer = {"transport": transport, "lease_s": 600}
+        prefill = ray.remote(num_cpus=1)(PrefillServer).remote(
+            {"model": small, "num_threads": 1, "max_num_batched_tokens": chunk_tokens}, transfer)
+        decodes = {streamed: ray.remote(num_cpus=1)(DecodeServer).remote(
+            {"model": small, "num_threads": 1}, transfer, prefill, kv_streaming=streamed) for streamed in (False, True)}
+        times: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+        try:
+            for i in range(repeats + 1):
+                for streamed in ((False, True) if i % 2 else (True, False)):
+                    prompt = [rng.randrange(3, vocab) for _ in range(PROMPT_TOKENS)]
+                    stamps = _token_times(decodes[streamed], prompt)
+                    if i:
+                        times[streamed].append(stamps)
+        finally:
+            kill = [prefill, *decodes.values()]
+            for actor in kill:
+                ray.kill(actor)
+        rows.append(_first_token_row(transport, chunk_tokens, times))
+    return rows
+
+
+def _token_times(decode, prompt: list[int]) -> tuple[float, float]:
+    """Seconds from sending one request (max_tokens 2) to its first and to its second token."""
     params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
-    firsts, seconds = [], []
-    try:
-        for i, prompt in enumerate(prompts):
-            start = time.perf_counter()
-            stamps = []
-            request = {"prompt_token_ids": prompt, "sampling_params": params}
-            for ref in decode.generate.options(num_returns="streaming").remote(request):
-                out = ray.get(ref)
-                stamps += [time.perf_counter() - start] * len(out["new_token_ids"])
-            if i:  # the first request warms both workers up
-                firsts.append(stamps[0])
-                seconds.append(stamps[1])
-    finally:
-        ray.kill(prefill)
-        ray.kill(decode)
-    return {"first_token_s": statistics.median(firsts), "second_token_s": statistics.median(seconds)}
+    start = time.perf_counter()
+    stamps: list[float] = []
+    request = {"prompt_token_ids": prompt, "sampling_params": params}
+    for ref in decode.generate.options(num_returns="streaming").remote(request):
+        out = ray.get(ref)
+        stamps += [time.perf_counter() - start] * len(out["new_token_ids"])
+    return stamps[0], stamps[1]
+
+
+def _first_token_row(transport: str, chunk_tokens: int, times: dict[bool, list[tuple[float, float]]]) -> dict:
+    """Medians of each variant's first and second token, and the paired ratios streamed / whole (median)."""
+    whole, streamed = times[False], times[True]
+    row = {"transport": transport, "chunk_tokens": chunk_tokens, "repeats": len(whole)}
+    for k, name in enumerate(("first", "second")):
+        row[f"whole_{name}_s"] = statistics.median(t[k] for t in whole)
+        row[f"streamed_{name}_s"] = statistics.median(t[k] for t in streamed)
+        row[f"{name}_ratio"] = statistics.median(s[k] / w[k] for w, s in zip(whole, streamed, strict=True))
+    return row
+
+
+def print_first_token(rows: list[dict]) -> None:
+    print(f"| transport | chunk tokens | first token ms, whole | streamed | streamed / whole | second token ms, "
+          f"whole | streamed | streamed / whole |  (medians of {rows[0]['repeats']}, paired ratios)")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['transport']} | {r['chunk_tokens']} | {r['whole_first_s'] * 1e3:,.0f} | "
+              f"{r['streamed_first_s'] * 1e3:,.0f} | {r['first_ratio']:.3f} | {r['whole_second_s'] * 1e3:,.0f} | "
+              f"{r['streamed_second_s'] * 1e3:,.0f} | {r['second_ratio']:.3f} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the prefill measurement")
     parser.add_argument("--dedup-only", action="store_true", help="only the dedup measurement")
     parser.add_argument("--first-token-only", action="store_true", help="only the first/second token measurement")
+    parser.add_argument("--transports", default="ray,grpc", help="first-token mode: the transports to compare")
+    parser.add_argument("--chunk-tokens", type=int, default=512,
+                        help="first-token mode: the prefill worker's token budget (max_num_batched_tokens)")
     parser.add_argument("--out", default="results/kv_transfer.json")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -216,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         if args.first_token_only:
-            print(json.dumps(measure_first_token(args.repeats)))
+            rows = measure_first_token(args.repeats, tuple(args.transports.split(",")), args.chunk_tokens)
+            print(json.dumps(rows))
+            print_first_token(rows)
             return 0
         dedup = measure_dedup(args.requests)
         if args.dedup_only:

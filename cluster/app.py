@@ -103,7 +103,7 @@ def build_app(products: dict[str, ProductConfig], ingress: IngressConfig = DEFAU
             **_deployment_options(f"{name}-decode", product.decode, KVHeadroomRouter),
         ).bind(_engine(product, product.decode), transfer, prefill, product=name,
                cpu_affinity=product.decode.cpu_affinity, local_prefill_max_tokens=product.local_prefill_max_tokens,
-               **workers.kwargs)
+               kv_streaming=product.kv_streaming, **workers.kwargs)
         for member in members:
             decoders[member.name] = decoder
             if prefill is not None:

@@ -114,6 +114,10 @@ class ProductConfig(_Frozen):
     # decode engine instead, when that is cheaper than the remote path's measured cost (a short follow-up
     # pays no KV transfer; decode_workers/prefill_placement.py). 0: always on a prefill worker.
     local_prefill_max_tokens: int = Field(0, ge=0)
+    # Disaggregated products: the prefill worker publishes each prefill chunk's finished KV blocks as it goes
+    # (chunks: the prefill engine's max_num_batched_tokens) and the decode worker fetches them while later
+    # chunks compute, instead of one export after the whole prompt (decode_workers/streamed_kv.py).
+    kv_streaming: bool = False
     engine: dict[str, Any] = {}
     # KVTransferConfig fields. The gRPC transport's shared token comes from the environment variable that
     # auth_token_env names, read by each worker when it starts; a literal auth_token is refused here so
@@ -230,7 +234,7 @@ def load_products(directory: str | Path) -> dict[str, ProductConfig]:
 
 
 # What the engines of a pool are made from: products sharing a pool must agree on all of it.
-POOL_FIELDS = ("model", "engine", "transfer", "disaggregated", "prefill", "decode")
+POOL_FIELDS = ("model", "engine", "transfer", "disaggregated", "kv_streaming", "prefill", "decode")
 
 
 def pools(products: dict[str, ProductConfig]) -> dict[str, list[ProductConfig]]:

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from decode_workers.prefill_placement import PrefillPlacement
+from decode_workers.streamed_kv import StreamedKV
 from decode_workers.token_stream import TokenStreamTarget
 from decode_workers.token_stream_sender import TokenStreamSender
 from engine.config import SLO, EngineConfig, SamplingParams
@@ -34,8 +35,8 @@ from engine.request import Request
 from engine.scheduler import OverloadedError
 from kvtransfer import KVHandle, KVTransferConfig, KVTransferError
 from prefill_workers.engine_worker import EngineWorker, WorkerStats
-from prefill_workers.protocol import PrefillRequest, PrefillResult
-from prefill_workers.remote_calls import awaited, cancel
+from prefill_workers.protocol import PrefillChunk, PrefillRequest, PrefillResult
+from prefill_workers.remote_calls import awaited, call_streaming, cancel, stream_items
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +58,19 @@ class DecodeServer(EngineWorker):
     def __init__(self, engine_config: EngineConfig | dict | None = None,
                  transfer_config: KVTransferConfig | dict | None = None,
                  prefill=None, prefill_timeout_s: float = 60.0, worker_id: str | None = None,
-                 dedup: bool = True, local_prefill_max_tokens: int = 0) -> None:
+                 dedup: bool = True, local_prefill_max_tokens: int = 0, kv_streaming: bool = False) -> None:
         """prefill: a handle whose `.prefill.remote(PrefillRequest)` is awaitable (a Ray actor
         handle or a Serve DeploymentHandle), or None for colocated mode. dedup=False asks for
         every block even when this worker holds some (for measuring what dedup saves).
         local_prefill_max_tokens: with a prefill handle, prompts whose uncached part is at most this many
-        tokens may be computed here when that is cheaper than the remote path (PrefillPlacement)."""
+        tokens may be computed here when that is cheaper than the remote path (PrefillPlacement).
+        kv_streaming: call the prefill worker's prefill_stream, fetching the KV of each prefill chunk while
+        later chunks compute (StreamedKV), instead of one export after the whole prompt."""
         super().__init__(engine_config, transfer_config, worker_id)
         self.prefill_handle = prefill
         self.prefill_timeout_s = prefill_timeout_s
         self.dedup = dedup
+        self.kv_streaming = kv_streaming
         # the connector counts fetches and their failures; these count what the worker made of them
         self._refused_imports = self._prefill_failures = self._recomputed = self._remote = self._local = 0
         self.placement = PrefillPlacement(local_prefill_max_tokens)
@@ -104,12 +108,13 @@ class DecodeServer(EngineWorker):
             self.engine.discard_stream(rid)
             raise
         finished = False
+        chunks = StreamedKV(self.connector, self.layout, req.num_prompt_tokens) if self.kv_streaming else None
         try:
             async with contextlib.aclosing(self.engine.iterate(rid, stream)) as outputs:
                 called = time.monotonic()
                 result = await self._prefill(req, PrefillRequest(rid, req.prompt_token_ids, params, salt,
                                                                  req.num_computed_tokens // self.block_size, slo,
-                                                                 reject_past_s))
+                                                                 reject_past_s), chunks)
                 call_s = time.monotonic() - called
                 blocks, kv_tokens = None, 0
                 try:
@@ -120,12 +125,13 @@ class DecodeServer(EngineWorker):
                         yield asdict(first)
                     if continues:
                         fetched = time.monotonic()
-                        blocks, kv_tokens = await self._fetch_kv(rid, result.kv), result.kv.num_tokens
+                        blocks, kv_tokens = await self._fetch_kv(rid, result.kv, chunks)
                         if blocks is not None:
                             self.placement.observe_remote(call_s, result.prefill_seconds, time.monotonic() - fetched)
                 finally:
                     if result is not None:
                         self._release_remote(result.kv.export_id, result.worker_id)
+                    self._release_chunks(chunks)
                 if not finished:
                     await self._import_kv(rid, blocks, kv_tokens)
                 # drop the export's handle (with the Ray transport, a reference to its object) and the payload
@@ -136,6 +142,7 @@ class DecodeServer(EngineWorker):
                         finished = out.finished
                         yield asdict(out)
         finally:
+            self._release_chunks(chunks)  # again: a prefill cancelled or failed before its result
             if not finished:  # consumer gone or prefill cancelled: free the blocks here now
                 self.engine.discard_stream(rid)
                 await self.engine.abort(rid)
@@ -158,21 +165,27 @@ class DecodeServer(EngineWorker):
         await conn.flush()
         return {"num_output_tokens": last.get("num_output_tokens", 0), "finish_reason": last.get("finish_reason")}
 
-    async def _prefill(self, req: Request, request: PrefillRequest) -> PrefillResult | None:
+    async def _prefill(self, req: Request, request: PrefillRequest, chunks: StreamedKV | None) -> PrefillResult | None:
         """The remote prefill's result, or None when the prompt is computed here: by choice (a short
         uncached part, PrefillPlacement) or because the remote prefill failed."""
         uncached = req.num_prompt_tokens - req.num_computed_tokens
         if self.placement.here(uncached, self.engine.load().prompt_token_s):
             self._local += 1
             return None
-        return await self._remote_prefill(request)
+        return await self._remote_prefill(request, chunks)
 
-    async def _remote_prefill(self, request: PrefillRequest) -> PrefillResult | None:
+    async def _remote_prefill(self, request: PrefillRequest, chunks: StreamedKV | None) -> PrefillResult | None:
         """Prefill on a PrefillServer; None when that failed (the request is then computed here). A prefill
-        worker that refused the request as overloaded is no failure to recover from: OverloadedError."""
-        call = self.prefill_handle.prefill.remote(request)
+        worker that refused the request as overloaded is no failure to recover from: OverloadedError.
+        chunks: receive the KV in chunks through prefill_stream (fetched into it as they come); None: prefill."""
+        if chunks is None:
+            call = self.prefill_handle.prefill.remote(request)
+            result = awaited(call)
+        else:
+            call = call_streaming(self.prefill_handle, "prefill_stream", request)
+            result = _streamed_result(call, chunks)
         try:
-            return await asyncio.wait_for(awaited(call), self.prefill_timeout_s)
+            return await asyncio.wait_for(result, self.prefill_timeout_s)
         except asyncio.CancelledError:
             cancel(call)
             raise
@@ -195,17 +208,25 @@ class DecodeServer(EngineWorker):
             self._prefill_failed(rid, exc)
             return None
 
-    async def _fetch_kv(self, rid: str, handle: KVHandle) -> torch.Tensor | None:
-        """The prefill worker's KV, checked against this pool's layout; None when lost or corrupt (counted by
-        the connector; the prompt is then computed here)."""
+    async def _fetch_kv(self, rid: str, handle: KVHandle,
+                        chunks: StreamedKV | None) -> tuple[torch.Tensor | None, int]:
+        """The prefill worker's KV, checked against this pool's layout, and the prompt tokens it holds: handle's
+        export, after the chunks before it when streamed. (None, 0) when lost or corrupt (counted by the
+        connector; the prompt is then computed here)."""
         start = time.monotonic()
         try:
-            blocks = await asyncio.to_thread(self.connector.fetch, handle, self.layout)
+            if chunks is not None:
+                blocks, num_tokens = await chunks.finish(handle)
+            else:
+                blocks = await asyncio.to_thread(self.connector.fetch, handle, self.layout)
+                num_tokens = handle.num_tokens
         except KVTransferError as exc:
             self._recompute_after(rid, exc, "KV transfer")
-            return None
-        self.observe_transfer(time.monotonic() - start, handle.nbytes)
-        return blocks
+            return None, 0
+        fetches = chunks.fetches if chunks is not None else [(time.monotonic() - start, handle.nbytes)]
+        for seconds, nbytes in fetches:
+            self.observe_transfer(seconds, nbytes)
+        return blocks, num_tokens
 
     async def _import_kv(self, rid: str, blocks: torch.Tensor | None, num_tokens: int) -> None:
         """Queue the request with the fetched KV (num_tokens tokens) attached; without KV (none fetched, or the
@@ -240,6 +261,11 @@ class DecodeServer(EngineWorker):
         except Exception as exc:
             log.debug("release of %s not delivered: %r", export_id, exc)
 
+    def _release_chunks(self, chunks: StreamedKV | None) -> None:
+        """Release every chunk export received (fetched or not); a second call releases nothing."""
+        for export_id, owner in chunks.close() if chunks is not None else ():
+            self._release_remote(export_id, owner)
+
     def _stats(self, engine: EngineStats) -> DecodeStats:
         transfers = self.connector.stats
         return DecodeStats(self.worker_id, engine, transfers.bytes_fetched, transfers.fetch_seconds_total,
@@ -251,3 +277,13 @@ class DecodeServer(EngineWorker):
         load = self.engine.load()
         return {"kv_free_blocks": float(load.kv_free_blocks), "kv_usage": load.kv_usage,
                 "num_waiting": float(load.num_waiting)}
+
+
+async def _streamed_result(call, chunks: StreamedKV) -> PrefillResult:
+    """Read a prefill_stream call: each PrefillChunk starts its fetch (chunks.add), the PrefillResult ends it."""
+    async for item in stream_items(call):
+        if isinstance(item, PrefillChunk):
+            chunks.add(item)
+        else:
+            return item
+    raise RuntimeError("the prefill stream ended without a result")

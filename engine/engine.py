@@ -274,6 +274,27 @@ class Engine:
         ids = [b.block_id for b in req.block_table[start_block:end_block]]
         return self.kv_cache.read_blocks(ids)
 
+    def computed_prompt_blocks(self, request_id: str) -> int | None:
+        """Leading full prompt blocks of an unfinished request whose K/V is computed and in its block table
+        (their count; 0 while it waits or after a preemption). None once it is no longer unfinished (held,
+        ended, aborted or unknown). Between steps only: a step's imports and forward then have landed."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        return min(req.num_computed_tokens, req.num_prompt_tokens) // self.config.block_size
+
+    def read_request_blocks(self, request_id: str, first_block: int, last_block: int) -> torch.Tensor:
+        """A copy of blocks [first_block, last_block) of an unfinished request, all computed full prompt
+        blocks (computed_prompt_blocks): [num_layers, 2, n, block_size, Hkv, D]. The blocks stay the
+        request's (ref counts untouched), so a held prefill may export them while later chunks compute.
+        Raises ValueError, changing nothing, for a range outside its computed full prompt blocks."""
+        done = self.computed_prompt_blocks(request_id)
+        if done is None or not 0 <= first_block < last_block <= done:
+            raise ValueError(f"blocks [{first_block}, {last_block}) of request {request_id!r} are not computed "
+                             f"full prompt blocks (computed: {done})")
+        ids = [b.block_id for b in self.requests[request_id].block_table[first_block:last_block]]
+        return self.kv_cache.read_blocks(ids)
+
     def sampler_state(self, request_id: str) -> bytes | None:
         """The random state of a held seeded request after its first token (None when the seed alone
         restores it: unseeded, or nothing drawn)."""

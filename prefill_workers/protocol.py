@@ -29,7 +29,8 @@ class PrefillRequest:
 
 @dataclass(frozen=True)
 class PrefillResult:
-    """first_token sampled from the last prompt position; kv covers tokens [skip_blocks * block_size, prompt)."""
+    """first_token sampled from the last prompt position; kv covers tokens [skip_blocks * block_size, prompt),
+    or with prefill_stream from where the last PrefillChunk ended."""
 
     request_id: str
     first_token: int
@@ -40,3 +41,18 @@ class PrefillResult:
     worker_id: str
     prefill_seconds: float
     sampler_state: bytes | None = None  # a seeded request's random state after the first token
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Part of a prompt's KV, exported while its prefill still runs (PrefillServer.prefill_stream).
+
+    kv covers whole computed blocks [kv.first_block, kv.first_block + kv.shape[2]); the chunks of one
+    request come in order, each starting where the previous ended, the first at skip_blocks, and the
+    final PrefillResult's kv starts where the last chunk ended. The caller owns each export once it has
+    the chunk: it fetches it or releases it (release_kv(kv.export_id, worker_id)); its lease is the backstop.
+    """
+
+    request_id: str
+    kv: KVHandle
+    worker_id: str

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -29,9 +30,10 @@ import torch
 from engine.config import EngineConfig, SamplingParams
 from engine.outputs import EngineStats, PrefillExport
 from kvtransfer import KVHandle, KVTransferConfig
+from prefill_workers.chunk_publisher import ChunkPublisher
 from prefill_workers.directory_client import DirectoryClient
 from prefill_workers.engine_worker import EngineWorker, WorkerStats
-from prefill_workers.protocol import PrefillRequest, PrefillResult
+from prefill_workers.protocol import PrefillChunk, PrefillRequest, PrefillResult
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class PrefillStats(WorkerStats):
     directory_lookups: int = 0  # calls to the directory to fetch blocks its index listed
     directory_stale_blocks: int = 0  # blocks the index listed that the directory no longer held (computed)
     directory_index_entries: int = 0  # block hashes the local index lists
+    kv_chunks_published: int = 0  # partial exports made while a prompt computed (prefill_stream)
 
 
 class PrefillServer(EngineWorker):
@@ -56,9 +59,45 @@ class PrefillServer(EngineWorker):
         self.directory = None if directory is None else DirectoryClient(directory, directory_namespace)
         self._background: set[asyncio.Task] = set()
         self._reaper: asyncio.Task | None = None
+        self._chunks_published = 0
 
     # ---- the request path ------------------------------------------------------------------------
     async def prefill(self, request: PrefillRequest) -> PrefillResult:
+        """The first token and one export of the prompt's KV from request.skip_blocks on."""
+        return await self._prefill(request, None)
+
+    async def prefill_stream(self, request: PrefillRequest) -> AsyncIterator[PrefillChunk | PrefillResult]:
+        """`prefill`, with the KV published while the prompt computes: yields a PrefillChunk per engine step
+        that completed more full blocks (chunked prefill), then the PrefillResult, whose kv holds the rest.
+
+        The caller owns each export once yielded. A caller that leaves before the result (cancelled, gone)
+        aborts the prefill, and every export made for it, yielded or not, is released here.
+        """
+        chunks: asyncio.Queue[PrefillChunk | None] = asyncio.Queue()
+        task = asyncio.ensure_future(self._prefill(request, chunks.put_nowait))
+        task.add_done_callback(lambda _: chunks.put_nowait(None))
+        handed: list[str] = []
+        try:
+            while (chunk := await chunks.get()) is not None:
+                self._chunks_published += 1
+                handed.append(chunk.kv.export_id)
+                yield chunk
+            result = task.result()  # the prefill's own error, if any (it freed its exports already)
+            handed.append(result.kv.export_id)
+            yield result
+            handed = []  # all delivered: the caller's now
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)  # its failure path frees the request
+            for export_id in handed:
+                self.connector.release(export_id)
+
+    async def _prefill(self, request: PrefillRequest,
+                       publish: Callable[[PrefillChunk], None] | None) -> PrefillResult:
+        """Prefill one request; with `publish`, full blocks go out in chunks as they complete (ChunkPublisher)
+        and the result's export starts after the last one. A failure or cancellation frees the request's
+        blocks and every chunk export before it propagates."""
         self._ensure_background()
         start = time.monotonic()
         rid = request.request_id
@@ -72,19 +111,30 @@ class PrefillServer(EngineWorker):
             self.engine.discard_stream(rid)
             raise
         num_local = req.num_computed_tokens // self.block_size
+        publisher = publishing = None
         try:
             num_from_directory = await self._import_from_directory(rid, req.num_prompt_tokens, num_local)
+            if publish is not None:
+                publisher = ChunkPublisher(self.engine, self.connector, self.layout, self.worker_id, rid,
+                                           request.skip_blocks, publish)
+                publishing = asyncio.ensure_future(publisher.run())
             async for _ in self.engine.iterate(rid, stream):
                 pass  # one output, the first token: the request is then held, its blocks kept for the export
+            if publishing is not None:
+                await publishing  # ends at once: the request is held now (no longer unfinished)
+            skip = request.skip_blocks if publisher is None else max(request.skip_blocks, publisher.next_block)
             # the engine frees the held blocks in this call, whatever happens to the caller afterwards
-            export = await self.engine.finish_prefill(rid, request.skip_blocks)
+            export = await self.engine.finish_prefill(rid, skip)
+            handle = await self._export(rid, export)
         except BaseException:  # cancelled (the caller gave up) or failed: free what the request holds
             self.engine.discard_stream(rid)
             if self.engine.alive:
                 await self.engine.abort(rid)
+            if publishing is not None:  # the abort ends it; not cancelled, so no export is lost mid-way
+                await asyncio.gather(publishing, return_exceptions=True)
+                publisher.release_all()
             raise
         num_cached = (num_local + num_from_directory) * self.block_size
-        handle = await self._export(rid, export)
         # Publish on reuse: only the blocks this worker found in its own cache, i.e. prefixes seen at
         # least twice. A prompt's unique blocks would cost a copy into the object store and engine time
         # for nothing: nobody else asks for them (measured: BENCHMARKS.md, prefix cache off vs on).
@@ -126,9 +176,10 @@ class PrefillServer(EngineWorker):
     def _stats(self, engine: EngineStats) -> PrefillStats:
         d = self.directory
         if d is None:
-            return PrefillStats(self.worker_id, engine, self.connector.num_exports, 0, 0, 0)
+            return PrefillStats(self.worker_id, engine, self.connector.num_exports, 0, 0, 0,
+                                kv_chunks_published=self._chunks_published)
         return PrefillStats(self.worker_id, engine, self.connector.num_exports, d.fetched, d.published,
-                            d.errors, d.lookups, d.stale, len(d.index))
+                            d.errors, d.lookups, d.stale, len(d.index), self._chunks_published)
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         if self.directory is not None:

@@ -34,6 +34,9 @@ from tests.engine_helpers import hf_greedy, random_prompts
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 SYSTEM = random_prompts([220], 8192, seed=31)[0]
+# KV streamed while the prompt computes: a prefill engine whose 64-token budget splits every prompt here into
+# chunks (4 blocks each), and decode workers that fetch each chunk as it is published.
+STREAMED_PREFILL = {"max_num_batched_tokens": 64}
 
 
 @pytest.fixture
@@ -54,11 +57,18 @@ def _prompts(n: int = 5) -> list[list[int]]:
     return random_prompts([1, 30, 90, 250, 9][:n], 8192, seed=32, prefix=SYSTEM)
 
 
+def _streaming(streamed: bool) -> tuple[dict | None, dict]:
+    """The prefill engine config and the decode worker's keyword arguments of a streamed (or whole) export."""
+    return (STREAMED_PREFILL, {"kv_streaming": True}) if streamed else (None, {})
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
 @pytest.mark.parametrize("transport", ["ray", "grpc"])
-def test_disaggregated_colocated_and_transformers_agree(ray_local, directory, transport: str) -> None:
+def test_disaggregated_colocated_and_transformers_agree(ray_local, directory, transport: str, streamed: bool) -> None:
     transfer = {"transport": transport}
-    prefill = start_prefill(transfer)
-    decode = start_decode(prefill, transfer)
+    engine, options = _streaming(streamed)
+    prefill = start_prefill(transfer, engine)
+    decode = start_decode(prefill, transfer, **options)
     colocated = start_decode(None, transfer)
     try:
         for prompt in _prompts():
@@ -70,6 +80,8 @@ def test_disaggregated_colocated_and_transformers_agree(ray_local, directory, tr
         stats = ray.get(decode.stats.remote(), timeout=TIMEOUT_S)
         assert stats.remote_prefills == 5 and stats.recomputed_prefills == 0
         assert stats.engine.prompt_tokens_computed == 0  # every prompt was prefilled remotely
+        chunks = ray.get(prefill.stats.remote(), timeout=TIMEOUT_S).kv_chunks_published
+        assert chunks > 0 if streamed else chunks == 0
         assert_idle([prefill], [decode, colocated])
     finally:
         kill_all(prefill, decode, colocated)
@@ -125,6 +137,23 @@ def test_system_prompt_computed_once_per_cluster(ray_local, directory) -> None:
         kill_all(*prefills, *decodes)
 
 
+def test_streamed_kv_with_directory_blocks_equals_transformers(ray_local, directory) -> None:
+    """A prefill worker that takes the system prompt's blocks from the directory streams them as its first
+    chunk (they land in its pool with the first step), then its own chunks: the tokens are transformers'."""
+    warm, prefill = start_prefill(worker_id="w0"), start_prefill(engine=STREAMED_PREFILL, worker_id="w1")
+    decode = start_decode(prefill, kv_streaming=True)
+    try:
+        assert ray.get(warm.warm_prefix.remote(SYSTEM), timeout=TIMEOUT_S) == 220 // 16
+        for prompt in random_prompts([40, 150], 8192, seed=38, prefix=SYSTEM):
+            assert generate(decode, prompt, GREEDY)["token_ids"] == hf_greedy(model_path("tiny"), prompt,
+                                                                               GREEDY.max_tokens)[0]
+        stats = ray.get(prefill.stats.remote(), timeout=TIMEOUT_S)
+        assert stats.directory_blocks_fetched == 220 // 16 and stats.kv_chunks_published > 0
+        assert_idle([warm, prefill], [decode])
+    finally:
+        kill_all(warm, prefill, decode)
+
+
 def test_directory_gets_prefixes_seen_twice_not_every_prompt(ray_local, directory) -> None:
     prefills = [start_prefill(worker_id=f"q{i}") for i in range(2)]
     decodes = [start_decode(p) for p in prefills]
@@ -149,9 +178,11 @@ def test_directory_gets_prefixes_seen_twice_not_every_prompt(ray_local, director
         kill_all(*prefills, *decodes)
 
 
-def test_decode_worker_holding_the_prefix_receives_fewer_bytes(ray_local, directory) -> None:
-    prefill = start_prefill()
-    decode = start_decode(prefill)
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_decode_worker_holding_the_prefix_receives_fewer_bytes(ray_local, directory, streamed: bool) -> None:
+    engine, options = _streaming(streamed)
+    prefill = start_prefill(engine=engine)
+    decode = start_decode(prefill, **options)
     try:
         first, second = random_prompts([100, 100], 8192, seed=34, prefix=SYSTEM)
         generate(decode, first, GREEDY)
@@ -167,11 +198,15 @@ def test_decode_worker_holding_the_prefix_receives_fewer_bytes(ray_local, direct
         kill_all(prefill, decode)
 
 
-@pytest.mark.parametrize("fault", ["corrupt", "wrong_layout", "truncate", "timeout"])
-def test_transfer_faults_recompute_and_count(ray_local, directory, fault: str) -> None:
+@pytest.mark.parametrize("fault,streamed", [("corrupt", False), ("wrong_layout", False), ("truncate", False),
+                                            ("timeout", False), ("corrupt", True), ("timeout", True)])
+def test_transfer_faults_recompute_and_count(ray_local, directory, fault: str, streamed: bool) -> None:
+    """Streamed: the first chunk's fetch fails, the fetches queued behind it give up with it (one failure
+    counted), and every chunk export is released or leased out."""
     transfer = {"transport": "grpc", "timeout_s": 1.0, "lease_s": 3.0}
-    prefill = start_prefill({**transfer, "fault": fault})
-    decode = start_decode(prefill, transfer)
+    engine, options = _streaming(streamed)
+    prefill = start_prefill({**transfer, "fault": fault}, engine)
+    decode = start_decode(prefill, transfer, **options)
     try:
         prompt = _prompts(3)[2]
         out = generate(decode, prompt, GREEDY)
@@ -289,15 +324,25 @@ def _wait_until_prefilling(prefill) -> None:
         time.sleep(0.02)
 
 
-def test_killed_prefill_worker_mid_request_recomputes(ray_local) -> None:
+def _wait_for_chunks(prefill, n: int) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while ray.get(prefill.stats.remote(), timeout=TIMEOUT_S).kv_chunks_published < n:
+        assert time.monotonic() < deadline, "no chunk was published"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_killed_prefill_worker_mid_request_recomputes(ray_local, streamed: bool) -> None:
     # A token budget of 4 makes the 2,000-token prefill take 500 steps: time to kill the worker mid-way.
     prefill = start_prefill(engine={"max_num_batched_tokens": 4}, directory=False)
-    decode = start_decode(prefill)
+    decode = start_decode(prefill, kv_streaming=streamed)
     try:
         prompt = random_prompts([2000], 8192, seed=35)[0]
         request = {"request_id": "victim", "prompt_token_ids": prompt, "sampling_params": GREEDY}
         stream = decode.generate.options(num_returns="streaming").remote(request)
         _wait_until_prefilling(prefill)
+        if streamed:  # the decode worker holds chunk handles of a worker about to die
+            _wait_for_chunks(prefill, 2)
         ray.kill(prefill, no_restart=True)
         tokens = []
         for ref in stream:
@@ -310,15 +355,19 @@ def test_killed_prefill_worker_mid_request_recomputes(ray_local) -> None:
         kill_all(prefill, decode)
 
 
-def test_abort_frees_blocks_on_both_sides(ray_local) -> None:
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_abort_frees_blocks_on_both_sides(ray_local, streamed: bool) -> None:
+    """Streamed: chunks were published (a block every 4 steps) before the cancel; none outlives it."""
     prefill = start_prefill(engine={"max_num_batched_tokens": 4}, directory=False)
-    decode = start_decode(prefill)
+    decode = start_decode(prefill, kv_streaming=streamed)
     try:
         prompt = random_prompts([2000], 8192, seed=36)[0]
         request = {"request_id": "gone", "prompt_token_ids": prompt,
                    "sampling_params": SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)}
         stream = decode.generate.options(num_returns="streaming").remote(request)
         _wait_until_prefilling(prefill)
+        if streamed:
+            _wait_for_chunks(prefill, 2)
         ray.cancel(stream)
         deadline = time.monotonic() + 10
         while True:

@@ -222,3 +222,28 @@ def test_engine_info_and_load(engines) -> None:
     assert (info.block_size, info.layout, info.kv_dtype) == (16, decode.layout, torch.float32)
     load = decode.load()
     assert (load.kv_free_blocks, load.kv_usage, load.num_waiting) == (decode.stats().num_blocks_total, 0.0, 0)
+
+
+def test_blocks_read_between_chunks_equal_the_finished_prefill(engines) -> None:
+    """Chunked prefill (a 32-token budget: two blocks a step): after each step the computed full prompt blocks
+    can be read while the request keeps them, and they equal what finish_prefill exports at the end; the
+    last prompt token's block is never among them before the final step. Reads outside them change nothing."""
+    prompt = random_prompts([100], 8192, seed=63)[0]
+    engine = Engine(EngineConfig(max_num_batched_tokens=32))
+    engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=1), "chunked", hold_kv=True)
+    pieces, done = [], 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        now = engine.computed_prompt_blocks("chunked")
+        if now is None:  # the final step: held now
+            break
+        assert now < -(-len(prompt) // 16)
+        if now > done:
+            pieces.append(engine.read_request_blocks("chunked", done, now))
+            done = now
+    assert done == 6 and len(pieces) == 3  # blocks [0, 2), [2, 4), [4, 6) before the final step (tokens 96-99)
+    with pytest.raises(ValueError):
+        engine.read_request_blocks("chunked", 0, 1)  # held, no longer unfinished
+    export = engine.finish_prefill("chunked", 0)
+    assert torch.equal(torch.cat(pieces, dim=2), export.blocks[:, :, :done])
+    _assert_free(engine)
