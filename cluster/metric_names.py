@@ -22,6 +22,7 @@ PROMPT_TOKENS_COMPUTED = "prompt_tokens_computed"  # prompt tokens run through a
 PROMPT_TOKENS_CACHED = "prompt_tokens_cached"  # prompt tokens taken from a cache instead
 GENERATION_TOKENS = "generation_tokens"
 PREEMPTIONS = "preemptions"
+KV_SWAP_OUTS = "kv_swap_outs"
 KV_TRANSFER_BYTES = "kv_transfer_bytes"
 KV_TRANSFER_FAILURES = "kv_transfer_failures"
 PREFILL_FAILURES = "prefill_failures"
@@ -85,7 +86,8 @@ HELP = {
     PROMPT_TOKENS_COMPUTED: "Prompt tokens run through a model (prefill work done).",
     PROMPT_TOKENS_CACHED: "Prompt tokens taken from a prefix cache (local pool or cluster directory).",
     GENERATION_TOKENS: "Generated tokens.",
-    PREEMPTIONS: "Requests preempted (KV blocks ran out; recomputed later).",
+    PREEMPTIONS: "Requests preempted (KV blocks ran out; recomputed or swapped back in later).",
+    KV_SWAP_OUTS: "Preemptions that copied the request's KV to host memory (written back later, not recomputed).",
     KV_TRANSFER_BYTES: "Bytes of KV blocks moved from prefill to decode workers.",
     KV_TRANSFER_FAILURES: "KV transfers that failed (the prompt was recomputed on the decode worker).",
     PREFILL_FAILURES: "Remote prefill calls that failed or timed out (recomputed on the decode worker).",

@@ -31,6 +31,7 @@ from cluster.metric_names import (
     KV_BLOCKS_TOTAL,
     KV_BLOCKS_USED,
     KV_EXPORTS_ALIVE,
+    KV_SWAP_OUTS,
     KV_TRANSFER_BYTES,
     KV_TRANSFER_FAILURES,
     KV_TRANSFER_SECONDS,
@@ -187,6 +188,7 @@ def snapshot_from_engine_stats(engine: EngineStats, *, count_generation: bool = 
         PREFIX_CACHE_HITS: engine.prefix_cache_hits,
         PROMPT_TOKENS_COMPUTED: engine.prompt_tokens_computed,
         PREEMPTIONS: engine.num_preemptions,
+        KV_SWAP_OUTS: engine.num_swap_outs,
     }
     if count_generation:
         c[GENERATION_TOKENS] = engine.num_generated_tokens

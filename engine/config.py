@@ -112,6 +112,10 @@ class EngineConfig:
     # (at most to its max_tokens), so a new prompt does not force a running one out soon after. 0: admit
     # on the prompt's blocks alone.
     kv_watermark_tokens: int = Field(0, ge=0)
+    # Host memory (bytes) for the KV of preempted requests: a preempted request's blocks are copied there and
+    # written back when it runs again, instead of recomputed, when the measured copy costs less than the
+    # measured recompute (engine/swap_space.py). 0: preemption always recomputes. Paged layout only.
+    swap_space_bytes: int = Field(0, ge=0)
     num_threads: int | None = Field(None, ge=1)  # torch intra-op threads; None leaves torch's default
     # False: on CUDA with the Triton kernels, decode-only steps replay CUDA graphs captured per batch size
     # (engine/cuda_graphs.py). True by default until a GPU run has checked them; elsewhere always eager.
@@ -134,6 +138,8 @@ class EngineConfig:
         _check(self.kv_layout != "contiguous" or not self.enable_prefix_caching,
                "kv_layout='contiguous' gives each request its own region, so cached prefix blocks cannot be "
                "shared: set enable_prefix_caching=False")
+        _check(self.kv_layout == "paged" or not self.swap_space_bytes,
+               "swap_space_bytes needs kv_layout='paged' (a contiguous region is re-reserved, not swapped)")
 
 
 def error_message(exc: ValueError) -> str:

@@ -68,7 +68,8 @@ class Engine:
         self.max_model_len = context_limit(config, self.model.config, self.kv_cache.num_blocks)
         self.kv = self._kv_manager()
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.scheduling,
-                                   config.kv_watermark_tokens)
+                                   config.kv_watermark_tokens, config.swap_space_bytes,
+                                   self.kv_cache.data[:, :, :1].nbytes)
         self.runner = ModelRunner(self.model, self.kv_cache, self.attention_backend)
         if not config.enforce_eager and self.device.type == "cuda" and self.attention_backend == "triton":
             self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len,
@@ -340,6 +341,7 @@ class Engine:
         """Run one engine step. Returns the requests that received a token (finished ones included)."""
         self._finished.clear()
         sched = self.scheduler.schedule()
+        self._swap_out(sched.swapped_out)  # before anything writes into the blocks they just gave up
         if not sched.scheduled:
             return []
         started = time.monotonic()
@@ -373,6 +375,14 @@ class Engine:
             self._counters.prompt_tokens_computed += max(0, min(start + n, req.num_prompt_tokens) - start)
             req.num_computed_tokens = start + n
         return batch, logits
+
+    def _swap_out(self, requests: list[Request]) -> None:
+        """Copy swapped-out requests' blocks to the host; they are imported back when the requests run again."""
+        for req in requests:
+            started = time.monotonic()
+            req.pending_kv = self.kv_cache.read_blocks(req.swap_block_ids)
+            self.scheduler.swap.observe_copy(req.pending_kv.nbytes, time.monotonic() - started)
+            req.pending_kv_tokens, req.swap_block_ids = req.swap_tokens, None
 
     def _accept_token(self, req: Request, token: int, logprobs: dict[int, float] | None, now: float) -> None:
         """Append a sampled token, then end the request if a stop condition holds."""
@@ -446,6 +456,7 @@ class Engine:
             prompt_tokens_computed=self._counters.prompt_tokens_computed,
             prompt_tokens_cached=self._counters.prompt_tokens_cached,
             num_preemptions=self.scheduler.num_preemptions,
+            num_swap_outs=self.scheduler.swap.num_swap_outs,
             num_generated_tokens=self._counters.generated_tokens,
             num_request_errors=self._counters.request_errors,
             num_admission_failures=self.scheduler.num_admission_failures,

@@ -47,6 +47,7 @@ class EngineStats:
     prompt_tokens_cached: int
     num_preemptions: int
     num_generated_tokens: int
+    num_swap_outs: int = 0  # preemptions that copied the request's KV to host memory instead of dropping it
     num_request_errors: int = 0  # requests ended by a failure of their own step work (finish_reason "error")
     # KV layout health, the incident's symptoms (see engine/scheduler.py); the
     # move counters stay 0 for the paged layout, which never moves KV.

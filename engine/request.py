@@ -76,6 +76,11 @@ class Request:
     # a random state carried over from another engine before this one created the generator
     carried_sampler_state: bytes | None = field(default=None, repr=False)
     slo: SLO | None = None  # latency targets (the "slo" scheduling policy reads them)
+    # Swapped out by a preemption (engine/swap_space.py): the blocks to copy to the host before the step
+    # runs (then None), the computed tokens they hold, and the host bytes reserved until written back.
+    swap_block_ids: list[int] | None = field(default=None, repr=False)
+    swap_tokens: int = 0
+    swap_bytes: int = 0
     # A resumed request (resume()): leading output tokens another engine generated and the client already has.
     num_resumed_tokens: int = 0
     # Random draws that run made from this request's seed, replayed onto the generator before its next one.

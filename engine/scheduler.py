@@ -21,7 +21,11 @@ request's SLO (time to first token, inter-token latency):
 - whom to preempt: the request with the most ITL slack (the largest target,
   then the newest) among those not yet scheduled this step.
 Either policy may keep a KV watermark: admission leaves free the blocks the
-running requests need for their next kv_watermark_tokens tokens.
+running requests need for their next kv_watermark_tokens tokens. With swap
+space (engine/swap_space.py), a preempted request whose KV is cheaper to copy
+to the host and back than to recompute is swapped out instead: the engine
+copies its blocks before the step runs, and when it is admitted again they are
+imported into fresh blocks like KV from a prefill worker.
 
 The same rules hold for both KV layouts (paged and contiguous). Counted for
 the incident's symptoms: each refusal of the head waiting request (and those
@@ -39,6 +43,7 @@ from engine.contiguous_kv_cache_manager import ContiguousKVCacheManager
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus
 from engine.step_cost import StepCost
+from engine.swap_space import SwapSpace
 
 
 class OverloadedError(Exception):
@@ -63,6 +68,7 @@ class SchedulerOutput:
     scheduled: list[tuple[Request, int]] = field(default_factory=list)  # decodes (1 token) first
     imports: list[tuple[Request, int]] = field(default_factory=list)  # (request, first block) to fill from pending_kv
     preempted: list[Request] = field(default_factory=list)
+    swapped_out: list[Request] = field(default_factory=list)  # preempted ones whose swap_block_ids to copy now
 
     @property
     def num_tokens(self) -> int:
@@ -72,13 +78,17 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, kv: KVCacheManager | ContiguousKVCacheManager, max_num_seqs: int,
                  max_num_batched_tokens: int, policy: Literal["fcfs", "slo"] = "fcfs",
-                 watermark_tokens: int = 0) -> None:
+                 watermark_tokens: int = 0, swap_space_bytes: int = 0, block_bytes: int = 0) -> None:
+        """swap_space_bytes: host memory for preempted requests' KV (0: recompute them); block_bytes: one KV
+        block's bytes, all layers, K and V."""
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.policy = policy
         self.watermark_tokens = watermark_tokens
         self.cost = StepCost()  # the engine reports every step's duration here
+        self.swap = SwapSpace(swap_space_bytes)  # the engine reports every swap-out's copy time here
+        self.block_bytes = block_bytes
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -143,6 +153,7 @@ class Scheduler:
             self.waiting.remove(req)
             if n_import:
                 out.imports.append((req, num_cached // self.kv.block_size))
+                self._release_swap(req, keep_kv=True)  # written back by this step
             req.num_computed_tokens = num_cached + n_import
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = min(num_cached, req.num_prompt_tokens)
@@ -161,6 +172,7 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         request.status = status
+        self._release_swap(request)
         if free:
             self.kv.free(request)
 
@@ -171,7 +183,7 @@ class Scheduler:
         while True:
             victim = self._victim(out)
             self.running.remove(victim)
-            self._preempt(victim)
+            self._preempt(victim, out)
             out.preempted.append(victim)
             if victim is req:
                 return False
@@ -222,10 +234,25 @@ class Scheduler:
         if self.kv.num_free_blocks >= FREE_MEMORY_FRACTION * self.kv.num_blocks:
             self.num_admission_failures_free_memory += 1
 
-    def _preempt(self, request: Request) -> None:
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        """Free a running request's blocks and queue it first; swap its KV out when that is cheaper than
+        recomputing it (the engine copies swap_block_ids before this step's forward overwrites them)."""
+        num_blocks = -(-request.num_computed_tokens // self.kv.block_size)
+        if self.swap.choose_swap(request.num_computed_tokens, num_blocks * self.block_bytes, self.cost):
+            request.swap_block_ids = [b.block_id for b in request.block_table[:num_blocks]]
+            request.swap_tokens, request.swap_bytes = request.num_computed_tokens, num_blocks * self.block_bytes
+            out.swapped_out.append(request)
         self.kv.free(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
+
+    def _release_swap(self, request: Request, keep_kv: bool = False) -> None:
+        """A swapped-out request is written back (keep_kv: its pending_kv is this step's import) or ended."""
+        if request.swap_bytes:
+            self.swap.release(request.swap_bytes)
+            request.swap_bytes = 0
+            if not keep_kv:
+                request.pending_kv, request.pending_kv_tokens, request.swap_block_ids = None, 0, None

@@ -238,7 +238,7 @@ def test_render_has_every_required_family_per_product() -> None:
     hub.report_many("i", ROLE_INGRESS, {"chat": _snap(), "code": _snap()})
     fams = _parse(hub.render())
     counters = ["prefix_cache_queries", "prefix_cache_hits", "prompt_tokens_computed", "prompt_tokens_cached",
-                "kv_transfer_bytes", "kv_transfer_failures", "preemptions", "generation_tokens",
+                "kv_transfer_bytes", "kv_transfer_failures", "preemptions", "kv_swap_outs", "generation_tokens",
                 "request_success", "requests_rejected"]
     gauges = ["kv_cache_usage_perc", "num_requests_running", "num_requests_waiting", "num_replicas"]
     histograms = ["time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
