@@ -9,8 +9,9 @@ one replica and may grow to --max-replicas:
 - Serve's own ongoing-requests rule is set high so that what moves each role is its signal.
 Two phases, each a stepwise rate ramp: "prompts" (long user prompts, answers of 1-3 tokens: prefill load)
 then "answers" (short prompts, answers of hundreds of tokens: decode load). Every second a sampler reads
-each role's running replicas from Serve; the report gives, per window, the offered rate, the replicas of
-each role, and the requests finished with their TTFT.
+each role's running replicas from Serve and the replicas' own load from the metrics hub (the decode
+engines' KV usage, the prefill engines' waiting requests); the report gives, per window, the offered rate,
+the replicas of each role, those loads, and the requests finished with their TTFT.
 
     python -m bench.autoscale_ramp [--quick] [--out results/autoscale_ramp.json]
 """
@@ -54,9 +55,10 @@ def phases(quick: bool) -> tuple[Phase, ...]:
 
 @dataclass
 class Timeline:
-    """Samples of (seconds since start, prefill replicas, decode replicas), taken by a thread."""
+    """Samples of (seconds since start, prefill replicas, decode replicas, highest decode KV usage, most prefill
+    requests waiting), taken by a thread."""
 
-    samples: list[tuple[float, int, int]] = field(default_factory=list)
+    samples: list[tuple[float, int, int, float, float]] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
 
 
@@ -66,15 +68,31 @@ def _running(status, app: str, suffix: str) -> int:
     return int(deployments[name].replica_states.get("RUNNING", 0))
 
 
+def _engine_load(hub) -> tuple[float, float]:
+    """The highest KV usage among decode engines and the most requests waiting at a prefill engine."""
+    import ray
+
+    from cluster.metric_names import KV_BLOCKS_TOTAL, KV_BLOCKS_USED, NUM_REQUESTS_WAITING
+
+    sources = [s for s in ray.get(hub.sources.remote(), timeout=10) if s.live]
+    usage = [s.gauges.get(KV_BLOCKS_USED, 0.0) / max(s.gauges.get(KV_BLOCKS_TOTAL, 1.0), 1.0)
+             for s in sources if s.role == "decode"]
+    waiting = [s.gauges.get(NUM_REQUESTS_WAITING, 0.0) for s in sources if s.role == "prefill"]
+    return max(usage, default=0.0), max(waiting, default=0.0)
+
+
 def sample_replicas(timeline: Timeline, t0: float, app: str = "pdserve", period_s: float = 1.0) -> None:
     from ray import serve
+
+    from cluster.metrics_hub import get_hub
 
     while not timeline.stop.wait(period_s):
         try:
             status = serve.status()
+            usage, waiting = _engine_load(get_hub())
             timeline.samples.append((time.perf_counter() - t0, _running(status, app, "-prefill"),
-                                     _running(status, app, "-decode")))
-        except Exception:  # the controller busy or restarting: a gap in the timeline, not a failed run
+                                     _running(status, app, "-decode"), usage, waiting))
+        except Exception:  # the controller or hub busy or restarting: a gap in the timeline, not a failed run
             continue
 
 
@@ -151,24 +169,28 @@ def windows(timeline: Timeline, records: list[tuple[str, float, RequestRecord]],
     steps = [(phase.name, rate) for phase in plan for rate in phase.rates]
     for i, (name, rate) in enumerate(steps):
         lo, hi = i * step_s, (i + 1) * step_s
-        seen = [(p, d) for t, p, d in timeline.samples if lo <= t < hi]
+        seen = [sample[1:] for sample in timeline.samples if lo <= sample[0] < hi]
         done = [r for n, q, r in records if (n, q) == (name, rate) and r.ok]
         ttfts = [r.ttft_s for r in done if r.ttft_s is not None]
         rows.append({"phase": name, "from_s": lo, "rate": rate,
-                     "prefill_replicas": max((p for p, _ in seen), default=0),
-                     "decode_replicas": max((d for _, d in seen), default=0),
+                     "prefill_replicas": max((x[0] for x in seen), default=0),
+                     "decode_replicas": max((x[1] for x in seen), default=0),
+                     "decode_kv_usage_max": max((x[2] for x in seen), default=0.0),
+                     "prefill_waiting_max": max((x[3] for x in seen), default=0.0),
                      "ok": len(done), "sent": sum(1 for n, q, _ in records if (n, q) == (name, rate)),
                      "ttft_p50_ms": statistics.median(ttfts) * 1e3 if ttfts else None})
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| phase | from s | offered req/s | prefill replicas | decode replicas | ok/sent | TTFT p50 ms |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| phase | from s | offered req/s | prefill replicas | most requests waiting at a prefill engine | "
+             "decode replicas | highest decode KV usage | ok/sent | TTFT p50 ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ttft = "-" if r["ttft_p50_ms"] is None else f"{r['ttft_p50_ms']:.0f}"
         lines.append(f"| {r['phase']} | {r['from_s']:.0f} | {r['rate']:g} | {r['prefill_replicas']} | "
-                     f"{r['decode_replicas']} | {r['ok']}/{r['sent']} | {ttft} |")
+                     f"{r['prefill_waiting_max']:.0f} | {r['decode_replicas']} | {r['decode_kv_usage_max']:.2f} | "
+                     f"{r['ok']}/{r['sent']} | {ttft} |")
     return "\n".join(lines)
 
 
