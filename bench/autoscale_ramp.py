@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import threading
 import time
@@ -98,22 +97,9 @@ def sample_replicas(timeline: Timeline, t0: float, app: str = "pdserve", period_
 
 def start_cluster(args: argparse.Namespace) -> str:
     """A local Ray + Serve with the stand-in app, both roles autoscaled on their signals; its base URL."""
-    import ray
-    from ray import serve
-
-    from bench.control_plane import _free_port
     from bench.engine_standin import StandinCost
-    from bench.standin_app import build_standin_app, standin_products
-    from cluster.cli import LOCAL_ENV
+    from bench.standin_app import serve_standin_app, standin_products
     from cluster.products import Autoscaling
-
-    for key, value in LOCAL_ENV.items():
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="pdserve", log_to_driver=False,
-             _temp_dir=f"/tmp/pdserve-ramp-{os.getpid()}")
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
 
     def scaled(signals: dict[str, float]) -> Autoscaling:
         return Autoscaling(min_replicas=1, max_replicas=args.max_replicas, initial_replicas=1,
@@ -126,10 +112,7 @@ def start_cluster(args: argparse.Namespace) -> str:
         decode = p.decode.model_copy(update={"autoscaling": scaled({"kv_usage": args.decode_target})})
         engine = {**p.engine, "num_kv_blocks": args.kv_blocks}
         products[name] = p.model_copy(update={"prefill": prefill, "decode": decode, "engine": engine})
-    app = build_standin_app(products, StandinCost(time_scale=args.time_scale))
-    handle = serve.run(app, name="pdserve", route_prefix="/")
-    handle.warm.remote().result(timeout_s=600)
-    return f"http://127.0.0.1:{port}/v1"
+    return serve_standin_app(products, StandinCost(time_scale=args.time_scale), "ramp")
 
 
 async def drive(base_url: str, plan: tuple[Phase, ...], step_s: float,
@@ -208,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    from bench.control_plane import stop_cluster
+    from bench.standin_app import stop_standin_app
 
     plan = phases(args.quick)
     try:
@@ -221,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         timeline.stop.set()
         sampler.join(timeout=10)
     finally:
-        stop_cluster()
+        stop_standin_app()
     rows = windows(timeline, records, plan, args.step)
     print(table(rows))
     if args.out:

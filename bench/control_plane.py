@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import datetime
 import os
-import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -88,43 +87,20 @@ class Deployment:
     hub_sources: int
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_cluster(replicas: int, scale_cost: float) -> str:
     """A local Ray + Serve with the stand-in app of `replicas` engines (half each role); its base URL."""
-    import ray
-    from ray import serve
-
     from bench.engine_standin import StandinCost
-    from bench.standin_app import build_standin_app, standin_products
-    from cluster.cli import LOCAL_ENV
+    from bench.standin_app import serve_standin_app, standin_products
 
-    for key, value in LOCAL_ENV.items():
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="pdserve", log_to_driver=False,
-             _temp_dir=f"/tmp/pdserve-cp-{os.getpid()}")
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     prefill = max(1, replicas // 2)
     products = standin_products(prefill, max(1, replicas - prefill))
-    app = build_standin_app(products, StandinCost(time_scale=scale_cost))
-    handle = serve.run(app, name="pdserve", route_prefix="/")
-    handle.warm.remote().result(timeout_s=600)
-    return f"http://127.0.0.1:{port}/v1"
+    return serve_standin_app(products, StandinCost(time_scale=scale_cost), "cp")
 
 
 def stop_cluster() -> None:
-    import ray
-    from ray import serve
+    from bench.standin_app import stop_standin_app
 
-    if ray.is_initialized():
-        serve.shutdown()
-        ray.shutdown()
+    stop_standin_app()
 
 
 def measure_idle(replicas: int, idle_s: float) -> Deployment:

@@ -80,3 +80,37 @@ def build_standin_app(products: dict[str, ProductConfig], cost: StandinCost = DE
                       ingress: IngressConfig = DEFAULT_INGRESS) -> Application:
     """The pdserve app for `products` with stand-in engines, token streams on loopback (one host)."""
     return build_app(products, ingress, token_stream_host="127.0.0.1", workers=standin_workers(cost))
+
+
+def serve_standin_app(products: dict[str, ProductConfig], cost: StandinCost, temp_tag: str) -> str:
+    """Start a local Ray + Serve (its own temp dir, /tmp/pdserve-<temp_tag>-<pid>; HTTP on a free loopback
+    port) running the stand-in app for `products`, warmed; its OpenAI base URL. stop_standin_app() ends it."""
+    import os
+    import socket
+
+    import ray
+    from ray import serve
+
+    from cluster.cli import LOCAL_ENV
+
+    for key, value in LOCAL_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="pdserve", log_to_driver=False,
+             _temp_dir=f"/tmp/pdserve-{temp_tag}-{os.getpid()}")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    handle = serve.run(build_standin_app(products, cost), name="pdserve", route_prefix="/")
+    handle.warm.remote().result(timeout_s=600)
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def stop_standin_app() -> None:
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
