@@ -12,7 +12,8 @@ no call per request. Invariants:
 - a replica whose rank is B or more (more replicas than the bound) gets 0 and answers 429 at once;
 - a new, smaller share applies to new admissions at once; samples already in flight stay until they end
   (Admission refuses while in flight + new > share).
-Between a membership change and a replica's next refresh (at most period_s, 1 s) replicas may split over
+Between a membership change and a replica's next refresh (at most its period: 1 s, longer with many
+replicas, see AdmissionSplit.period) replicas may split over
 different W; the total can then pass B by at most one new replica's share (see ARCHITECTURE.md).
 """
 
@@ -26,6 +27,10 @@ from dataclasses import dataclass
 from cluster.admission import Admission
 
 log = logging.getLogger(__name__)
+
+# Membership reads per second by the whole ingress deployment, at most: each one is a status call to Serve's
+# controller, the one actor every replica of the cluster already reports to.
+MAX_READS_PER_S = 8.0
 
 
 def share(bound: int, replicas: int, rank: int) -> int:
@@ -102,8 +107,15 @@ class AdmissionSplit:
             self.apply(membership)
         return True
 
+    def period(self) -> float:
+        """Seconds until the next read: period_s, stretched so the whole deployment reads the controller at
+        most MAX_READS_PER_S times a second (every replica reads; the controller is one actor, and with
+        many replicas each share, hence what a late re-split can add, is small)."""
+        replicas = self.membership.effective_replicas if self.membership is not None else 1
+        return max(self.period_s, replicas / MAX_READS_PER_S)
+
     async def _loop(self) -> None:
         while True:
             # The read runs in a thread; the limits change on the event loop, between admissions.
             self._settle(await asyncio.to_thread(self._try_read))
-            await asyncio.sleep(self.period_s)
+            await asyncio.sleep(self.period())

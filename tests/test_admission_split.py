@@ -104,3 +104,16 @@ def test_a_failed_read_keeps_the_last_split_and_the_loop_re_splits() -> None:
 
     asyncio.run(loop_until_resplit())
     assert split.membership == Membership(rank=1, replicas=5)
+
+
+def test_many_replicas_read_the_membership_less_often() -> None:
+    """The deployment as a whole reads the controller at most MAX_READS_PER_S times a second."""
+    from cluster.admission_split import MAX_READS_PER_S
+
+    split = AdmissionSplit([Admission("p", limit=10)], read=lambda: ALONE, period_s=1.0)
+    assert split.period() == 1.0  # before the first read: one replica
+    split.apply(Membership(rank=0, replicas=4))
+    assert split.period() == 1.0
+    split.apply(Membership(rank=3, replicas=64))
+    assert split.period() == 64 / MAX_READS_PER_S
+    assert 64 / split.period() <= MAX_READS_PER_S
