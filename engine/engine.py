@@ -69,7 +69,7 @@ class Engine:
         self.kv = self._kv_manager()
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.scheduling,
                                    config.kv_watermark_tokens, config.swap_space_bytes,
-                                   self.kv_cache.data[:, :, :1].nbytes)
+                                   self.layout.bytes_per_block)
         self.runner = ModelRunner(self.model, self.kv_cache, self.attention_backend)
         if not config.enforce_eager and self.device.type == "cuda" and self.attention_backend == "triton":
             self.runner.capture_decode_graphs(config.max_num_seqs, self.max_model_len,

@@ -238,9 +238,10 @@ class Scheduler:
         """Free a running request's blocks and queue it first; swap its KV out when that is cheaper than
         recomputing it (the engine copies swap_block_ids before this step's forward overwrites them)."""
         num_blocks = -(-request.num_computed_tokens // self.kv.block_size)
-        if self.swap.choose_swap(request.num_computed_tokens, num_blocks * self.block_bytes, self.cost):
+        nbytes = num_blocks * self.block_bytes
+        if self.swap.choose_swap(request.num_computed_tokens, nbytes, self.cost):
             request.swap_block_ids = [b.block_id for b in request.block_table[:num_blocks]]
-            request.swap_tokens, request.swap_bytes = request.num_computed_tokens, num_blocks * self.block_bytes
+            request.swap_tokens, request.swap_bytes = request.num_computed_tokens, nbytes
             out.swapped_out.append(request)
         self.kv.free(request)
         request.num_computed_tokens = 0

@@ -167,8 +167,6 @@ class PrefillServer(EngineWorker):
         if self.directory is None:
             return 0
         hashes = list(result.kv.block_hashes)
-        if pin:
-            self.directory.pinned.update(hashes)
         await self.directory.offer(hashes, self._read_cached_blocks)  # all: a warmed prompt is shared
         return await self.directory.pin(hashes) if pin else self.directory.index.leading_run(hashes)
 
