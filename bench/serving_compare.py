@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import json
 import subprocess
@@ -28,7 +29,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -187,12 +188,21 @@ def _pdserve(*argv: str) -> None:
     subprocess.run([sys.executable, "-m", "cluster.cli", *argv], check=True)
 
 
-def run_variant(label: str, config: Path, args: argparse.Namespace, out: Path) -> VariantResult:
-    """Deploy `config` detached, run the load, scrape counters, stop it (always)."""
+@contextlib.contextmanager
+def deployed(label: str, config: Path, port: int, num_cpus: int) -> Iterator[str]:
+    """`config` deployed detached on a fresh local Ray for the block's duration (stopped always); yields
+    its base URL."""
     print(f"\n=== {label}: deploying", flush=True)
-    _pdserve("up", "--detach", "--config", str(config), "--port", str(args.port), "--num-cpus", str(args.num_cpus))
+    _pdserve("up", "--detach", "--config", str(config), "--port", str(port), "--num-cpus", str(num_cpus))
     try:
-        base = f"http://127.0.0.1:{args.port}"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        _pdserve("down")
+
+
+def run_variant(label: str, config: Path, args: argparse.Namespace, out: Path) -> VariantResult:
+    """Deploy `config`, run the load, scrape counters, stop it."""
+    with deployed(label, config, args.port, args.num_cpus) as base:
         start = scrape_counters(f"{base}/metrics")
         plan = plan_from_args(args)
         endpoint = Endpoint(base_url=f"{base}/v1", models=plan.models, api_keys={}, default_api_key=args.api_key,
@@ -201,8 +211,6 @@ def run_variant(label: str, config: Path, args: argparse.Namespace, out: Path) -
         result = asyncio.run(run_plan(plan, ChatSender(endpoint), progress=not args.no_progress))
         time.sleep(2.0)  # counters reach the hub once a second
         end = scrape_counters(f"{base}/metrics")
-    finally:
-        _pdserve("down")
     summary = summarize(result.records, plan.slos, result.wall_s)
     write_report(summary, result.records, {"variant": label, **plan.settings()}, out / _slug(label))
     return VariantResult(label, summary, _delta(end, start), start)

@@ -16,6 +16,9 @@
 #                                    (deploy/products/*.yaml), so both servers hold the same tokens
 #   MAX_NUM_SEQS [32], MAX_NUM_BATCHED_TOKENS [1024]: pdserve's engine settings, same files
 #   OUT [bench-out/$SERVER-peer]          report directory (results.json/.md, requests.jsonl, PNG)
+#   PEER_SERVE_ONLY [0]              1: start vLLM, print "peer ready" once it answers, and serve until this
+#                                    script is stopped, without running a benchmark (bench/goodput_sweep.py
+#                                    drives the load itself, at several rates against one server)
 #   SERVER [vllm]                    `pdserve`: serve the same folder from pdserve instead, shaped like
 #                                    the vLLM peer (one colocated engine for both products, 2 torch
 #                                    threads, the same KV budget and batch limits): the fair pairing
@@ -145,4 +148,9 @@ trap 'kill "$SERVER_PID" 2>/dev/null; wait "$SERVER_PID" 2>/dev/null || true' EX
 echo "vllm serve (pid $SERVER_PID) starting on 127.0.0.1:$PORT; log: $LOG"
 wait_ready
 grep -iE "num_gpu_blocks|kv cache" "$LOG" | head -5 || true  # shows the budget vLLM actually took
+if [ "${PEER_SERVE_ONLY:-0}" = 1 ]; then
+  echo "peer ready on 127.0.0.1:$PORT"
+  wait "$SERVER_PID"
+  exit
+fi
 pdserve bench --base-url "http://127.0.0.1:$PORT/v1" --model "$MODEL_NAME" --tokenizer "$MODEL" --out "$OUT" "$@"

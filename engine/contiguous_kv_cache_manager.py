@@ -83,6 +83,10 @@ class ContiguousKVCacheManager:
         """No prefix cache in this layout: nothing is ever computed already."""
         return [], 0
 
+    def cached_prefix_tokens(self, request: Request) -> int:
+        """Always 0: this layout shares no cached blocks."""
+        return 0
+
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        computed_blocks: list[KVBlock] | None = None, reserve: int = 0) -> bool:
         """Make the request's region hold num_new_tokens more tokens; False (nothing changed) if it cannot.

@@ -145,10 +145,6 @@ class Engine:
         self.validate(prompt_token_ids + resumed, params)
         if resumed and len(resumed) >= params.max_tokens:
             raise ValueError(f"{len(resumed)} tokens to resume from leave none of max_tokens={params.max_tokens}")
-        if reject_past_s is not None:
-            predicted = self.scheduler.predicted_ttft_s(len(prompt_token_ids))
-            if predicted is not None and predicted > reject_past_s:
-                raise OverloadedError(predicted, reject_past_s)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests or request_id in self.held:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -157,6 +153,10 @@ class Engine:
                       hold_kv=hold_kv, slo=slo)
         if resumed:
             req.resume(resumed)
+        if reject_past_s is not None:
+            predicted = self.scheduler.predicted_ttft_s(req)
+            if predicted is not None and predicted > reject_past_s:
+                raise OverloadedError(predicted, reject_past_s)
         if defer and reserve_prefix:
             blocks, num_cached = self.kv.get_computed_blocks(req)
             # Reserving only what is free right now cannot fail: touching cached blocks needs no new ones.

@@ -57,18 +57,27 @@ class KVCacheManager:
         Returns (blocks, number of tokens they hold). At least one token is
         always left to compute, so the last position's logits exist.
         """
+        blocks = self._cached_prefix(request)
+        if self.enable_caching:
+            self.stats.queries += request.num_tokens
+            self.stats.hits += len(blocks) * self.block_size
+        return blocks, len(blocks) * self.block_size
+
+    def cached_prefix_tokens(self, request: Request) -> int:
+        """What get_computed_blocks would find now, in tokens, without counting a query or holding a block:
+        a prediction's estimate (the blocks may be evicted before the request is admitted)."""
+        return len(self._cached_prefix(request)) * self.block_size
+
+    def _cached_prefix(self, request: Request) -> list[KVBlock]:
         if not self.enable_caching:
-            return [], 0
-        hashes = request.full_block_hashes(self.block_size, request.num_tokens - 1)
+            return []
         blocks = []
-        for h in hashes:
+        for h in request.full_block_hashes(self.block_size, request.num_tokens - 1):
             block = self.pool.get_cached_block(h)
             if block is None:
                 break
             blocks.append(block)
-        self.stats.queries += request.num_tokens
-        self.stats.hits += len(blocks) * self.block_size
-        return blocks, len(blocks) * self.block_size
+        return blocks
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        computed_blocks: list[KVBlock] | None = None, reserve: int = 0) -> bool:

@@ -57,6 +57,7 @@ class Request:
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prompt tokens taken from the prefix cache at first admission
+    expected_cached_tokens: int = 0  # what the prefix cache held of it when queued: a prediction's estimate
     block_table: list[KVBlock] = field(default_factory=list)
     block_hashes: list[BlockHash] = field(default_factory=list)
     num_published_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache

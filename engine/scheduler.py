@@ -97,31 +97,35 @@ class Scheduler:
         self.num_growth_failures = 0
 
     def add(self, request: Request) -> None:
+        request.expected_cached_tokens = self.kv.cached_prefix_tokens(request)
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
     def num_waiting_prompt_tokens(self) -> int:
-        """Prompt tokens not computed yet: the waiting requests' (cached or imported ones included, an upper
-        bound) and the rest of running prompts (chunked prefill)."""
-        left = (r.num_tokens - r.num_computed_tokens for r in (*self.waiting, *self.running))
-        return sum(n for n in left if n > 1)
+        """Prompt tokens still to compute: the waiting requests' (less what the prefix cache held of them when
+        queued, or KV arrives for) and the rest of running prompts (chunked prefill)."""
+        return sum(self._prompt_left(r) for r in (*self.waiting, *self.running))
 
-    def predicted_ttft_s(self, num_prompt_tokens: int) -> float | None:
-        """Seconds until a new prompt of num_prompt_tokens would have its first token, if it queued behind
-        every prompt token not computed yet at the rate steps take them now: the learned per-token cost,
-        or under "slo" with decodes running, the prompt budget of a step that lasts the ITL target. None
-        until a step with prompt tokens has been timed."""
+    def predicted_ttft_s(self, request: Request) -> float | None:
+        """Seconds until `request` (not queued yet) would have its first token. Counted: the prompt tokens
+        computed before its own (the rest of the running prompts; the waiting requests ahead of it: all under
+        "fcfs", those preempted or with an earlier TTFT deadline under "slo") and its own, each less what the
+        prefix cache holds. They run in steps of at most the prompt budget, each step costing its fixed part
+        (the running decodes, else a prompt-only step's) plus the learned per-token cost. None until a step
+        with prompt tokens has been timed."""
         per_token_s = self.cost.per_token_s
         if per_token_s is None:
             return None
-        tokens = self.num_waiting_prompt_tokens() + num_prompt_tokens
-        seconds = tokens * per_token_s
-        target = self._decoding_itl_target()
-        if self.policy == "slo" and target != float("inf"):
-            seconds = max(seconds, tokens / self._prompt_budget() * target)
-        return seconds
+        request.expected_cached_tokens = self.kv.cached_prefix_tokens(request)
+        key = self._waiting_key(request)
+        ahead = [r for r in self.waiting if self.policy == "fcfs" or self._waiting_key(r) <= key]
+        tokens = sum(self._prompt_left(r) for r in (*self.running, *ahead)) + self._prompt_left(request)
+        decodes = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
+        per_step = self._prompt_budget() if self.policy == "slo" else self.max_num_batched_tokens - decodes
+        fixed = self.cost.base_s if decodes and self.cost.base_s is not None else self.cost.prompt_fixed_s
+        return -(-tokens // max(per_step, 1)) * fixed + tokens * per_token_s
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -207,7 +211,20 @@ class Scheduler:
     def _next_waiting(self) -> Request:
         if self.policy == "fcfs":
             return self.waiting[0]
-        return min(self.waiting, key=lambda r: (r.status != RequestStatus.PREEMPTED, r.ttft_deadline))
+        return min(self.waiting, key=self._waiting_key)
+
+    @staticmethod
+    def _waiting_key(request: Request) -> tuple[bool, float]:
+        """The "slo" order of waiting requests: preempted ones first, then by TTFT deadline."""
+        return request.status != RequestStatus.PREEMPTED, request.ttft_deadline
+
+    @staticmethod
+    def _prompt_left(request: Request) -> int:
+        """Prompt tokens the request still has to compute (0 for a decode): none that the prefix cache held
+        when it was queued or that arrive as KV."""
+        done = max(request.num_computed_tokens, request.expected_cached_tokens) + request.pending_kv_tokens
+        left = request.num_tokens - done
+        return left if left > 1 else 0
 
     def _prompt_budget(self) -> int:
         """Prompt tokens this step may take: under "slo", what keeps it within the smallest ITL target of the

@@ -3,8 +3,12 @@
 A step's duration (seconds) is modelled as base + per_token x prefill_tokens:
 - base_s: a decode-only step of the batch as it is now (moving averages of such steps);
 - per_token_s: each prompt token added to a step (from mixed or prefill-only steps, after
-  subtracting base_s when the step also decoded).
-Both are exponentially weighted (ALPHA), so the model follows the batch as it grows and shrinks.
+  subtracting what the step pays anyway: base_s when it also decoded, else prompt_fixed_s);
+- prompt_fixed_s: what a prompt-only step pays whatever its size (the layers' launch and Python cost),
+  the intercept of a line fitted to prompt-only steps' durations against their sizes. Without it a
+  step of a few uncached tokens would teach a per-token cost several times the real one (on this
+  project's CPU, 8 tokens take 45 ms and 512 take 1 s).
+All are exponentially weighted, so the model follows the batch as it grows and shrinks.
 Until a kind of step has been seen its estimate is None, and the budget is not limited by it:
 the first prompt runs unrestricted and teaches the model its cost.
 """
@@ -12,6 +16,7 @@ the first prompt runs unrestricted and teaches the model its cost.
 from __future__ import annotations
 
 ALPHA = 0.2  # weight of the newest observation
+FIT_ALPHA = 0.05  # the line fit's: it needs steps of several sizes in its memory to tell slope from intercept
 MIN_PER_TOKEN_S = 1e-9  # a floor: timer noise must not make prompt tokens look free
 
 
@@ -20,6 +25,12 @@ class StepCost:
         self.base_s: float | None = None
         self.per_token_s: float | None = None
         self.decode_step_s: float | None = None  # any step that decoded: what decoding requests wait per token
+        self._prompt_steps = _LineFit()  # prompt-only steps: seconds against prompt tokens
+
+    @property
+    def prompt_fixed_s(self) -> float:
+        """Seconds a prompt-only step takes beyond its tokens' cost (0.0 until steps of several sizes were seen)."""
+        return self._prompt_steps.intercept()
 
     def observe(self, num_decodes: int, prefill_tokens: int, seconds: float) -> None:
         """One step that ran num_decodes one-token decodes and prefill_tokens prompt tokens in `seconds`."""
@@ -29,7 +40,11 @@ class StepCost:
             if num_decodes:
                 self.base_s = _mix(self.base_s, seconds)
             return
-        fixed = self.base_s if num_decodes and self.base_s is not None else 0.0
+        if num_decodes:
+            fixed = self.base_s or 0.0
+        else:
+            self._prompt_steps.add(prefill_tokens, seconds)
+            fixed = min(self.prompt_fixed_s, seconds)
         self.per_token_s = _mix(self.per_token_s, max((seconds - fixed) / prefill_tokens, MIN_PER_TOKEN_S))
 
     def prefill_budget(self, step_s: float) -> int | None:
@@ -42,3 +57,27 @@ class StepCost:
 
 def _mix(old: float | None, new: float) -> float:
     return new if old is None else (1 - ALPHA) * old + ALPHA * new
+
+
+class _LineFit:
+    """y = intercept + slope x by exponentially weighted least squares (FIT_ALPHA per point)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mx = self.my = self.mxx = self.mxy = 0.0  # weighted means of x, y, x^2, xy
+
+    def add(self, x: float, y: float) -> None:
+        w = 1.0 if self.n == 0 else FIT_ALPHA
+        self.n += 1
+        self.mx += w * (x - self.mx)
+        self.my += w * (y - self.my)
+        self.mxx += w * (x * x - self.mxx)
+        self.mxy += w * (x * y - self.mxy)
+
+    def intercept(self) -> float:
+        """The fitted intercept, clamped to >= 0; 0.0 while the points' x barely vary (no line to fit)."""
+        var = self.mxx - self.mx * self.mx
+        if self.n < 2 or var <= (0.1 * self.mx) ** 2:
+            return 0.0
+        slope = (self.mxy - self.mx * self.my) / var
+        return max(0.0, self.my - slope * self.mx)

@@ -58,6 +58,18 @@ def test_step_cost_learns_base_and_per_token_costs() -> None:
     assert cost.prefill_budget(0.01) == 0  # the decodes alone take longer than that
     cost.observe(num_decodes=0, prefill_tokens=50, seconds=0.1)  # a prompt-only step: 2 ms per token
     assert cost.per_token_s == pytest.approx(0.8 * 0.001 + 0.2 * 0.002)
+    assert cost.prompt_fixed_s == 0.0  # one prompt-only size seen: no line to fit yet
+
+
+def test_step_cost_separates_a_prompt_steps_fixed_cost_from_its_tokens() -> None:
+    """Steps of a few uncached tokens are mostly fixed cost: dividing it by their tokens would price a token
+    several times too high, and a prediction would refuse requests that meet their SLO."""
+    cost = StepCost()
+    for _ in range(20):
+        for size in (8, 32, 512):
+            cost.observe(num_decodes=0, prefill_tokens=size, seconds=0.035 + 0.002 * size)
+    assert cost.prompt_fixed_s == pytest.approx(0.035, rel=1e-3)
+    assert cost.per_token_s == pytest.approx(0.002, rel=1e-3)
 
 
 # ---- which waiting request runs first ----------------------------------------------------------
@@ -138,16 +150,44 @@ def test_the_watermark_never_holds_back_a_request_alone() -> None:
     assert [r.request_id for r, _ in s.schedule().scheduled] == ["alone"]
 
 
-def test_predicted_ttft_counts_every_queued_prompt_token_at_the_rate_steps_take_them() -> None:
+def test_predicted_ttft_counts_the_prompt_tokens_ahead_at_the_rate_steps_take_them() -> None:
     s = _scheduler("slo", num_blocks=256, budget=2048)
-    assert s.predicted_ttft_s(100) is None  # no step timed yet
+    assert s.predicted_ttft_s(_request("new", 100, REPORT)) is None  # no step timed yet
     s.cost.per_token_s = 0.001
-    s.add(_request("queued", 500, REPORT))
-    assert s.predicted_ttft_s(100) == pytest.approx(0.6)  # 600 tokens at 1 ms
+    s.add(_request("queued", 500, REPORT, arrival=0.0))  # deadline 3.0
+    assert s.predicted_ttft_s(_request("late", 100, REPORT, arrival=1.0)) == pytest.approx(0.6)  # 600 tokens
+    # slo: a chat prompt due before the queued report goes first, so only its own tokens count
+    assert s.predicted_ttft_s(_request("chat", 100, CHAT, arrival=1.0)) == pytest.approx(0.1)
     s.waiting.clear()
     _run_prompts(s, _request("report", 500, REPORT))  # it decodes from here on
     s.cost.base_s = 0.1  # a 0.25 s step (its ITL target) takes 150 prompt tokens besides its decode
-    assert s.predicted_ttft_s(300) == pytest.approx(300 / 150 * 0.25)
+    assert s.predicted_ttft_s(_request("new", 300, REPORT, arrival=1.0)) == pytest.approx(300 / 150 * 0.25)
+
+
+def test_fcfs_predicts_every_waiting_prompt_ahead_and_each_step_pays_its_fixed_cost() -> None:
+    s = _scheduler("fcfs", num_blocks=256, budget=256)
+    for size in (16, 128, 512, 16, 128, 512):  # prompt-only steps: 40 ms + 2 ms per token
+        s.cost.observe(0, size, 0.040 + 0.002 * size)
+    assert s.cost.prompt_fixed_s == pytest.approx(0.040, abs=1e-6)
+    s.add(_request("queued", 500, REPORT, arrival=0.0))
+    # fcfs: the chat waits for the report; 600 tokens in steps of 256 tokens: 3 steps
+    predicted = s.predicted_ttft_s(_request("chat", 100, CHAT, arrival=1.0))
+    assert predicted == pytest.approx(3 * 0.040 + 600 * s.cost.per_token_s)
+
+
+def test_prediction_leaves_out_what_the_prefix_cache_holds() -> None:
+    kv = KVCacheManager(64, BS, enable_caching=True)
+    s = Scheduler(kv, max_num_seqs=16, max_num_batched_tokens=2048, policy="slo")
+    _run_prompts(s, _request("first", 8 * BS + 5, CHAT))  # its 8 full blocks are cached from here on
+    s.cost.per_token_s = 0.001
+    s.finish(s.running[0], RequestStatus.FINISHED_STOPPED)
+    queries = kv.stats.queries
+    same_prefix = _request("again", 8 * BS + 40, CHAT, arrival=1.0)
+    assert s.predicted_ttft_s(same_prefix) == pytest.approx(0.040)  # its 40 new tokens only
+    assert same_prefix.expected_cached_tokens == 8 * BS
+    assert kv.stats.queries == queries  # a prediction is not a cache query
+    s.add(same_prefix)  # queued: counted without its cached part
+    assert s.num_waiting_prompt_tokens() == 40
 
 
 def test_an_engine_refuses_a_request_predicted_past_its_limit_and_adds_nothing() -> None:
