@@ -8,13 +8,14 @@ Goodput is requests per second of the sending window that finished and met both 
 SLOs (TTFT and mean time per output token, bench/load_stats.py); attainment is the share of the requests
 sent that did. A 429 (early rejection included) counts as sent and missed.
 
-Systems (SYSTEMS): pdserve's FCFS scheduler, colocated and disaggregated, which are the alternatives; the
-same pools with SLO scheduling and early rejection (`scheduling: slo`, `reject_past_ttft`), the
-candidates; and the vLLM CPU peer (bench/vllm_peer.sh, one engine on both cores with the same KV memory
-and seats), an alternative. All pdserve systems hold 512 MiB of KV in all, as does the peer. Each system is
-deployed once, warmed with a few requests, then driven at every rate in ascending order with the same
-seed (the same requests at each rate), and stopped. Targets 127.0.0.1 only; each rate is bounded by
---duration and --drain.
+Systems (SYSTEMS): pdserve's FCFS scheduler on three engine pools (two colocated engines of one core each;
+a prefill engine on core 0 and a decode engine on core 1; one colocated engine on both cores), which are the
+alternatives; the same pools with SLO scheduling and early rejection (`scheduling: slo`,
+`reject_past_ttft`), the candidates; and the vLLM CPU peer (bench/vllm_peer.sh, one engine on both cores
+with the same KV memory and seats), an alternative. All pdserve systems hold 512 MiB of KV in all, as does
+the peer. Each system is deployed once, warmed with a few requests, then driven at every rate in ascending
+order with the same seed (the same requests at each rate), and stopped. Targets 127.0.0.1 only; each rate
+is bounded by --duration and --drain.
 
 The verdict (`verdict`): at the lowest rate where the best alternative meets fewer than 90% of its
 requests' SLOs, the best candidate's goodput over that alternative's; and whether the candidate kept
@@ -56,6 +57,11 @@ CHAT = "support-chat"
 REJECT_PAST_TTFT = 1.0
 _SLO_POLICY = {"engine": {"scheduling": "slo"}, "reject_past_ttft": REJECT_PAST_TTFT}
 _COLOCATED = merge(_COLOCATED_POOL, {"engine": {"kv_cache_bytes": KV_BYTES // 2}})  # two engines
+# One colocated engine on both cores with the pools' seats, shaped like the vLLM peer: a prompt's prefill gets
+# both cores (a 500-token prompt takes ~1 s on one), and decodes batch in one engine instead of two.
+_SINGLE = {"pool": "shared", "disaggregated": False, "prefill": {"autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+           "decode": {"num_cpus": 1, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+           "engine": {"kv_cache_bytes": KV_BYTES, "num_threads": 2, "max_num_seqs": 64}}
 _DISAGGREGATED = merge(_DISAGGREGATED_POOL, {"prefill": {"engine": {"kv_cache_bytes": KV_BYTES // 4}},
                                              "decode": {"engine": {"kv_cache_bytes": KV_BYTES * 3 // 4}}})
 
@@ -77,6 +83,9 @@ SYSTEMS: dict[str, System] = {
                             True),
     "disaggregated-slo": System("pdserve disaggregated, SLO scheduling + early rejection",
                                 merge(_DISAGGREGATED, _SLO_POLICY), True),
+    "single-fcfs": System("pdserve one engine on both cores, FCFS", _SINGLE, False),
+    "single-slo": System("pdserve one engine on both cores, SLO scheduling + early rejection",
+                         merge(_SINGLE, _SLO_POLICY), True),
     "vllm": System("vLLM 0.32 (CPU), one engine", None, False),
 }
 

@@ -5,7 +5,8 @@ event loop keeps streaming and new arrivals moving while a batch computes
 (torch releases the GIL inside its kernels).
 
 Invariant: only the loop thread touches the Engine. Callers send it closures
-(`call`) that run between steps; results come back as asyncio futures.
+(`call`) that run between steps, or (`after_step`) once the next step has run;
+results come back as asyncio futures.
 Streams get a StepOutput per step in which their request got a token, the
 last one with `finished` set; a consumer that falls behind reads the waiting
 ones merged into one (all tokens since its last read). A consumer that stops early (cancelled, client
@@ -91,6 +92,7 @@ class AsyncEngine:
         torch call of the engine comes from one thread.
         """
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
+        self._after_step: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._idle_wait_s = idle_wait_s
@@ -128,6 +130,14 @@ class AsyncEngine:
         if not self.alive:
             raise EngineDeadError(f"engine loop is not running: {self.error!r}")
         return await self._submit(fn)
+
+    async def after_step(self, fn: Callable[[Engine], T]) -> T:
+        """Run fn(engine) in the loop thread once the step running now, or else the next one, has ended, and
+        return its result: what a step changed, seen without polling. With no request unfinished no step
+        will come, so fn runs when the idle loop next looks (within idle_wait_s seconds)."""
+        if not self.alive:
+            raise EngineDeadError(f"engine loop is not running: {self.error!r}")
+        return await self._submit(fn, self._after_step)
 
     async def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str,
                           cache_salt: str | None = None, **add_kwargs: Any) -> Request:
@@ -210,12 +220,18 @@ class AsyncEngine:
         """Queue an abort of request_id without waiting for it (for a caller being cancelled)."""
         self._submit(lambda e: e.abort_request(request_id))
 
-    def _submit(self, fn: Callable[[Engine], T]) -> asyncio.Future:
-        """Queue fn for the loop thread; the future (on the caller's loop) gets its result."""
+    def _submit(self, fn: Callable[[Engine], T], commands: queue.SimpleQueue | None = None) -> asyncio.Future:
+        """Queue fn for the loop thread (on `commands`, the between-steps queue by default); the future (on the
+        caller's loop) gets its result. Only a between-steps command wakes an idle loop: an after-step one
+        waits for a step, or for the idle loop's next look (idle_wait_s) when none comes, so a caller that
+        keeps asking after each step never spins an idle loop."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._commands.put(_Command(fn, loop, future))
-        self._wake.set()
+        if commands is None:
+            self._commands.put(_Command(fn, loop, future))
+            self._wake.set()
+        else:
+            commands.put(_Command(fn, loop, future))
         return future
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
@@ -241,7 +257,9 @@ class AsyncEngine:
                     self._publish(self.engine.step())
                     self._publish(self.engine.pop_finished())
                     self.last_step_time = time.monotonic()
+                    self._drain_commands(self._after_step)
                 else:
+                    self._drain_commands(self._after_step)  # no step will come: they run now
                     self.last_step_time = time.monotonic()
                     self._wake.wait(self._idle_wait_s)
                     self._wake.clear()
@@ -252,10 +270,17 @@ class AsyncEngine:
         finally:
             self._fail_pending_commands()
 
-    def _drain_commands(self) -> None:
-        while True:
+    def _drain_commands(self, commands: queue.SimpleQueue | None = None) -> None:
+        """Run the commands queued on `commands`: the between-steps queue (the default) until it is empty, so one
+        queued meanwhile still runs before the step; the after-step queue only as far as it held when called,
+        so one queued meanwhile waits for the next step."""
+        left = None if commands is None else commands.qsize()
+        commands = self._commands if commands is None else commands
+        while left is None or left > 0:
+            if left is not None:
+                left -= 1
             try:
-                cmd = self._commands.get_nowait()
+                cmd = commands.get_nowait()
             except queue.Empty:
                 return
             try:
@@ -306,12 +331,13 @@ class AsyncEngine:
         return out
 
     def _fail_pending_commands(self) -> None:
-        while True:
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            _reply(cmd, _set_exception, EngineDeadError("engine loop stopped"))
+        for commands in (self._commands, self._after_step):
+            while True:
+                try:
+                    cmd = commands.get_nowait()
+                except queue.Empty:
+                    break
+                _reply(cmd, _set_exception, EngineDeadError("engine loop stopped"))
 
 
 def _coalesce(first: StepOutput, stream: _Stream) -> StepOutput:

@@ -166,6 +166,17 @@ class Request:
         """Seconds allowed between two tokens; inf without an SLO."""
         return self.slo.itl_s if self.slo is not None else float("inf")
 
+    def step_time_allowed(self, now: float, max_gap_targets: float) -> float:
+        """Seconds the next step may take (from `now`, time.monotonic()) and keep this request's mean time per
+        output token after its first (since its first token on this engine) within itl_target: the target for
+        this gap plus what earlier, faster gaps left unused, but at most max_gap_targets targets, so one gap
+        stays bounded. itl_target until a token came here (inf without an SLO)."""
+        produced = self.num_output_tokens - self.num_resumed_tokens
+        if self.slo is None or self.first_token_time is None or produced < 1:
+            return self.itl_target
+        slack = self.itl_target * produced - (now - self.first_token_time)
+        return min(slack, max_gap_targets * self.itl_target)
+
     def blocks_to_grow(self, block_size: int, horizon_tokens: int) -> int:
         """Blocks this request still needs for its next horizon_tokens tokens (at most to max_tokens)."""
         limit = min(self.num_prompt_tokens + self.sampling_params.max_tokens, self.max_total_tokens)

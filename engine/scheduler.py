@@ -15,9 +15,12 @@ request's SLO (time to first token, inter-token latency):
 - which waiting request is next: a preempted one, else the earliest TTFT
   deadline (a chat prompt does not queue behind a long report prompt);
 - how many prompt tokens a step takes: running decodes go first, and prompt
-  chunks fill the step only up to what keeps it within the smallest ITL
-  target among the decoding requests (a StepCost learned from past steps),
-  but at least one block's worth, so every prompt progresses;
+  chunks fill the step only up to the time every decoding request allows
+  (Request.step_time_allowed: what keeps its mean time per output token, the
+  SLO's ITL as the benchmarks judge it, within target, using the slack its
+  faster earlier steps left, but at most MAX_GAP_TARGETS targets for one gap;
+  a StepCost learned from past steps converts time into tokens), but at least
+  one block's worth, so every prompt progresses;
 - whom to preempt: the request with the most ITL slack (the largest target,
   then the newest) among those not yet scheduled this step.
 Either policy may keep a KV watermark: admission leaves free the blocks the
@@ -35,6 +38,7 @@ running request found no room to grow (it led to preemption).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
@@ -57,6 +61,10 @@ class OverloadedError(Exception):
     def __reduce__(self) -> tuple:  # it crosses processes (a worker to the ingress): rebuilt from its fields
         return OverloadedError, (self.predicted_s, self.limit_s)
 
+
+# The longest step the "slo" policy plans, in ITL targets of the decoding requests: slack earlier fast
+# steps left lets a step take more prompt tokens (a long prompt's TTFT), but one gap stays bounded.
+MAX_GAP_TARGETS = 4.0
 
 # "Out of memory while a quarter of memory is free" (the incident, bench/incident.py): a refused
 # admission with at least this fraction of KV blocks free is the incident's symptom.
@@ -227,18 +235,19 @@ class Scheduler:
         return left if left > 1 else 0
 
     def _prompt_budget(self) -> int:
-        """Prompt tokens this step may take: under "slo", what keeps it within the smallest ITL target of the
-        decoding requests (at least a block); otherwise the whole step budget."""
+        """Prompt tokens this step may take: under "slo", what keeps it within the time every decoding request
+        allows (at least a block); otherwise the whole step budget."""
         if self.policy == "fcfs":
             return self.max_num_batched_tokens
-        target = self._decoding_itl_target()
-        allowed = self.cost.prefill_budget(target) if target != float("inf") else None
+        step_s = self._step_time_cap()
+        allowed = self.cost.prefill_budget(step_s) if step_s != float("inf") else None
         return self.max_num_batched_tokens if allowed is None else max(allowed, self.kv.block_size)
 
-    def _decoding_itl_target(self) -> float:
-        """The smallest ITL target among the requests decoding now (inf: none has one)."""
-        return min((r.itl_target for r in self.running if r.num_tokens - r.num_computed_tokens == 1),
-                   default=float("inf"))
+    def _step_time_cap(self) -> float:
+        """The least step time any request decoding now allows (Request.step_time_allowed; inf: none has an SLO)."""
+        now = time.monotonic()
+        return min((r.step_time_allowed(now, MAX_GAP_TARGETS) for r in self.running
+                    if r.num_tokens - r.num_computed_tokens == 1), default=float("inf"))
 
     def _watermark(self) -> int:
         """Blocks admission leaves free: what the running requests need for their next watermark_tokens."""

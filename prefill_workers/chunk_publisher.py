@@ -1,10 +1,11 @@
 """ChunkPublisher: a running prefill's finished blocks exported as they complete, not after the whole prompt.
 
 A long prompt is prefilled in chunks (the engine's token budget, max_num_batched_tokens, splits it).
-Between engine steps the publisher asks the engine how many full prompt blocks of the request are
-computed; when a step completed more, it copies them out (Engine.read_request_blocks: the request keeps
-its blocks, so nothing is freed before finish_prefill) and exports them under the connector's lease as
-one PrefillChunk, handed to `publish`. The caller fetches them while later chunks compute.
+After each engine step (AsyncEngine.after_step: no polling) the publisher asks the engine how many
+full prompt blocks of the request are computed; when the step completed more, it copies them out
+(Engine.read_request_blocks: the request keeps its blocks, so nothing is freed before finish_prefill)
+and exports them under the connector's lease as one PrefillChunk, handed to `publish`. The caller
+fetches them while later chunks compute.
 
 It stops by itself once the request is no longer unfinished: its last prompt token computed and the
 first token sampled (the engine then holds it for finish_prefill), or aborted. The request's last
@@ -29,10 +30,6 @@ from prefill_workers.protocol import PrefillChunk
 
 log = logging.getLogger(__name__)
 
-# Seconds to wait before asking again when no step completed a block since the last question. A question
-# sent during a step is answered after it anyway; this only spaces the ones that land between steps.
-POLL_S = 0.01
-
 _NOTHING_NEW = ()
 
 
@@ -49,13 +46,10 @@ class ChunkPublisher:
     async def run(self) -> None:
         """Publish each newly completed run of full blocks until the request is no longer unfinished."""
         while True:
-            got = await self.engine.call(self._read_new)
+            got = await self.engine.after_step(self._read_new)
             if got is None:
                 return
-            if got is _NOTHING_NEW:
-                await asyncio.sleep(POLL_S)
-                continue
-            if not await self._export(*got):
+            if got is not _NOTHING_NEW and not await self._export(*got):
                 return
 
     def release_all(self) -> None:

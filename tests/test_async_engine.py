@@ -252,3 +252,64 @@ def test_a_cancelled_finish_prefill_still_frees_the_held_blocks(engine) -> None:
     assert out.finished and len(out.new_token_ids) == 1
     assert stats.num_requests_held == 0 and stats.num_blocks_free == stats.num_blocks_total
     assert engine.info.block_size == 16 and engine.load().kv_free_blocks == stats.num_blocks_total
+
+
+def test_after_step_sees_each_step_without_polling() -> None:
+    """A prompt of 4 chunks: each after_step answer comes after a step, so the computed tokens it reads grow
+    by whole chunks and never repeat (a `call` between steps would read the same count again); the first
+    is asked before any step, so it sees exactly the first chunk; then the request is done (None)."""
+    eng = AsyncEngine(EngineConfig(max_num_batched_tokens=16))
+    try:
+        prompt = random_prompts([64], 8192, seed=9)[0]
+
+        async def run() -> list[int | None]:
+            stream = eng.open_stream("chunked")
+            # one wedged command holds the loop, so the request and the first question queue before any step
+            release, entered = _wedged(eng)
+            assert await asyncio.to_thread(entered.wait, 60)
+            add = asyncio.ensure_future(eng.add_request(prompt, SamplingParams(max_tokens=1), "chunked"))
+            seen: list[int | None] = []
+
+            def computed(e: Engine) -> int | None:
+                req = e.requests.get("chunked")
+                return None if req is None else req.num_computed_tokens
+
+            first = asyncio.ensure_future(eng.after_step(computed))
+            await asyncio.sleep(0)  # both queued before the loop goes on
+            release.set()
+            await add
+            seen.append(await first)
+            while seen[-1] is not None:
+                seen.append(await eng.after_step(computed))
+            async for _ in eng.iterate("chunked", stream):
+                pass
+            return seen
+
+        seen = asyncio.run(run())
+        counts = seen[:-1]
+        assert seen[-1] is None and counts[0] == 16
+        assert counts == sorted(set(counts)) and set(counts) <= {16, 32, 48}
+    finally:
+        eng.shutdown()
+
+
+def test_after_step_answers_an_idle_engine_and_fails_with_a_dead_one() -> None:
+    eng = AsyncEngine(EngineConfig())
+
+    async def run() -> tuple[int, BaseException | None]:
+        idle = await asyncio.wait_for(eng.after_step(lambda e: len(e.requests)), 30)  # no step will come
+        eng.engine.step = lambda: (_ for _ in ()).throw(RuntimeError("device lost"))  # the next step fails
+        await eng.add_request(random_prompts([8], 8192, seed=1)[0], SamplingParams(max_tokens=2), "doomed")
+        # asked before the failing step ends (failed with the loop) or after (refused): never answered
+        waiting = asyncio.ensure_future(eng.after_step(lambda e: "never"))
+        try:
+            await asyncio.wait_for(waiting, 30)
+        except EngineDeadError as exc:
+            return idle, exc
+        return idle, None
+
+    try:
+        idle, error = asyncio.run(run())
+        assert idle == 0 and isinstance(error, EngineDeadError)
+    finally:
+        eng.shutdown()

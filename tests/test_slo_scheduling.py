@@ -3,6 +3,8 @@ watermark. Scheduler tests drive the real KV managers without a model; engine te
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from engine import Engine, EngineConfig, SamplingParams
@@ -98,6 +100,25 @@ def test_prompt_chunks_keep_running_decodes_within_their_itl_target() -> None:
     s.add(_request("report", 1000, REPORT, arrival=1.0))
     out = s.schedule()
     assert [(r.request_id, n) for r, n in out.scheduled] == [("chat", 1), ("report", 180)]
+
+
+@pytest.mark.parametrize("elapsed_s, chunk", [(0.1, (770, 780)), (0.85, (120, 130)), (5.0, (BS, BS))])
+def test_prompt_chunks_use_the_slack_faster_steps_left_within_a_bounded_gap(elapsed_s: float,
+                                                                           chunk: tuple[int, int]) -> None:
+    """A chat decoding its 6th token, its 5 so far 0.1 s after its first: 0.2 s x 5 - 0.1 s = 0.9 s of
+    slack, capped at MAX_GAP_TARGETS x 0.2 s = 0.8 s, i.e. 780 prompt tokens at 1 ms beside a 20 ms
+    decode. After 0.85 s only 0.15 s is left (130 tokens); after 5 s it is behind: a block, no more."""
+    s = _scheduler("slo", num_blocks=256, budget=2048)
+    chat = _request("chat", 20, CHAT)
+    _run_prompts(s, chat)
+    for _ in range(4):
+        chat.append_token(7)
+    chat.num_computed_tokens = chat.num_tokens - 1  # decoding its next token
+    chat.first_token_time = time.monotonic() - elapsed_s
+    s.cost.base_s, s.cost.per_token_s = 0.02, 0.001
+    s.add(_request("report", 1000, REPORT, arrival=1.0))
+    n = dict((r.request_id, n) for r, n in s.schedule().scheduled)["report"]
+    assert chunk[0] <= n <= chunk[1]
 
 
 def test_a_prompt_still_progresses_when_the_decodes_alone_miss_the_target() -> None:
