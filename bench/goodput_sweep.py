@@ -25,7 +25,6 @@ support-chat's P99 TTFT within its SLO at every rate up to there.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import copy
 import json
@@ -41,12 +40,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.load_bench import add_arguments, plan_from_args, run_plan
-from bench.load_client import ChatSender, Endpoint, require_local
-from bench.load_report import write_report
-from bench.load_stats import ALL, summarize
+from bench.load_bench import add_arguments
+from bench.load_client import require_local
+from bench.load_stats import ALL
 from bench.offline_throughput import model_path
-from bench.serving_compare import _COLOCATED_POOL, _DISAGGREGATED_POOL, deployed, merge, write_variant
+from bench.serving_compare import _COLOCATED_POOL, _DISAGGREGATED_POOL, deployed, load_run, merge, write_variant
 
 REPO = Path(__file__).resolve().parent.parent
 ATTAINMENT_FLOOR = 0.9  # where an alternative "drops": under this share of its requests meeting both SLOs
@@ -232,13 +230,7 @@ def _load(args: argparse.Namespace, base: str, out: Path | None, label: str, **o
     run_args = copy.copy(args)
     for key, value in overrides.items():
         setattr(run_args, key, value)
-    plan = plan_from_args(run_args)
-    endpoint = Endpoint(base_url=f"{base}/v1", models=plan.models, api_keys={}, default_api_key=args.api_key,
-                        include_system=plan.include_system)
-    result = asyncio.run(run_plan(plan, ChatSender(endpoint), progress=not args.no_progress))
-    summary = summarize(result.records, plan.slos, result.wall_s)
-    if out is not None:
-        write_report(summary, result.records, {"variant": label, **plan.settings()}, out)
+    summary, plan = load_run(run_args, base, label, out)
     return summary, plan.limits.duration_s
 
 
@@ -249,8 +241,8 @@ def sweep_system(name: str, base: str, args: argparse.Namespace, out: Path) -> l
     _load(args, base, None, name, rate=None, concurrency=2, requests=8, duration=60.0, **served)
     points = []
     for rate in sorted(args.rates):
-        print(f"=== {SYSTEMS[name].label}: {rate:g} req/s", flush=True)
-        summary, duration_s = _load(args, base, out / name / f"rate-{rate:g}", name, rate=rate, **served)
+        summary, duration_s = _load(args, base, out / name / f"rate-{rate:g}", f"{SYSTEMS[name].label}, {rate:g} req/s",
+                                    rate=rate, **served)
         points.append(point(name, rate, duration_s, summary))
         print(table(points), flush=True)
     return points

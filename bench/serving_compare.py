@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from bench.load_bench import add_arguments, plan_from_args, run_plan
+from bench.load_bench import BenchPlan, add_arguments, plan_from_args, run_plan
 from bench.load_client import ChatSender, Endpoint, require_local
 from bench.load_report import write_report
 from bench.load_stats import ALL, ProductSummary, RunSummary, summarize
@@ -200,19 +200,27 @@ def deployed(label: str, config: Path, port: int, num_cpus: int) -> Iterator[str
         _pdserve("down")
 
 
+def load_run(args: argparse.Namespace, base: str, label: str, out: Path | None) -> tuple[RunSummary, BenchPlan]:
+    """One run of the load `args` describe against the server at `base`; its summary (its report written to
+    `out` when given) and plan."""
+    plan = plan_from_args(args)
+    endpoint = Endpoint(base_url=f"{base}/v1", models=plan.models, api_keys={}, default_api_key=args.api_key,
+                        include_system=plan.include_system)
+    print(f"=== {label}: load", flush=True)
+    result = asyncio.run(run_plan(plan, ChatSender(endpoint), progress=not args.no_progress))
+    summary = summarize(result.records, plan.slos, result.wall_s)
+    if out is not None:
+        write_report(summary, result.records, {"variant": label, **plan.settings()}, out)
+    return summary, plan
+
+
 def run_variant(label: str, config: Path, args: argparse.Namespace, out: Path) -> VariantResult:
     """Deploy `config`, run the load, scrape counters, stop it."""
     with deployed(label, config, args.port, args.num_cpus) as base:
         start = scrape_counters(f"{base}/metrics")
-        plan = plan_from_args(args)
-        endpoint = Endpoint(base_url=f"{base}/v1", models=plan.models, api_keys={}, default_api_key=args.api_key,
-                            include_system=plan.include_system)
-        print(f"=== {label}: load", flush=True)
-        result = asyncio.run(run_plan(plan, ChatSender(endpoint), progress=not args.no_progress))
+        summary, _ = load_run(args, base, label, out / _slug(label))
         time.sleep(2.0)  # counters reach the hub once a second
         end = scrape_counters(f"{base}/metrics")
-    summary = summarize(result.records, plan.slos, result.wall_s)
-    write_report(summary, result.records, {"variant": label, **plan.settings()}, out / _slug(label))
     return VariantResult(label, summary, _delta(end, start), start)
 
 

@@ -227,11 +227,9 @@ class AsyncEngine:
         keeps asking after each step never spins an idle loop."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        (self._commands if commands is None else commands).put(_Command(fn, loop, future))
         if commands is None:
-            self._commands.put(_Command(fn, loop, future))
             self._wake.set()
-        else:
-            commands.put(_Command(fn, loop, future))
         return future
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
@@ -257,9 +255,9 @@ class AsyncEngine:
                     self._publish(self.engine.step())
                     self._publish(self.engine.pop_finished())
                     self.last_step_time = time.monotonic()
-                    self._drain_commands(self._after_step)
+                    self._run_after_step()
                 else:
-                    self._drain_commands(self._after_step)  # no step will come: they run now
+                    self._run_after_step()  # no step will come: they run now
                     self.last_step_time = time.monotonic()
                     self._wake.wait(self._idle_wait_s)
                     self._wake.clear()
@@ -270,29 +268,29 @@ class AsyncEngine:
         finally:
             self._fail_pending_commands()
 
-    def _drain_commands(self, commands: queue.SimpleQueue | None = None) -> None:
-        """Run the commands queued on `commands`: the between-steps queue (the default) until it is empty, so one
-        queued meanwhile still runs before the step; the after-step queue only as far as it held when called,
-        so one queued meanwhile waits for the next step."""
-        left = None if commands is None else commands.qsize()
-        commands = self._commands if commands is None else commands
-        while left is None or left > 0:
-            if left is not None:
-                left -= 1
-            try:
-                cmd = commands.get_nowait()
-            except queue.Empty:
+    def _drain_commands(self) -> None:
+        """Run the between-steps commands until none is left: one queued meanwhile still runs before the step."""
+        while (cmd := _take(self._commands)) is not None:
+            self._run_command(cmd)
+
+    def _run_after_step(self) -> None:
+        """Run the after-step commands queued so far: one queued meanwhile waits for the next step."""
+        for _ in range(self._after_step.qsize()):
+            if (cmd := _take(self._after_step)) is None:
                 return
-            try:
-                result = cmd.fn(self.engine)
-            except Exception as exc:  # the caller's error (bad input): report it, keep the loop
-                _reply(cmd, _set_exception, exc)
-            else:
-                _reply(cmd, _set_result, result)
-            # a command may end requests (abort, a first token that stops) or give them a token
-            # (attach_kv with the prefill worker's first token): send those now, not a step later
-            self._publish(self.engine.pop_finished())
-            self._publish([self.engine.requests[rid] for rid in list(self._streams) if rid in self.engine.requests])
+            self._run_command(cmd)
+
+    def _run_command(self, cmd: _Command) -> None:
+        try:
+            result = cmd.fn(self.engine)
+        except Exception as exc:  # the caller's error (bad input): report it, keep the loop
+            _reply(cmd, _set_exception, exc)
+        else:
+            _reply(cmd, _set_result, result)
+        # a command may end requests (abort, a first token that stops) or give them a token
+        # (attach_kv with the prefill worker's first token): send those now, not a step later
+        self._publish(self.engine.pop_finished())
+        self._publish([self.engine.requests[rid] for rid in list(self._streams) if rid in self.engine.requests])
 
     def _publish(self, requests: list[Request]) -> None:
         """Hand these requests' new outputs to their streams: one wake-up per event loop, not one per
@@ -332,12 +330,16 @@ class AsyncEngine:
 
     def _fail_pending_commands(self) -> None:
         for commands in (self._commands, self._after_step):
-            while True:
-                try:
-                    cmd = commands.get_nowait()
-                except queue.Empty:
-                    break
+            while (cmd := _take(commands)) is not None:
                 _reply(cmd, _set_exception, EngineDeadError("engine loop stopped"))
+
+
+def _take(commands: queue.SimpleQueue) -> _Command | None:
+    """The next queued command, or None when there is none."""
+    try:
+        return commands.get_nowait()
+    except queue.Empty:
+        return None
 
 
 def _coalesce(first: StepOutput, stream: _Stream) -> StepOutput:

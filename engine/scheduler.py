@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -130,7 +131,7 @@ class Scheduler:
         key = self._waiting_key(request)
         ahead = [r for r in self.waiting if self.policy == "fcfs" or self._waiting_key(r) <= key]
         tokens = sum(self._prompt_left(r) for r in (*self.running, *ahead)) + self._prompt_left(request)
-        decodes = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
+        decodes = sum(1 for _ in self._decoding())
         per_step = self._prompt_budget() if self.policy == "slo" else self.max_num_batched_tokens - decodes
         fixed = self.cost.base_s if decodes and self.cost.base_s is not None else self.cost.prompt_fixed_s
         return -(-tokens // max(per_step, 1)) * fixed + tokens * per_token_s
@@ -246,8 +247,11 @@ class Scheduler:
     def _step_time_cap(self) -> float:
         """The least step time any request decoding now allows (Request.step_time_allowed; inf: none has an SLO)."""
         now = time.monotonic()
-        return min((r.step_time_allowed(now, MAX_GAP_TARGETS) for r in self.running
-                    if r.num_tokens - r.num_computed_tokens == 1), default=float("inf"))
+        return min((r.step_time_allowed(now, MAX_GAP_TARGETS) for r in self._decoding()), default=float("inf"))
+
+    def _decoding(self) -> Iterator[Request]:
+        """The running requests whose prompt is done: each takes one token a step."""
+        return (r for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
 
     def _watermark(self) -> int:
         """Blocks admission leaves free: what the running requests need for their next watermark_tokens."""
