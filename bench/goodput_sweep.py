@@ -54,6 +54,12 @@ CHAT = "support-chat"
 # TTFT target (cluster/products.py, reject_past_ttft): a request that will miss is not worth admitting.
 REJECT_PAST_TTFT = 1.0
 _SLO_POLICY = {"engine": {"scheduling": "slo"}, "reject_past_ttft": REJECT_PAST_TTFT}
+# The share of a decode engine's seats (what its ITL targets allow) report-gen may fill (cluster/products.py,
+# decode_seat_share; product files in name order: report-gen, support-chat). A report decodes ~30x a chat's
+# tokens, so under overload reports are refused first and the seats they leave serve many chats, which are
+# never refused for seats.
+REPORT_SEAT_SHARE = 0.8
+_SEATS_POLICY = {**_SLO_POLICY, "per_product": [{"decode_seat_share": REPORT_SEAT_SHARE}, {}]}
 _COLOCATED = merge(_COLOCATED_POOL, {"engine": {"kv_cache_bytes": KV_BYTES // 2}})  # two engines
 # One colocated engine on both cores with the pools' seats, shaped like the vLLM peer: a prompt's prefill gets
 # both cores (a 500-token prompt takes ~1 s on one), and decodes batch in one engine instead of two.
@@ -79,8 +85,12 @@ SYSTEMS: dict[str, System] = {
     "disaggregated-fcfs": System("pdserve disaggregated, FCFS", _DISAGGREGATED, False),
     "colocated-slo": System("pdserve colocated, SLO scheduling + early rejection", merge(_COLOCATED, _SLO_POLICY),
                             True),
+    "colocated-seats": System("pdserve colocated, SLO scheduling + early rejection + decode seats",
+                              merge(_COLOCATED, _SEATS_POLICY), True),
     "disaggregated-slo": System("pdserve disaggregated, SLO scheduling + early rejection",
                                 merge(_DISAGGREGATED, _SLO_POLICY), True),
+    "disaggregated-seats": System("pdserve disaggregated, SLO scheduling + early rejection + decode seats",
+                                  merge(_DISAGGREGATED, _SEATS_POLICY), True),
     "single-fcfs": System("pdserve one engine on both cores, FCFS", _SINGLE, False),
     "single-slo": System("pdserve one engine on both cores, SLO scheduling + early rejection",
                          merge(_SINGLE, _SLO_POLICY), True),

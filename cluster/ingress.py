@@ -215,8 +215,8 @@ class OpenAIIngress:
         admission = job.product.admission
         admission.admit(job.n)
         name = job.product.config.name
-        streams = [open_stream(self._decoders[name], job.sample_request(i), name, server,
-                               job.product.stats.count_migration) for i in range(job.n)]
+        streams = [open_stream(self._decoders[name], job.sample_request(i), name, server, job.product.stats)
+                   for i in range(job.n)]
         return await respond(job, streams, Release(admission, streams))
 
     async def _token_streams(self) -> TokenStreamServer | None:

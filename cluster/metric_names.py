@@ -30,6 +30,7 @@ RECOMPUTED_PREFILLS = "recomputed_prefills"
 REMOTE_PREFILLS = "remote_prefills"
 LOCAL_PREFILLS = "local_prefills"
 MIGRATIONS = "migrations"  # samples resumed on another decode replica after theirs died mid-stream
+OVERLOAD_SPILLS = "overload_spills"  # samples tried on another decode replica after an engine refused them for load
 DIRECTORY_BLOCKS_FETCHED = "prefix_directory_blocks_fetched"
 DIRECTORY_BLOCKS_PUBLISHED = "prefix_directory_blocks_published"
 DIRECTORY_ERRORS = "prefix_directory_errors"
@@ -95,6 +96,7 @@ HELP = {
     REMOTE_PREFILLS: "Prompts prefilled on a prefill worker whose KV was imported by a decode worker.",
     LOCAL_PREFILLS: "Prompts a decode worker chose to compute itself: a short uncached part, cheaper than a transfer.",
     MIGRATIONS: "Samples resumed on another decode replica after theirs died (the stream went on).",
+    OVERLOAD_SPILLS: "Samples tried on another decode replica after one's engine refused them for load.",
     DIRECTORY_BLOCKS_FETCHED: "KV blocks fetched from the cluster prefix directory.",
     DIRECTORY_BLOCKS_PUBLISHED: "KV blocks published to the cluster prefix directory.",
     DIRECTORY_ERRORS: "Prefix directory calls that failed (served without the directory).",

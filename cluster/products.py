@@ -107,6 +107,11 @@ class ProductConfig(_Frozen):
     # Answer 429 (Retry-After) at once when a request's predicted time to first token is past this many
     # times slo.ttft_s, instead of accepting a request that will miss; None: never (engine/scheduler.py).
     reject_past_ttft: float | None = Field(None, gt=0)
+    # Answer 429 (Retry-After) at once when, with this request, more requests would decode on its decode engine
+    # than this share of the seats its ITL targets allow (engine/step_cost.py, decode_seats); None: never.
+    # Seats a share under 1 leaves free go to other products' requests: a long-answer product given a smaller
+    # share is refused first under overload, and the seats it frees serve many short answers instead.
+    decode_seat_share: float | None = Field(None, gt=0, le=1)
     api_keys: tuple[str, ...] = ()  # Bearer keys; empty: no auth. Values "env:NAME" read NAME (comma-separated)
     max_queue_len: int = Field(64, ge=1)  # in-flight samples across all ingress replicas before 429 (split)
     disaggregated: bool = True

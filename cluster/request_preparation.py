@@ -43,7 +43,8 @@ class PreparedRequest:
         params = self.params if self.params.seed is None else replace(self.params, seed=self.params.seed + index)
         config = self.product.config
         return {"prompt_token_ids": self.prompt_token_ids, "sampling_params": params, "cache_salt": self.cache_salt,
-                "slo": config.slo.model_dump(), "reject_past_s": config.reject_past_s}
+                "slo": config.slo.model_dump(), "reject_past_s": config.reject_past_s,
+                "decode_seat_share": config.decode_seat_share}
 
 
 class RequestPreparer:

@@ -9,7 +9,9 @@ named `owner` (its worker id, the Serve replica id): only that one holds the
 export, and a release sent elsewhere would leave it to its lease.
 Decode: the shortest queue among the replicas with KV headroom (at least a
 quarter of their KV free, reported through `record_routing_stats`), then the
-replicas short of KV; ties go to the most free blocks. Queue length leads
+replicas short of KV; ties go to the most free blocks. Replicas the request
+names in `avoid_workers` (their engines refused it for load, and the ingress
+tries it again: cluster/stream_migration.py) come after all others. Queue length leads
 because the router keeps it exact (Serve counts each request sent and done),
 while KV reports are up to a period old: ranking on free blocks first sent a
 whole burst to the one replica that reported a block more (measured: five
@@ -62,6 +64,17 @@ def _prefill_request(pending: PendingRequest | None):
     return request if hasattr(request, "prompt_token_ids") else None
 
 
+def _worker_id(replica: RunningReplica) -> str:
+    """The worker id a replica's engine worker goes by (the Serve replica's full id)."""
+    return replica.replica_id.to_full_id_str()
+
+
+def _avoided_workers(pending: PendingRequest | None) -> frozenset[str]:
+    """The worker ids a decode request asks to be sent elsewhere than (its avoid_workers), else none."""
+    request = pending.args[0] if pending is not None and pending.args else None
+    return frozenset(request.get("avoid_workers") or ()) if isinstance(request, dict) else frozenset()
+
+
 def _release_owner(pending: PendingRequest | None) -> str | None:
     """The owner argument of a release_kv(export_id, owner) call, else None."""
     metadata = getattr(pending, "metadata", None)
@@ -102,7 +115,7 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
             return []
         owner = _release_owner(pending_request)
         if owner is not None:  # a gone owner took its exports with it: any replica answers the no-op
-            return _ranks([r for r in by_load if r.replica_id.to_full_id_str() == owner]) or _ranks(by_load[:1])
+            return _ranks([r for r in by_load if _worker_id(r) == owner]) or _ranks(by_load[:1])
         by_id = {r.replica_id: r for r in candidate_replicas}
         for h in reversed(self._hashes(pending_request)):  # longest prefix first
             owner = by_id.get(self._owner.get(h))
@@ -136,12 +149,15 @@ class KVHeadroomRouter(FIFOMixin, RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        def key(r: RunningReplica) -> tuple[bool, int, float]:
+        avoid = _avoided_workers(pending_request)
+
+        def key(r: RunningReplica) -> tuple[bool, bool, int, float]:
             stats = r.routing_stats or {}
             usage = stats.get("kv_usage")  # unknown: a new replica, roomy
             short_of_kv = usage is not None and 1.0 - float(usage) < self._low_water
-            return short_of_kv, _queue_len(self, r), -float(stats.get("kv_free_blocks", 0))
+            avoided = bool(avoid) and _worker_id(r) in avoid
+            return avoided, short_of_kv, _queue_len(self, r), -float(stats.get("kv_free_blocks", 0))
 
         keyed = sorted(((key(r), r) for r in candidate_replicas), key=lambda kr: kr[0])
-        roomy = [r for k, r in keyed if not k[0]]
-        return _ranks(roomy[:1], roomy[1:], [r for k, r in keyed if k[0]])
+        roomy = [r for k, r in keyed if not k[0] and not k[1]]
+        return _ranks(roomy[:1], roomy[1:], [r for k, r in keyed if not k[0] and k[1]], [r for k, r in keyed if k[0]])

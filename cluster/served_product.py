@@ -14,6 +14,7 @@ from cluster.metric_names import (
     INGRESS_INFLIGHT,
     INTER_TOKEN_LATENCY,
     MIGRATIONS,
+    OVERLOAD_SPILLS,
     REQUEST_SUCCESS,
     REQUESTS_REJECTED,
     TIME_TO_FIRST_TOKEN,
@@ -36,9 +37,13 @@ class ProductStats:
     finished: Counter = field(default_factory=Counter)  # finish reason -> requests
     rejected: Counter = field(default_factory=Counter)  # reason -> requests refused before any work
     migrations: int = 0  # samples resumed on another decode replica (theirs died)
+    spills: int = 0  # samples tried on another decode replica (an engine refused them for load)
 
     def count_migration(self) -> None:
         self.migrations += 1
+
+    def count_spill(self) -> None:
+        self.spills += 1
 
 
 @dataclass
@@ -63,7 +68,7 @@ class ServedProduct:
         return MetricsSnapshot(
             histograms={TIME_TO_FIRST_TOKEN: stats.ttft.snapshot(), INTER_TOKEN_LATENCY: stats.itl.snapshot(),
                         E2E_REQUEST_LATENCY: stats.e2e.snapshot()},
-            counters={MIGRATIONS: float(stats.migrations)},
+            counters={MIGRATIONS: float(stats.migrations), OVERLOAD_SPILLS: float(stats.spills)},
             labelled_counters={REQUEST_SUCCESS: dict(stats.finished), REQUESTS_REJECTED: dict(stats.rejected)},
             gauges={INGRESS_INFLIGHT: float(self.admission.inflight), TOKEN_STREAMS_OPEN: float(token_streams_open)})
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -28,6 +28,9 @@ from decode_workers.token_stream_server import TokenStreamServer
 from engine.async_engine import RequestFailedError
 from engine.scheduler import OverloadedError
 
+if TYPE_CHECKING:  # served_product imports admission, which imports this module
+    from cluster.served_product import ProductStats
+
 # Waits on a worker, in seconds: for a sample's first output (queueing and prefill included), and for each
 # next output.
 FIRST_OUTPUT_TIMEOUT_S = 300.0
@@ -35,11 +38,13 @@ NEXT_OUTPUT_TIMEOUT_S = 300.0
 
 
 def open_stream(handle: Any, request: dict, product: str, server: TokenStreamServer | None,
-                on_migration: Callable[[], None] | None = None) -> AsyncIterator[dict]:
+                stats: ProductStats | None = None) -> AsyncIterator[dict]:
     """Start request (a decode worker's request dict) on the product's DecodeServer handle; its outputs over
     server's token stream, or as a Serve streaming call when server is None. When the replica serving it dies,
-    the request resumes on another (cluster/stream_migration.py; on_migration is called each time)."""
-    return MigratingStream(lambda req: _open_on_replica(handle, req, product, server), request, on_migration)
+    the request resumes on another, and when a replica's engine refuses it for load, another replica is tried
+    (cluster/stream_migration.py; each counted in stats)."""
+    return MigratingStream(lambda req: _open_on_replica(handle, req, product, server), request,
+                           stats.count_migration if stats else None, on_spill=stats.count_spill if stats else None)
 
 
 def _open_on_replica(handle: Any, request: dict, product: str, server: TokenStreamServer | None) -> AsyncIterator[dict]:
@@ -96,9 +101,10 @@ async def first_output(stream: AsyncIterator[dict]) -> dict:
 
 
 def overloaded(exc: OverloadedError) -> APIError:
-    """429 for a request its engine refused at once (its predicted time to first token is past its product's
-    limit); Retry-After is the predicted excess, in whole seconds."""
-    retry_after = max(1, math.ceil(exc.predicted_s - exc.limit_s))
+    """429 for a request its engine refused at once for load (OverloadedError: its predicted time to first token
+    is past its product's limit, or its product's share of decode seats is full); Retry-After is when the
+    engine expects room, in whole seconds."""
+    retry_after = max(1, math.ceil(exc.retry_after_s))
     return APIError(429, f"{exc}; retry in about {retry_after} s", "rate_limit_error", "slo_overloaded",
                     headers={"Retry-After": str(retry_after)})
 

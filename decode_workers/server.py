@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -78,9 +78,10 @@ class DecodeServer(EngineWorker):
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
         """request: {"request_id"?, "prompt_token_ids", "sampling_params": dict | SamplingParams,
-        "cache_salt"?, "slo"?: {ttft_s, itl_s}, "reject_past_s"?: seconds, "resume_token_ids"?: list[int]}.
-        Yields StepOutput dicts; raises ValueError for bad input and OverloadedError (the predicted time to
-        first token is past reject_past_s) before any output.
+        "cache_salt"?, "slo"?: {ttft_s, itl_s}, "reject_past_s"?: seconds, "decode_seat_share"?: fraction,
+        "resume_token_ids"?: list[int]}. Yields StepOutput dicts; raises ValueError for bad input and
+        OverloadedError (the predicted time to first token is past reject_past_s, here or on the prefill
+        worker, or this engine's decode seats are full for decode_seat_share) before any output.
 
         resume_token_ids: the output another replica already delivered for this prompt and sampling params
         (it died mid-stream). They are computed here with the prompt, as a colocated request (that replica's
@@ -94,19 +95,18 @@ class DecodeServer(EngineWorker):
         salt = request.get("cache_salt")
         slo = SLO(**request["slo"]) if request.get("slo") else None
         reject_past_s = request.get("reject_past_s")
+        seat_share = request.get("decode_seat_share")
         resume = request.get("resume_token_ids") or None
-        if self.prefill_handle is None or resume:
-            async for out in self.engine.generate(prompt, params, rid, salt, slo=slo, reject_past_s=reject_past_s,
-                                                  resume_token_ids=resume):
+        here = self.prefill_handle is None or resume  # else a prefill worker computes the prompt (and predicts)
+        stream = self.engine.open_stream(rid)
+        with self._adding(rid):
+            req = await self.engine.add_request(prompt, params, rid, salt, defer=not here, reserve_prefix=self.dedup,
+                                                slo=slo, reject_past_s=reject_past_s if here else None,
+                                                decode_seat_share=seat_share, resume_token_ids=resume)
+        if here:
+            async for out in self.engine.iterate(rid, stream):
                 yield asdict(out)
             return
-        stream = self.engine.open_stream(rid)
-        try:
-            req = await self.engine.add_request(prompt, params, rid, salt, defer=True, reserve_prefix=self.dedup,
-                                                slo=slo)
-        except BaseException:
-            self.engine.discard_stream(rid)
-            raise
         finished = False
         chunks = StreamedKV(self.connector, self.layout, req.num_prompt_tokens) if self.kv_streaming else None
         try:
@@ -146,6 +146,18 @@ class DecodeServer(EngineWorker):
             if not finished:  # consumer gone or prefill cancelled: free the blocks here now
                 self.engine.discard_stream(rid)
                 await self.engine.abort(rid)
+
+    @contextlib.contextmanager
+    def _adding(self, rid: str) -> Iterator[None]:
+        """Around adding request rid, its stream open: an add that raises discards the stream, and this
+        engine's refusal for load names this worker (the ingress may then try another replica)."""
+        try:
+            yield
+        except BaseException as exc:
+            self.engine.discard_stream(rid)
+            if isinstance(exc, OverloadedError):
+                exc.worker_id = self.worker_id
+            raise
 
     async def generate_to(self, request: dict) -> dict:
         """`generate`, with the outputs sent over the direct token stream request["token_stream"] names

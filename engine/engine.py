@@ -124,7 +124,8 @@ class Engine:
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                     cache_salt: str | None = None, *, hold_kv: bool = False, defer: bool = False,
                     reserve_prefix: bool = True, slo: SLO | None = None,
-                    reject_past_s: float | None = None, resume_token_ids: list[int] | None = None) -> Request:
+                    reject_past_s: float | None = None, decode_seat_share: float | None = None,
+                    resume_token_ids: list[int] | None = None) -> Request:
         """Queue one sequence (n is handled by the caller). Validates first: bad input allocates nothing.
 
         hold_kv: when the request finishes, keep its blocks until release_held()
@@ -136,6 +137,8 @@ class Engine:
         slo: the request's latency targets (its product's), for the "slo" scheduling policy.
         reject_past_s: raise OverloadedError (adding nothing) when the predicted time to first token is past
         this many seconds (Scheduler.predicted_ttft_s); None: never.
+        decode_seat_share: raise OverloadedError (adding nothing) when, with this request, more would decode
+        here than this share of the seats the ITL targets allow (Scheduler.check_decode_seats); None: never.
         resume_token_ids: output another engine already generated for this prompt and params (Request.resume):
         computed here with the prompt, counted in max_tokens and stop checks, never output again; fewer than
         max_tokens, and prompt plus them within max_model_len.
@@ -156,7 +159,10 @@ class Engine:
         if reject_past_s is not None:
             predicted = self.scheduler.predicted_ttft_s(req)
             if predicted is not None and predicted > reject_past_s:
-                raise OverloadedError(predicted, reject_past_s)
+                raise OverloadedError(f"predicted time to first token {predicted:.2f} s is past this request's "
+                                      f"limit of {reject_past_s:.2f} s", predicted - reject_past_s)
+        if decode_seat_share is not None:
+            self.scheduler.check_decode_seats([*self.requests.values(), req], decode_seat_share)
         if defer and reserve_prefix:
             blocks, num_cached = self.kv.get_computed_blocks(req)
             # Reserving only what is free right now cannot fail: touching cached blocks needs no new ones.

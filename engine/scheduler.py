@@ -30,6 +30,10 @@ to the host and back than to recompute is swapped out instead: the engine
 copies its blocks before the step runs, and when it is admitted again they are
 imported into fresh blocks like KV from a prefill worker.
 
+Two checks refuse a new request at once (OverloadedError, nothing added), each when its caller asks:
+its predicted time to first token is past a limit (predicted_ttft_s), or more requests would decode here
+than a share of the seats the ITL targets allow (check_decode_seats).
+
 The same rules hold for both KV layouts (paged and contiguous). Counted for
 the incident's symptoms: each refusal of the head waiting request (and those
 while at least FREE_MEMORY_FRACTION of the blocks were free), and each time a
@@ -40,10 +44,11 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
+from engine.arrival_rate import ArrivalRate
 from engine.contiguous_kv_cache_manager import ContiguousKVCacheManager
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus
@@ -52,20 +57,24 @@ from engine.swap_space import SwapSpace
 
 
 class OverloadedError(Exception):
-    """A request refused at once: its predicted time to first token is past the limit it came with."""
+    """A request refused at once for load: it would miss its SLO, or crowd out requests that can meet theirs.
+    retry_after_s: when the engine expects room for it (seconds). worker_id: the worker whose engine refused
+    it, when that worker says so (another replica may have room)."""
 
-    def __init__(self, predicted_s: float, limit_s: float) -> None:
-        super().__init__(f"predicted time to first token {predicted_s:.2f} s is past this request's limit of "
-                         f"{limit_s:.2f} s: the engine is overloaded")
-        self.predicted_s, self.limit_s = predicted_s, limit_s
+    def __init__(self, reason: str, retry_after_s: float, worker_id: str | None = None) -> None:
+        super().__init__(f"{reason}: the engine is overloaded")
+        self.reason, self.retry_after_s, self.worker_id = reason, retry_after_s, worker_id
 
     def __reduce__(self) -> tuple:  # it crosses processes (a worker to the ingress): rebuilt from its fields
-        return OverloadedError, (self.predicted_s, self.limit_s)
+        return OverloadedError, (self.reason, self.retry_after_s, self.worker_id)
 
 
 # The longest step the "slo" policy plans, in ITL targets of the decoding requests: slack earlier fast
 # steps left lets a step take more prompt tokens (a long prompt's TTFT), but one gap stays bounded.
 MAX_GAP_TARGETS = 4.0
+
+# Seconds over which the rate prompt tokens arrive at is averaged (decode seats leave the prompts this time).
+PROMPT_RATE_TAU_S = 20.0
 
 # "Out of memory while a quarter of memory is free" (the incident, bench/incident.py): a refused
 # admission with at least this fraction of KV blocks free is the incident's symptom.
@@ -96,6 +105,7 @@ class Scheduler:
         self.policy = policy
         self.watermark_tokens = watermark_tokens
         self.cost = StepCost()  # the engine reports every step's duration here
+        self.prompt_rate = ArrivalRate(PROMPT_RATE_TAU_S)  # uncached prompt tokens queued per second
         self.swap = SwapSpace(swap_space_bytes)  # the engine reports every swap-out's copy time here
         self.block_bytes = block_bytes
         self.waiting: deque[Request] = deque()
@@ -107,6 +117,7 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         request.expected_cached_tokens = self.kv.cached_prefix_tokens(request)
+        self.prompt_rate.add(self._prompt_left(request))
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
@@ -135,6 +146,23 @@ class Scheduler:
         per_step = self._prompt_budget() if self.policy == "slo" else self.max_num_batched_tokens - decodes
         fixed = self.cost.base_s if decodes and self.cost.base_s is not None else self.cost.prompt_fixed_s
         return -(-tokens // max(per_step, 1)) * fixed + tokens * per_token_s
+
+    def check_decode_seats(self, committed: Collection[Request], share: float) -> None:
+        """Raise OverloadedError when the committed requests (every unfinished one on this engine and the new
+        one: all decode soon) are more than `share` of the seats the tightest ITL target among them allows
+        (StepCost.decode_seats, leaving the prompts queued lately the time they need). A share under 1 keeps
+        seats for others: under overload, requests with a smaller share are refused first. Nothing is checked
+        before a decoding step was timed or without an ITL target."""
+        targets = [r.slo.itl_s for r in committed if r.slo is not None]
+        seats = self.cost.decode_seats(min(targets), self.prompt_rate.per_s()) if targets else None
+        if seats is not None and len(committed) > share * seats:
+            raise OverloadedError(f"{len(committed)} requests would decode where the ITL targets allow {seats} "
+                                  f"and this request may fill {share:.0%} of them", self._seconds_to_a_seat())
+
+    def _seconds_to_a_seat(self) -> float:
+        """Seconds until the running request with the fewest tokens left ends, at the recent step time."""
+        left = min((r.sampling_params.max_tokens - r.num_output_tokens for r in self.running), default=1)
+        return max(1, left) * (self.cost.decode_step_s or 0.0)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()

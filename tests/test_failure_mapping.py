@@ -62,28 +62,34 @@ def test_worker_failures_map_to_http_errors(exc: BaseException, status: int, cod
         assert info.value.headers == {"Retry-After": "1"}
 
 
-def test_an_overloaded_engine_is_a_429_with_the_predicted_excess_as_retry_after() -> None:
-    copy = pickle.loads(pickle.dumps(OverloadedError(predicted_s=7.2, limit_s=2.0)))  # as Ray carries it
-    assert (copy.predicted_s, copy.limit_s) == (7.2, 2.0)
+def test_an_overloaded_engine_is_a_429_with_the_expected_wait_as_retry_after() -> None:
+    refusal = OverloadedError("predicted time to first token 7.20 s is past this request's limit of 2.00 s", 5.2)
+    copy = pickle.loads(pickle.dumps(refusal))  # as Ray carries it
+    assert (copy.reason, copy.retry_after_s) == (refusal.reason, 5.2)
     with pytest.raises(APIError) as info:
-        asyncio.run(first_output(_failing(OverloadedError(predicted_s=7.2, limit_s=2.0))))
+        asyncio.run(first_output(_failing(refusal)))
     assert (info.value.status, info.value.code, info.value.type) == (429, "slo_overloaded", "rate_limit_error")
     assert info.value.headers == {"Retry-After": "6"} and "7.20 s" in info.value.message
 
 
-def test_a_decode_worker_refuses_a_request_predicted_past_its_limit_and_keeps_nothing() -> None:
+@pytest.mark.parametrize("limit, refusal", [("reject_past_s", "time to first token"),
+                                            ("decode_seat_share", "requests would decode")])
+def test_a_decode_worker_refuses_a_request_past_its_limit_names_itself_and_keeps_nothing(limit: str,
+                                                                                          refusal: str) -> None:
+    """An absurdly small limit: once the engine has timed a step every later request is past it."""
     async def scenario() -> None:
         server = DecodeServer(None, {"transport": "local"}, None)
         try:
             request = {"prompt_token_ids": list(range(5, 45)), "sampling_params": SamplingParams(max_tokens=2),
-                       "slo": {"ttft_s": 1.0, "itl_s": 0.2}, "reject_past_s": 1e-6}
-            assert len([o async for o in server.generate(request)]) >= 1  # nothing timed yet: no prediction
-            with pytest.raises(OverloadedError):
+                       "slo": {"ttft_s": 1.0, "itl_s": 0.2}, limit: 1e-6}
+            assert len([o async for o in server.generate(request)]) >= 1  # nothing timed yet: no limit
+            with pytest.raises(OverloadedError, match=refusal) as info:
                 async for _ in server.generate(request):
                     pass
+            assert info.value.worker_id == server.worker_id  # the ingress may try another replica
             engine = (await server.stats()).engine
             assert engine.num_blocks_free == engine.num_blocks_total and engine.num_requests_waiting == 0
-            assert len([o async for o in server.generate({**request, "reject_past_s": None})]) >= 1
+            assert len([o async for o in server.generate({**request, limit: None})]) >= 1
         finally:
             server.shutdown()
 

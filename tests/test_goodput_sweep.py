@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.goodput_sweep import KV_BYTES, SYSTEMS, Point, point, table, verdict
+from bench.goodput_sweep import KV_BYTES, REPORT_SEAT_SHARE, SYSTEMS, Point, point, table, verdict
 from bench.load_stats import OK, RATE_LIMITED, RequestRecord, summarize
 from bench.serving_compare import write_variant
 from cluster.products import SLO, load_products
@@ -35,6 +35,10 @@ def test_every_system_deploys_what_its_label_says(tmp_path: Path) -> None:
             assert (product.engine_config().scheduling == "slo") == system.candidate
             assert (product.reject_past_ttft is not None) == system.candidate
             assert _engines_kv(product) == KV_BYTES  # the same KV memory as every other system
+        shares = {product.name: product.decode_seat_share for product in products.values()}
+        expected = {"report-gen": REPORT_SEAT_SHARE, "support-chat": None} if name.endswith("seats") else \
+            {"report-gen": None, "support-chat": None}
+        assert shares == expected
 
 
 def _p(system: str, rate: float, met: int, sent: int = 100, chat_p99: float | None = 0.5) -> Point:

@@ -179,6 +179,21 @@ def test_seeded_samples_run_with_consecutive_seeds_and_unseeded_ones_unseeded() 
     assert [unseeded.sample_request(i)["sampling_params"].seed for i in range(2)] == [None, None]
 
 
+def test_each_sample_carries_its_products_slo_and_load_limits() -> None:
+    product = _product(reject_past_ttft=2.0, decode_seat_share=0.75)
+    request = prepare(product, _completion(), [1, 2], 4, chat=False).sample_request(0)
+    assert request["slo"] == product.config.slo.model_dump()
+    assert request["reject_past_s"] == 2.0 * product.config.slo.ttft_s and request["decode_seat_share"] == 0.75
+    unlimited = _job().sample_request(0)
+    assert unlimited["reject_past_s"] is None and unlimited["decode_seat_share"] is None
+
+
+@pytest.mark.parametrize("share", [0.0, -0.5, 1.5])
+def test_a_decode_seat_share_outside_0_to_1_is_refused_when_the_product_loads(share: float) -> None:
+    with pytest.raises(ValueError, match="decode_seat_share"):
+        tiny_products()["support-chat"].model_validate({"name": "p", "decode_seat_share": share})
+
+
 def test_a_clients_cache_salt_is_narrowed_by_its_key_on_a_keyed_product_only() -> None:
     keyed = _product(keys=frozenset({"sk-1", "sk-2"}))
 

@@ -115,6 +115,23 @@ def test_decode_prefers_kv_headroom_then_the_shortest_queue() -> None:
     assert _choose(router, []) == []
 
 
+def test_decode_ranks_the_replicas_that_refused_a_request_last() -> None:
+    asyncio.run(_decode_avoids_refusers())
+
+
+async def _decode_avoids_refusers() -> None:
+    router = _router(KVHeadroomRouter)
+    ids = {name: ReplicaID(name, DeploymentID(name="d", app_name="a")) for name in "abc"}
+    idle, busy, short = (FakeReplica(ids["a"], {"kv_usage": 0.0}), FakeReplica(ids["b"], {"kv_usage": 0.0}),
+                         FakeReplica(ids["c"], {"kv_usage": 0.9}))
+    router._replica_queue_len_cache.update(ids["b"], 5)
+    request = {"prompt_token_ids": [1, 2], "avoid_workers": [ids["a"].to_full_id_str()]}
+    pending = PendingRequest(args=[request], kwargs={}, metadata=None)
+    assert await router.choose_replicas([idle, busy, short]) == [[idle], [busy], [short]]
+    assert await router.choose_replicas([idle, busy, short], pending) == [[busy], [short], [idle]]  # refuser last
+    assert await router.choose_replicas([idle], pending) == [[idle]]  # still a choice when it is the only one
+
+
 def test_decode_spreads_a_burst_between_kv_reports() -> None:
     """Routing stats are up to a period old: a burst must follow the queue lengths the router keeps
     exact, not pile onto the replica that last reported a few more free blocks."""

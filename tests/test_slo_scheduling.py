@@ -3,11 +3,13 @@ watermark. Scheduler tests drive the real KV managers without a model; engine te
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
 
 from engine import Engine, EngineConfig, SamplingParams
+from engine.arrival_rate import ArrivalRate
 from engine.config import SLO
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import DEFAULT_TTFT_S, Request, RequestStatus
@@ -72,6 +74,74 @@ def test_step_cost_separates_a_prompt_steps_fixed_cost_from_its_tokens() -> None
             cost.observe(num_decodes=0, prefill_tokens=size, seconds=0.035 + 0.002 * size)
     assert cost.prompt_fixed_s == pytest.approx(0.035, rel=1e-3)
     assert cost.per_token_s == pytest.approx(0.002, rel=1e-3)
+
+
+def _learn_decode_line(cost: StepCost, intercept_s: float, per_decode_s: float) -> None:
+    for _ in range(20):
+        for decodes in (2, 8, 16):
+            cost.observe(num_decodes=decodes, prefill_tokens=0, seconds=intercept_s + per_decode_s * decodes)
+
+
+def test_decode_seats_follow_the_decode_line_and_the_time_prompts_need() -> None:
+    cost = StepCost()
+    assert cost.decode_seats(0.2, 0.0) is None  # no step that decoded yet: no limit
+    cost.observe(num_decodes=10, prefill_tokens=0, seconds=0.05)
+    assert cost.decode_seats(0.2, 0.0) == 40  # one batch size seen: the line through the origin, 5 ms a decode
+    cost = StepCost()
+    _learn_decode_line(cost, 0.02, 0.016)
+    assert (cost.decode_seats(0.2, 0.0), cost.decode_seats(0.25, 0.0)) == (11, 14)  # (0.2 - 0.02) / 0.016
+    cost.per_token_s = 0.001
+    assert cost.decode_seats(0.2, 400.0) == 6  # prompts need 40% of the time: (0.6 x 0.2 - 0.02) / 0.016
+    assert cost.decode_seats(0.2, 5000.0) == 0
+
+
+def test_the_arrival_rate_averages_over_its_time_constant() -> None:
+    rate = ArrivalRate(tau_s=20.0)
+    assert rate.per_s(0.0) == 0.0
+    for i in range(2000):  # 10 tokens every 0.1 s for 200 s: 100 tokens/s
+        rate.add(10, now=i * 0.1)
+    assert rate.per_s(200.0) == pytest.approx(100.0, rel=0.03)
+    assert rate.per_s(220.0) == pytest.approx(rate.per_s(200.0) * math.exp(-1))  # none since: decays
+    assert rate.per_s(100.0) == pytest.approx(rate.per_s(200.0), rel=0.03)  # the clock going back: no growth
+
+
+def test_queued_prompt_tokens_take_decode_seats() -> None:
+    s = _scheduler("slo")
+    _learn_decode_line(s.cost, 0.02, 0.016)
+    s.cost.per_token_s = 0.001
+    s.check_decode_seats([_request(f"r{i}", 20, CHAT) for i in range(11)], 1.0)  # no prompt traffic: 11 seats
+    for i in range(3):
+        s.add(_request(f"long{i}", 2000, None))  # 6,000 tokens in a moment: ~300/s over the next 20 s
+    with pytest.raises(OverloadedError, match="allow 7"):  # (0.7 x 0.2 - 0.02) / 0.016 = 7.5
+        s.check_decode_seats([_request(f"r{i}", 20, CHAT) for i in range(11)], 1.0)
+
+
+@pytest.mark.parametrize("share, running, refused", [(1.0, 10, False), (1.0, 11, True), (0.5, 4, False),
+                                                     (0.5, 5, True)])
+def test_decode_seats_refuse_past_the_requests_share(share: float, running: int, refused: bool) -> None:
+    """11 seats at the chat's 0.2 s ITL target: a request whose share is the whole engine takes the 11th, one
+    with half of it is refused from the 6th on, leaving the rest to requests with a larger share."""
+    s = _scheduler("slo")
+    _learn_decode_line(s.cost, 0.02, 0.016)
+    reports = [_request(f"r{i}", 20, REPORT, max_tokens=300 - i) for i in range(running)]
+    _run_prompts(s, *reports)
+    chat = _request("chat", 20, CHAT)
+    if not refused:
+        s.check_decode_seats([*s.running, chat], share)
+        return
+    with pytest.raises(OverloadedError, match=f"{running + 1} requests would decode where the ITL targets allow 11") \
+            as info:
+        s.check_decode_seats([*s.running, chat], share)
+    steps_to_a_seat = 300 - running + 1 - 1  # the report with the fewest tokens left ends first
+    assert info.value.retry_after_s == pytest.approx(steps_to_a_seat * s.cost.decode_step_s)
+
+
+def test_decode_seats_count_only_requests_with_an_itl_target_for_the_limit() -> None:
+    s = _scheduler("slo")
+    _learn_decode_line(s.cost, 0.02, 0.016)
+    s.check_decode_seats([_request(f"free{i}", 20, None) for i in range(50)], 0.1)  # no target: no limit
+    with pytest.raises(OverloadedError, match="allow 14"):  # the report's 0.25 s target: 14 seats
+        s.check_decode_seats([*(_request(f"free{i}", 20, None) for i in range(14)), _request("r", 20, REPORT)], 1.0)
 
 
 # ---- which waiting request runs first ----------------------------------------------------------
@@ -221,6 +291,22 @@ def test_an_engine_refuses_a_request_predicted_past_its_limit_and_adds_nothing()
         engine.add_request(list(range(3, 40)), params, "late", reject_past_s=1e-9)
     assert "late" not in engine.requests and engine.kv.num_free_blocks == free
     engine.add_request(list(range(3, 40)), params, "patient", reject_past_s=3600.0)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
+def test_an_engine_refuses_a_request_past_its_share_of_decode_seats_and_adds_nothing() -> None:
+    engine = Engine(EngineConfig(scheduling="slo"))
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    engine.add_request(list(range(3, 40)), params, "first", slo=CHAT, decode_seat_share=1e-6)  # nothing timed
+    while engine.scheduler.cost.decode_step_s is None:
+        engine.step()
+    free = engine.kv.num_free_blocks
+    with pytest.raises(OverloadedError, match="requests would decode where the ITL targets allow"):
+        engine.add_request(list(range(3, 40)), params, "late", slo=CHAT, decode_seat_share=1e-6)
+    assert "late" not in engine.requests and engine.kv.num_free_blocks == free
+    engine.add_request(list(range(3, 40)), params, "roomy", slo=CHAT, decode_seat_share=1.0)
     while engine.has_unfinished_requests():
         engine.step()
     assert engine.kv.num_free_blocks == engine.kv.num_blocks

@@ -9,20 +9,23 @@ import asyncio
 import pytest
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 
-from cluster.stream_migration import MAX_MIGRATIONS, MigratingStream, replica_died
+from cluster.http_edge import APIError
+from cluster.stream_migration import MAX_MIGRATIONS, MAX_SPILLS, MigratingStream, replica_died
+from cluster.worker_streams import first_output
 from decode_workers.token_stream import TokenStreamError
 from engine.async_engine import EngineDeadError, RequestFailedError
 from engine.scheduler import OverloadedError
 from tests.test_response_assembly import Stream, _answer, _job, _out
 
-REQUEST = {"prompt_token_ids": [1, 2, 3], "sampling_params": {"max_tokens": 8}, "reject_past_s": 2.0}
+REQUEST = {"prompt_token_ids": [1, 2, 3], "sampling_params": {"max_tokens": 8}, "reject_past_s": 2.0,
+           "decode_seat_share": 0.8}
 
 
 class Replicas:
     """Opens each request on the next of these streams (one per replica it lands on), recording the requests."""
 
     def __init__(self, streams: list[Stream]) -> None:
-        self.streams, self.requests, self.migrations = list(streams), [], 0
+        self.streams, self.requests, self.migrations, self.spills = list(streams), [], 0, 0
 
     def open(self, request: dict) -> Stream:
         self.requests.append(request)
@@ -31,8 +34,11 @@ class Replicas:
     def count(self) -> None:
         self.migrations += 1
 
+    def count_spill(self) -> None:
+        self.spills += 1
+
     def stream(self) -> MigratingStream:
-        return MigratingStream(self.open, REQUEST, self.count)
+        return MigratingStream(self.open, REQUEST, self.count, on_spill=self.count_spill)
 
 
 def _died_after_abc() -> list[Stream]:
@@ -53,6 +59,7 @@ def test_a_stream_resumes_after_the_delivered_tokens_and_reads_as_one_run() -> N
     assert (usage["prompt_tokens"], usage["completion_tokens"]) == (5, 8)
     resumed = replicas.requests[1]
     assert resumed["resume_token_ids"] == [0, 1, 2] and resumed["reject_past_s"] is None
+    assert resumed["decode_seat_share"] is None
     assert resumed["prompt_token_ids"] == REQUEST["prompt_token_ids"]  # the prompt itself, not re-tokenized text
     assert replicas.migrations == 1 and replicas.streams[0].cancelled
 
@@ -70,13 +77,37 @@ def test_a_death_before_the_first_output_resumes_from_nothing() -> None:
     assert replicas.requests[1]["resume_token_ids"] == []
 
 
+def _refused_by(worker: str) -> Stream:
+    """A replica whose engine refuses the sample for load before any output, as Ray delivers it."""
+    refusal = OverloadedError("17 requests would decode where the ITL targets allow 16", 2.0, worker)
+    return Stream([], fail=RayTaskError("generate", "", refusal).as_instanceof_cause())
+
+
+def test_a_sample_one_engine_refuses_for_load_goes_to_another_replica() -> None:
+    replicas = Replicas([_refused_by("decode#a"), Stream([_out([0], 1, True, "stop", "a")])])
+    stream = replicas.stream()
+    first = asyncio.run(first_output(stream))
+    assert first["new_token_ids"] == [0] and stream.spills == replicas.spills == 1 and replicas.migrations == 0
+    assert replicas.streams[0].cancelled
+    assert replicas.requests[1] == {**REQUEST, "avoid_workers": ["decode#a"]}  # the same limits, elsewhere
+
+
+def test_past_the_spill_limit_the_last_refusal_is_the_answer() -> None:
+    replicas = Replicas([_refused_by(f"decode#{i}") for i in range(MAX_SPILLS + 2)])
+    with pytest.raises(APIError) as info:
+        asyncio.run(first_output(replicas.stream()))
+    assert info.value.status == 429 and int(info.value.headers["Retry-After"]) == 2
+    assert len(replicas.requests) == MAX_SPILLS + 1 and replicas.spills == MAX_SPILLS
+    assert replicas.requests[-1]["avoid_workers"] == [f"decode#{i}" for i in range(MAX_SPILLS)]
+
+
 @pytest.mark.parametrize("exc, died", [
     (ActorDiedError(), True),
     (ActorUnavailableError("replica unreachable", None), True),
     (RayTaskError("generate", "", EngineDeadError("step failed")).as_instanceof_cause(), True),
     (RayTaskError("generate", "", RequestFailedError("NaN logits")).as_instanceof_cause(), False),
     (RayTaskError("generate", "", ValueError("bad prompt")).as_instanceof_cause(), False),
-    (OverloadedError(predicted_s=5.0, limit_s=1.0), False),
+    (OverloadedError("predicted time to first token 5.00 s is past 1.00 s", 4.0), False),  # no worker: a prefill's
     (TokenStreamError("no output within 300 s"), False),
 ])
 def test_only_a_replica_death_migrates(exc: BaseException, died: bool) -> None:
