@@ -60,6 +60,10 @@ _SLO_POLICY = {"engine": {"scheduling": "slo"}, "reject_past_ttft": REJECT_PAST_
 # never refused for seats.
 REPORT_SEAT_SHARE = 0.8
 _SEATS_POLICY = {**_SLO_POLICY, "per_product": [{"decode_seat_share": REPORT_SEAT_SHARE}, {}]}
+# The same preference through the TTFT check alone: report-gen refused once its predicted time to first token
+# is past this times its 3 s target (1 s, support-chat's target), so a report is refused before a chat.
+REPORT_REJECT_PAST_TTFT = 1 / 3
+_REPORT_MARGIN_POLICY = {**_SLO_POLICY, "per_product": [{"reject_past_ttft": REPORT_REJECT_PAST_TTFT}, {}]}
 _COLOCATED = merge(_COLOCATED_POOL, {"engine": {"kv_cache_bytes": KV_BYTES // 2}})  # two engines
 # One colocated engine on both cores with the pools' seats, shaped like the vLLM peer: a prompt's prefill gets
 # both cores (a 500-token prompt takes ~1 s on one), and decodes batch in one engine instead of two.
@@ -85,6 +89,8 @@ SYSTEMS: dict[str, System] = {
     "disaggregated-fcfs": System("pdserve disaggregated, FCFS", _DISAGGREGATED, False),
     "colocated-slo": System("pdserve colocated, SLO scheduling + early rejection", merge(_COLOCATED, _SLO_POLICY),
                             True),
+    "colocated-report-margin": System("pdserve colocated, SLO scheduling + early rejection, reports at 1/3 margin",
+                                      merge(_COLOCATED, _REPORT_MARGIN_POLICY), True),
     "colocated-seats": System("pdserve colocated, SLO scheduling + early rejection + decode seats",
                               merge(_COLOCATED, _SEATS_POLICY), True),
     "disaggregated-slo": System("pdserve disaggregated, SLO scheduling + early rejection",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 import yaml
 
 from bench.goodput_sweep import KV_BYTES, REPORT_SEAT_SHARE, SYSTEMS, Point, point, table, verdict
@@ -39,6 +40,9 @@ def test_every_system_deploys_what_its_label_says(tmp_path: Path) -> None:
         expected = {"report-gen": REPORT_SEAT_SHARE, "support-chat": None} if name.endswith("seats") else \
             {"report-gen": None, "support-chat": None}
         assert shares == expected
+        if name.endswith("report-margin"):  # a report refused at the chat's TTFT target, 1 s of its 3 s
+            margins = {product.name: product.reject_past_s for product in products.values()}
+            assert margins == pytest.approx({"report-gen": 1.0, "support-chat": 1.0})
 
 
 def _p(system: str, rate: float, met: int, sent: int = 100, chat_p99: float | None = 0.5) -> Point:
