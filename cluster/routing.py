@@ -159,5 +159,7 @@ class KVHeadroomRouter(FIFOMixin, RequestRouter):
             return avoided, short_of_kv, _queue_len(self, r), -float(stats.get("kv_free_blocks", 0))
 
         keyed = sorted(((key(r), r) for r in candidate_replicas), key=lambda kr: kr[0])
+        refused = [r for k, r in keyed if k[0]]
+        short = [r for k, r in keyed if not k[0] and k[1]]
         roomy = [r for k, r in keyed if not k[0] and not k[1]]
-        return _ranks(roomy[:1], roomy[1:], [r for k, r in keyed if not k[0] and k[1]], [r for k, r in keyed if k[0]])
+        return _ranks(roomy[:1], roomy[1:], short, refused)

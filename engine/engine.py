@@ -29,7 +29,7 @@ from engine.model_runner import ModelRunner, StepBatch
 from engine.outputs import EngineInfo, EngineLoad, EngineStats, PrefillExport
 from engine.request import Request, RequestStatus
 from engine.sampler import Sampler, SamplingError
-from engine.scheduler import OverloadedError, Scheduler, SchedulerOutput
+from engine.scheduler import Scheduler, SchedulerOutput
 
 
 @dataclass
@@ -136,7 +136,7 @@ class Engine:
         reserve_prefix=False skips that reservation (the whole prompt comes from elsewhere).
         slo: the request's latency targets (its product's), for the "slo" scheduling policy.
         reject_past_s: raise OverloadedError (adding nothing) when the predicted time to first token is past
-        this many seconds (Scheduler.predicted_ttft_s); None: never.
+        this many seconds (Scheduler.check_ttft); None: never.
         decode_seat_share: raise OverloadedError (adding nothing) when, with this request, more would decode
         here than this share of the seats the ITL targets allow (Scheduler.check_decode_seats); None: never.
         resume_token_ids: output another engine already generated for this prompt and params (Request.resume):
@@ -157,10 +157,7 @@ class Engine:
         if resumed:
             req.resume(resumed)
         if reject_past_s is not None:
-            predicted = self.scheduler.predicted_ttft_s(req)
-            if predicted is not None and predicted > reject_past_s:
-                raise OverloadedError(f"predicted time to first token {predicted:.2f} s is past this request's "
-                                      f"limit of {reject_past_s:.2f} s", predicted - reject_past_s)
+            self.scheduler.check_ttft(req, reject_past_s)
         if decode_seat_share is not None:
             self.scheduler.check_decode_seats([*self.requests.values(), req], decode_seat_share)
         if defer and reserve_prefix:

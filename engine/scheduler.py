@@ -31,8 +31,8 @@ copies its blocks before the step runs, and when it is admitted again they are
 imported into fresh blocks like KV from a prefill worker.
 
 Two checks refuse a new request at once (OverloadedError, nothing added), each when its caller asks:
-its predicted time to first token is past a limit (predicted_ttft_s), or more requests would decode here
-than a share of the seats the ITL targets allow (check_decode_seats).
+its predicted time to first token is past a limit (check_ttft), or more requests would decode here than a
+share of the seats the ITL targets allow (check_decode_seats).
 
 The same rules hold for both KV layouts (paged and contiguous). Counted for
 the incident's symptoms: each refusal of the head waiting request (and those
@@ -146,6 +146,14 @@ class Scheduler:
         per_step = self._prompt_budget() if self.policy == "slo" else self.max_num_batched_tokens - decodes
         fixed = self.cost.base_s if decodes and self.cost.base_s is not None else self.cost.prompt_fixed_s
         return -(-tokens // max(per_step, 1)) * fixed + tokens * per_token_s
+
+    def check_ttft(self, request: Request, limit_s: float) -> None:
+        """Raise OverloadedError when `request`'s predicted time to first token (predicted_ttft_s) is past
+        limit_s seconds; nothing is checked before a step with prompt tokens was timed."""
+        predicted = self.predicted_ttft_s(request)
+        if predicted is not None and predicted > limit_s:
+            raise OverloadedError(f"predicted time to first token {predicted:.2f} s is past this request's limit "
+                                  f"of {limit_s:.2f} s", predicted - limit_s)
 
     def check_decode_seats(self, committed: Collection[Request], share: float) -> None:
         """Raise OverloadedError when the committed requests (every unfinished one on this engine and the new
