@@ -39,7 +39,9 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "paged_decode_attention.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
-SYMBOL = "pdserve_paged_decode_attention_f32"
+SYMBOL = "pdserve_paged_decode_attention"
+# Cache dtypes the kernel reads; a bfloat16 cache widens to float32 as it is read (exactly).
+CACHE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 def cache_dir() -> Path:
@@ -73,8 +75,9 @@ def load() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(target))
     fn = getattr(lib, SYMBOL)
     i64p, f32p = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_float)
-    fn.argtypes = [f32p, f32p, f32p, i64p, ctypes.c_int64, i64p, f32p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                   ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int64, ctypes.c_int]
+    fn.argtypes = [f32p, ctypes.c_void_p, ctypes.c_void_p, i64p, ctypes.c_int64, i64p, f32p, ctypes.c_int,
+                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int64,
+                   ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int
     return lib
 
@@ -84,16 +87,18 @@ def available() -> bool:
 
 
 def supports(dtype: str, head_dim: int) -> bool:
-    """Whether the kernel handles this cache: float32 rows of whole 16-float vectors."""
-    return dtype == "float32" and head_dim % 16 == 0
+    """Whether the kernel handles this cache: float32 or bfloat16 rows of whole 16-element vectors."""
+    return dtype in ("float32", "bfloat16") and head_dim % 16 == 0
 
 
 def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            sliding_window: int | None = None) -> torch.Tensor:
-    """Same contract as engine.attention.decode_attention_torch, float32 only.
+    """Same contract as engine.attention.decode_attention_torch, for float32 or bfloat16 caches.
 
-    query [B, H, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D]; block_tables
+    The arithmetic is float32 for both: a bfloat16 query is widened (it is [B, H, D], small) and the
+    output rounded back to the query's dtype. query [B, H, D]; k_cache/v_cache [num_blocks, block_size,
+    Hkv, D]; block_tables
     [B, >= blocks needed] int64; seq_lens [B] int64 (tokens, the new one included,
     already in the cache). Returns [B, H, D].
     """
@@ -102,26 +107,28 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         raise RuntimeError("the CPU attention kernel is not built on this machine")
     batch, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
-    if query.dtype != torch.float32 or k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32:
-        raise TypeError("the CPU attention kernel takes float32 query and caches")
+    if k_cache.dtype not in CACHE_DTYPES or v_cache.dtype != k_cache.dtype or query.dtype not in CACHE_DTYPES:
+        raise TypeError(f"the CPU attention kernel takes float32 or bfloat16 caches of one dtype and query, "
+                        f"got {query.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     if cache_head_dim != head_dim or num_heads % num_kv_heads or v_cache.shape != k_cache.shape:
         raise ValueError(f"shapes do not fit: query {tuple(query.shape)}, caches {tuple(k_cache.shape)}")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("caches must be contiguous")
-    query = query.contiguous()
+    q32 = query.to(torch.float32).contiguous()
     tables = block_tables.to(torch.int64).contiguous()
     lens = seq_lens.to(torch.int64).contiguous()
-    out = torch.empty_like(query)
+    out = torch.empty_like(q32)
     window = sliding_window if sliding_window is not None else 0
     status = getattr(lib, SYMBOL)(
-        _ptr(query, ctypes.c_float), _ptr(k_cache, ctypes.c_float), _ptr(v_cache, ctypes.c_float),
+        _ptr(q32, ctypes.c_float), k_cache.data_ptr(), v_cache.data_ptr(),
         _ptr(tables, ctypes.c_int64), tables.stride(0), _ptr(lens, ctypes.c_int64), _ptr(out, ctypes.c_float),
-        batch, num_heads, num_kv_heads, head_dim, block_size, scale, window, torch.get_num_threads())
+        batch, num_heads, num_kv_heads, head_dim, block_size, scale, window, torch.get_num_threads(),
+        CACHE_DTYPES[k_cache.dtype])
     if status == -2:
         raise ValueError(f"head_dim must be a multiple of 16, got {head_dim}")
     if status != 0:
         raise MemoryError("the CPU attention kernel could not allocate its work buffers")
-    return out
+    return out.to(query.dtype)
 
 
 def _trusted(path: Path) -> bool:

@@ -535,9 +535,9 @@ def _resolve_backend(name: str, layout: KVLayout, device: torch.device) -> str:
         return name
     fits = (device.type == "cpu" and cpu_attention.supports(layout.dtype, layout.head_dim)
             and cpu_attention.available())
-    return _fitting(name, "cpu", fits, f"attention_backend 'cpu' needs the CPU, float32, head_dim % 16 == 0 "
-                                       f"and a C compiler; got {device.type}, {layout.dtype}, head_dim "
-                                       f"{layout.head_dim}")
+    return _fitting(name, "cpu", fits, f"attention_backend 'cpu' needs the CPU, float32 or bfloat16, head_dim "
+                                       f"% 16 == 0 and a C compiler; got {device.type}, {layout.dtype}, "
+                                       f"head_dim {layout.head_dim}")
 
 
 def _fitting(name: str, backend: str, fits: bool, refusal: str) -> str:

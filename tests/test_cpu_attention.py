@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -45,6 +46,19 @@ def test_matches_the_torch_path_from_flat_to_peaked_attention(scale: float) -> N
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("window", [None, 40])
+def test_a_bfloat16_cache_is_read_exactly(window: int | None) -> None:
+    """bfloat16 widens to float32 exactly, so the kernel on a bfloat16 cache is the float32 computation on
+    the same values, rounded once at the end."""
+    lens = [1, 16, 50, 70, 129, 300]
+    q, kc, vc, table, seq_lens = _paged_batch(lens, 16, 4, 3, 64, seed=3)
+    q, kc, vc = q.bfloat16(), kc.bfloat16(), vc.bfloat16()
+    expected = decode_attention_torch(q.float(), kc.float(), vc.float(), table, seq_lens, 0.125, window)
+    got = cpu_attention.paged_decode_attention(q, kc, vc, table, seq_lens, 0.125, window)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=2**-8, atol=1e-5)  # one bfloat16 rounding
+
+
 def test_two_threads_give_the_same_result() -> None:
     q, kc, vc, table, seq_lens = _paged_batch(list(range(1, 300, 7)), 16, 4, 3, 64, seed=1)
     threads = torch.get_num_threads()
@@ -60,18 +74,22 @@ def test_two_threads_give_the_same_result() -> None:
 
 def test_refuses_what_it_does_not_handle() -> None:
     q, kc, vc, table, seq_lens = _paged_batch([5, 9], 16, 2, 2, 32)
-    with pytest.raises(TypeError, match="float32"):
-        cpu_attention.paged_decode_attention(q.bfloat16(), kc.bfloat16(), vc.bfloat16(), table, seq_lens, 0.1)
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        cpu_attention.paged_decode_attention(q.half(), kc.half(), vc.half(), table, seq_lens, 0.1)
+    with pytest.raises(TypeError, match="of one dtype"):
+        cpu_attention.paged_decode_attention(q, kc, vc.bfloat16(), table, seq_lens, 0.1)
     q, kc, vc, table, seq_lens = _paged_batch([5, 9], 16, 2, 2, 24)
     with pytest.raises(ValueError, match="multiple of 16"):
         cpu_attention.paged_decode_attention(q, kc, vc, table, seq_lens, 0.1)
-    assert not cpu_attention.supports("bfloat16", 64) and not cpu_attention.supports("float32", 24)
+    assert not cpu_attention.supports("float16", 64) and not cpu_attention.supports("float32", 24)
+    assert cpu_attention.supports("bfloat16", 64)
 
 
 def test_auto_picks_it_on_the_cpu_and_falls_back_where_it_does_not_fit() -> None:
     fits = KVLayout(num_layers=2, num_kv_heads=4, head_dim=64, block_size=16, dtype="float32")
     assert _resolve_backend("auto", fits, CPU) == "cpu"
-    half = KVLayout(num_layers=2, num_kv_heads=4, head_dim=64, block_size=16, dtype="bfloat16")
+    assert _resolve_backend("auto", replace(fits, dtype="bfloat16"), CPU) == "cpu"
+    half = KVLayout(num_layers=2, num_kv_heads=4, head_dim=64, block_size=16, dtype="float16")
     assert _resolve_backend("auto", half, CPU) == "torch"
     with pytest.raises(ValueError, match="attention_backend 'cpu'"):
         _resolve_backend("cpu", half, CPU)
@@ -120,9 +138,27 @@ def test_engine_on_the_cpu_kernel_equals_transformers() -> None:
 
 
 
+def test_a_bfloat16_engine_takes_the_kernel_and_follows_the_torch_path() -> None:
+    """bfloat16 engines decode through the kernel by default. The kernel rounds once where SDPA in bfloat16
+    rounds at every op, so long greedy runs may part; the first decode steps must agree."""
+    outputs = {}
+    for backend in ("auto", "torch"):
+        llm = LLM(dtype="bfloat16", attention_backend=backend, kv_cache_bytes=8 << 20)
+        assert llm.engine.runner.backend == ("cpu" if backend == "auto" else "torch")
+        prompts = random_prompts([5, 17, 40, 90], llm.engine.vocab_size, seed=7)
+        params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, logprobs=0)
+        outputs[backend] = [out.outputs[0] for out in llm.generate(prompts, params)]
+        assert_all_free(llm)
+    for kernel, torch_path in zip(outputs["auto"], outputs["torch"], strict=True):
+        assert kernel.token_ids == torch_path.token_ids
+        for token, a, b in zip(kernel.token_ids, kernel.logprobs, torch_path.logprobs, strict=True):
+            assert abs(a[token] - b[token]) < 0.25  # bfloat16 logits: ~3 significant digits
+
+
 def test_decode_attention_benchmark_quick_mode(capsys) -> None:
     from bench.decode_attention import main
 
-    assert main(["--contexts", "40", "--threads", "1", "--repeats", "3", "--pool-blocks", "64"]) == 0
+    assert main(["--contexts", "40", "--threads", "1", "--repeats", "3", "--pool-blocks", "64",
+                 "--dtypes", "float32,bfloat16"]) == 0
     row = capsys.readouterr().out.strip().splitlines()[-1]
-    assert row.startswith("| 40 | 1 |") and float(row.split("|")[3]) > 0
+    assert row.startswith("| 40 | 1 | bfloat16 |") and float(row.split("|")[4]) > 0

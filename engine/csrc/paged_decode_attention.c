@@ -7,14 +7,16 @@
  * KV head) reads its K and V once, straight from the cache, for all the query
  * heads that share it.
  *
- * Layouts (float32, contiguous):
+ * Layouts (contiguous; q and out float32, the caches float32 or bfloat16):
  *   q, out        [B, H, D]
  *   k/v cache     [num_blocks, BS, Hkv, D]; token t of a sequence lives in block
  *                 table[t / BS] at offset t % BS
  *   block_tables  [B, table_stride] int64
  *   seq_lens      [B] int64: context length in tokens, the new token included
  * window > 0 keeps only the last `window` keys (sliding window); <= 0: all.
- * Exact softmax in two passes (scores, then weighted V), float32 throughout.
+ * Exact softmax in two passes (scores, then weighted V), float32 arithmetic throughout: a bfloat16 cache
+ * element widens exactly to float32 (its 16 bits become the top half), so the two cache types differ only
+ * in the bytes read, which decode attention is bound by.
  */
 #include <math.h>
 #include <stdint.h>
@@ -29,6 +31,12 @@ typedef float vf __attribute__((vector_size(64), aligned(4)));
 typedef float vf8 __attribute__((vector_size(32), aligned(4)));
 typedef float vf4 __attribute__((vector_size(16), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32), aligned(2))); /* 16 bfloat16 values */
+
+/* 16 cache elements as floats: a float32 row as it is, a bfloat16 row widened (zero-extend, shift into the
+ * top half: exact). */
+static inline vf load_f32(const float *p) { return *(const vf *)p; }
+static inline vf load_bf16(const uint16_t *p) { return (vf)(__builtin_convertvector(*(const vh *)p, vi) << 16); }
 
 /* Pairwise: halves added as vectors (a scalar left-to-right loop stays a chain of 16 dependent adds). */
 static inline float hsum(vf v) {
@@ -98,28 +106,35 @@ static inline vf exp_nonpositive(vf x) {
  * inside a block. `ahead` points at the same row of the next block (of this block
  * in the last one), which the body prefetches: blocks sit anywhere in the cache, and
  * the hardware prefetcher neither jumps to the next block nor crosses the 4 KiB pages
- * inside one, so without it every block starts with a wait on memory. */
+ * inside one, so without it every block starts with a wait on memory. Pointers and
+ * strides are in bytes, so one loop serves both cache types. */
 #define FOR_EACH_TOKEN(cache, row, ahead, index)                                                        \
     for (int64_t blk = first / block_size, index = first; index < seq_len; blk++)                       \
-        for (const float *row = cache + table[blk] * block_stride + (index % block_size) * token_stride, \
-                         *ahead = cache + table[blk + (blk + 1 < last_blk)] * block_stride +            \
-                                  (index % block_size) * token_stride,                                  \
-                         *blk_end = row + (block_size - index % block_size) * token_stride;            \
+        for (const char *row = cache + table[blk] * block_stride + (index % block_size) * token_stride, \
+                        *ahead = cache + table[blk + (blk + 1 < last_blk)] * block_stride +             \
+                                 (index % block_size) * token_stride,                                   \
+                        *blk_end = row + (block_size - index % block_size) * token_stride;             \
              row < blk_end && index < seq_len; row += token_stride, ahead += token_stride, index++)
 
-/* Every 64-byte line of one token's [Hkv, D] row. */
-static inline void prefetch_row(const float *row, int64_t token_stride) {
-    for (int64_t i = 0; i < token_stride; i += 64 / sizeof(float)) __builtin_prefetch(row + i);
+/* Every 64-byte line of one token's [Hkv, D] row (`bytes` long). */
+static inline void prefetch_row(const char *row, int64_t bytes) {
+    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(row + i);
 }
 
-/* One sequence, every head: q and out [H, D], scores [H, n], acc [H, D / VL], parts [H, VL]. */
-static void attend_seq(const float *q, const float *k_cache, const float *v_cache, const int64_t *table,
-                       int64_t seq_len, float *out, int num_heads, int num_kv_heads, int head_dim, int block_size,
-                       float scale, int64_t window, float *scores, vf *acc, vf *parts) {
+/* 16 elements of a cache row at element index i, as floats. */
+#define LOAD(row, i) (bf16 ? load_bf16((const uint16_t *)(row) + (i)) : load_f32((const float *)(row) + (i)))
+
+/* One sequence, every head: q and out [H, D], scores [H, n], acc [H, D / VL], parts [H, VL]. `bf16` is a
+ * constant at each call site (attend_seq_f32, attend_seq_bf16), so each gets its own loads compiled in. */
+static inline __attribute__((always_inline)) void attend_seq(
+    const float *q, const char *k_cache, const char *v_cache, const int64_t *table, int64_t seq_len, float *out,
+    int num_heads, int num_kv_heads, int head_dim, int block_size, float scale, int64_t window, float *scores,
+    vf *acc, vf *parts, const int bf16) {
     const int64_t first = (window > 0 && seq_len > window) ? seq_len - window : 0;
     const int64_t n = seq_len - first;
     const int64_t last_blk = (seq_len + block_size - 1) / block_size;
-    const int64_t token_stride = (int64_t)num_kv_heads * head_dim;
+    const int64_t elem = bf16 ? 2 : 4;
+    const int64_t token_stride = (int64_t)num_kv_heads * head_dim * elem; /* bytes */
     const int64_t block_stride = token_stride * block_size;
     const int group = num_heads / num_kv_heads;
     const int nv = head_dim / VL; /* head_dim % VL == 0 is checked by the caller */
@@ -133,13 +148,14 @@ static void attend_seq(const float *q, const float *k_cache, const float *v_cach
     FOR_EACH_TOKEN(k_cache, k, k_ahead, t) {
         prefetch_row(k_ahead, token_stride);
         for (int h = 0; h < num_heads; h++) {
-            const float *qh = q + (int64_t)h * head_dim, *kh = k + (int64_t)(h / group) * head_dim;
-            vf even = *(const vf *)qh * *(const vf *)kh, odd = {0};
+            const float *qh = q + (int64_t)h * head_dim;
+            const char *kh = k + (int64_t)(h / group) * head_dim * elem;
+            vf even = *(const vf *)qh * LOAD(kh, 0), odd = {0};
             for (int c = 1; c + 1 < nv; c += 2) { /* two chains: the adds of one hide the other's latency */
-                odd += *(const vf *)(qh + c * VL) * *(const vf *)(kh + c * VL);
-                even += *(const vf *)(qh + (c + 1) * VL) * *(const vf *)(kh + (c + 1) * VL);
+                odd += *(const vf *)(qh + c * VL) * LOAD(kh, c * VL);
+                even += *(const vf *)(qh + (c + 1) * VL) * LOAD(kh, (c + 1) * VL);
             }
-            if (nv % 2 == 0) odd += *(const vf *)(qh + (nv - 1) * VL) * *(const vf *)(kh + (nv - 1) * VL);
+            if (nv % 2 == 0) odd += *(const vf *)(qh + (nv - 1) * VL) * LOAD(kh, (nv - 1) * VL);
             parts[h * VL + BITREV4[in_group]] = even + odd;
         }
         if (++in_group == VL || t + 1 == seq_len) {
@@ -184,9 +200,9 @@ static void attend_seq(const float *q, const float *k_cache, const float *v_cach
         prefetch_row(v_ahead, token_stride);
         for (int h = 0; h < num_heads; h++) {
             const float p = scores[(int64_t)h * n + (t - first)];
-            const float *vh = v + (int64_t)(h / group) * head_dim;
+            const char *vh = v + (int64_t)(h / group) * head_dim * elem;
             vf *a = acc + h * nv;
-            for (int c = 0; c < nv; c++) a[c] += p * *(const vf *)(vh + c * VL);
+            for (int c = 0; c < nv; c++) a[c] += p * LOAD(vh, c * VL);
         }
     }
     for (int h = 0; h < num_heads; h++)
@@ -194,12 +210,22 @@ static void attend_seq(const float *q, const float *k_cache, const float *v_cach
             for (int i = 0; i < VL; i++) out[(int64_t)h * head_dim + c * VL + i] = acc[h * nv + c][i] * inv_sum[h];
 }
 
-/* Returns 0 on success, -1 when a work buffer could not be allocated, -2 when head_dim is not a
- * multiple of 16. */
-int pdserve_paged_decode_attention_f32(const float *q, const float *k_cache, const float *v_cache,
-                                       const int64_t *block_tables, int64_t table_stride, const int64_t *seq_lens,
-                                       float *out, int batch, int num_heads, int num_kv_heads, int head_dim,
-                                       int block_size, float scale, int64_t window, int num_threads) {
+#define ATTEND_SEQ_PARAMS                                                                                    \
+    const float *q, const char *k_cache, const char *v_cache, const int64_t *table, int64_t seq_len, float *out, \
+        int num_heads, int num_kv_heads, int head_dim, int block_size, float scale, int64_t window, float *scores, \
+        vf *acc, vf *parts
+#define ATTEND_SEQ_ARGS                                                                                     \
+    q, k_cache, v_cache, table, seq_len, out, num_heads, num_kv_heads, head_dim, block_size, scale, window, \
+        scores, acc, parts
+static void attend_seq_f32(ATTEND_SEQ_PARAMS) { attend_seq(ATTEND_SEQ_ARGS, 0); }
+static void attend_seq_bf16(ATTEND_SEQ_PARAMS) { attend_seq(ATTEND_SEQ_ARGS, 1); }
+
+/* kv_bf16: the caches hold bfloat16 (else float32). Returns 0 on success, -1 when a work buffer could not
+ * be allocated, -2 when head_dim is not a multiple of 16. */
+int pdserve_paged_decode_attention(const float *q, const void *k_cache, const void *v_cache,
+                                   const int64_t *block_tables, int64_t table_stride, const int64_t *seq_lens,
+                                   float *out, int batch, int num_heads, int num_kv_heads, int head_dim,
+                                   int block_size, float scale, int64_t window, int num_threads, int kv_bf16) {
     if (head_dim % VL != 0) return -2;
     int64_t max_len = 0;
     for (int b = 0; b < batch; b++) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
@@ -220,9 +246,9 @@ int pdserve_paged_decode_attention_f32(const float *q, const float *k_cache, con
             const int b = batch - 1 - i;
             if (scores == NULL || acc == NULL || parts == NULL) continue;
             const int64_t offset = (int64_t)b * num_heads * head_dim;
-            attend_seq(q + offset, k_cache, v_cache, block_tables + (int64_t)b * table_stride, seq_lens[b],
-                       out + offset, num_heads, num_kv_heads, head_dim, block_size, scale, window, scores, acc,
-                       parts);
+            (kv_bf16 ? attend_seq_bf16 : attend_seq_f32)(
+                q + offset, k_cache, v_cache, block_tables + (int64_t)b * table_stride, seq_lens[b], out + offset,
+                num_heads, num_kv_heads, head_dim, block_size, scale, window, scores, acc, parts);
         }
         free(scores);
         free(acc);
