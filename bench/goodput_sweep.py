@@ -104,6 +104,12 @@ SYSTEMS: dict[str, System] = {
 }
 
 
+def in_dtype(override: Mapping[str, Any], dtype: str) -> dict[str, Any]:
+    """A system's override with every engine of every product in `dtype` (a role's engine inherits the
+    product's)."""
+    return merge(override, {"engine": {"dtype": dtype}})
+
+
 @dataclass(frozen=True)
 class Point:
     """One system at one offered rate (requests/s). goodput: met / duration_s (requests/s)."""
@@ -205,11 +211,11 @@ def describe(v: Verdict | None) -> str:
 
 
 @contextlib.contextmanager
-def vllm_peer(model: str, port: int, log: Path) -> Iterator[str]:
-    """The vLLM CPU peer serving `model` (as `model:` names it) on 127.0.0.1:port with KV_BYTES and the
-    pdserve pools' seats, until the block ends; yields its base URL."""
+def vllm_peer(model: str, port: int, log: Path, dtype: str = "float32") -> Iterator[str]:
+    """The vLLM CPU peer serving `model` (as `model:` names it) in `dtype` on 127.0.0.1:port with KV_BYTES and
+    the pdserve pools' seats, until the block ends; yields its base URL."""
     env = {**os.environ, "PEER_MODEL": model, "VLLM_PORT": str(port), "KV_BYTES": str(KV_BYTES),
-           "MAX_NUM_SEQS": "64", "PEER_SERVE_ONLY": "1"}
+           "MAX_NUM_SEQS": "64", "PEER_SERVE_ONLY": "1", "PEER_DTYPE": dtype}
     print(f"\n=== vLLM peer: starting (log {log})", flush=True)
     with log.open("w") as out:
         proc = subprocess.Popen(["bash", str(REPO / "bench" / "vllm_peer.sh")], cwd=REPO, env=env, stdout=out,
@@ -273,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of each local Ray")
     parser.add_argument("--serve-model", default="small",
                         help="the model every system serves, as `model:` names it (engine/models.py)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="every system's weights, activations and KV (bfloat16: CPUs with native bfloat16 "
+                             "dot products); KV_BYTES stays the budget in bytes")
     parser.set_defaults(out="bench-out/goodput")
     args = parser.parse_args(argv)
     names = [s for s in args.systems.split(",") if s]
@@ -288,10 +297,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             system = SYSTEMS[name]
             if system.override is None:
-                server = vllm_peer(args.serve_model, args.port, out / "vllm-peer.log")
+                server = vllm_peer(args.serve_model, args.port, out / "vllm-peer.log", args.dtype)
             else:
-                config = write_variant(Path(args.products_dir), system.override, Path(tmp) / name,
-                                       model_path(args.serve_model))
+                config = write_variant(Path(args.products_dir), in_dtype(system.override, args.dtype),
+                                       Path(tmp) / name, model_path(args.serve_model))
                 server = deployed(system.label, config, args.port, args.num_cpus)
             with server as base:
                 points.extend(sweep_system(name, base, args, out))

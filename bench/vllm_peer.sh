@@ -15,6 +15,8 @@
 #   KV_BYTES  [134217728]            KV budget in bytes: one pdserve engine's kv_cache_bytes
 #                                    (deploy/products/*.yaml), so both servers hold the same tokens
 #   MAX_NUM_SEQS [32], MAX_NUM_BATCHED_TOKENS [1024]: pdserve's engine settings, same files
+#   PEER_DTYPE [float32]             vLLM's --dtype: float32, or bfloat16 on CPUs with native bfloat16 dot
+#                                    products (AVX512-BF16, AMX); the KV budget in bytes stays KV_BYTES
 #   OUT [bench-out/$SERVER-peer]          report directory (results.json/.md, requests.jsonl, PNG)
 #   PEER_SERVE_ONLY [0]              1: start vLLM, print "peer ready" once it answers, and serve until this
 #                                    script is stopped, without running a benchmark (bench/goodput_sweep.py
@@ -35,7 +37,7 @@
 # the model's name, and the client sends each product's system prompt itself, so the model sees the
 # same tokens; prompts are sized with the served model's tokenizer. `--eos` (a `pdserve bench` flag)
 # lets the model end its answers instead of running each to max_tokens.
-# vLLM on this CPU needs VLLM_CPU_KVCACHE_SPACE, runs eager in float32, and wants
+# vLLM on this CPU needs VLLM_CPU_KVCACHE_SPACE, runs eager (float32 unless PEER_DTYPE says), and wants
 # VLLM_CPU_OMP_THREADS_BIND set or it leaves the model one core.
 set -euo pipefail
 
@@ -77,12 +79,13 @@ model_dir() {
 }
 
 kv_blocks() {  # pdserve's KV budget as vLLM blocks of VLLM_BLOCK_TOKENS tokens
-  python - "$1" "$KV_BYTES" "$VLLM_BLOCK_TOKENS" <<'EOF'
+  python - "$1" "$KV_BYTES" "$VLLM_BLOCK_TOKENS" "${PEER_DTYPE:-float32}" <<'EOF'
 import json, sys
 from pathlib import Path
 cfg = json.loads((Path(sys.argv[1]) / "config.json").read_text())
 head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 4  # bytes, float32
+elem = 4 if sys.argv[4] == "float32" else 2  # bytes per cache element
+per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * elem  # bytes
 print(int(sys.argv[2]) // per_token // int(sys.argv[3]))
 EOF
 }
@@ -140,7 +143,7 @@ LOG="$(mktemp /tmp/vllm-peer.XXXXXX.log)"
 # blocks actually used at pdserve's budget.
 VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=0-1 \
   "$VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$MODEL" --served-model-name "$MODEL_NAME" \
-  --host 127.0.0.1 --port "$PORT" --dtype float32 --enforce-eager --max-model-len 4096 \
+  --host 127.0.0.1 --port "$PORT" --dtype "${PEER_DTYPE:-float32}" --enforce-eager --max-model-len 4096 \
   --enable-prefix-caching --num-gpu-blocks-override "$BLOCKS" --max-num-seqs "$MAX_NUM_SEQS" \
   --max-num-batched-tokens "$MAX_NUM_BATCHED_TOKENS" >"$LOG" 2>&1 &
 SERVER_PID=$!

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.goodput_sweep import KV_BYTES, REPORT_SEAT_SHARE, SYSTEMS, Point, point, table, verdict
+from bench.goodput_sweep import KV_BYTES, REPORT_SEAT_SHARE, SYSTEMS, Point, in_dtype, point, table, verdict
 from bench.load_stats import OK, RATE_LIMITED, RequestRecord, summarize
 from bench.serving_compare import write_variant
 from cluster.products import SLO, load_products
@@ -43,6 +43,16 @@ def test_every_system_deploys_what_its_label_says(tmp_path: Path) -> None:
         if name.endswith("report-margin"):  # a report refused at the chat's TTFT target, 1 s of its 3 s
             margins = {product.name: product.reject_past_s for product in products.values()}
             assert margins == pytest.approx({"report-gen": 1.0, "support-chat": 1.0})
+
+
+@pytest.mark.parametrize("name", ["colocated-slo", "disaggregated-seats", "single-fcfs"])
+def test_a_dtype_reaches_every_engine(tmp_path: Path, name: str) -> None:
+    config = write_variant(PRODUCTS, in_dtype(SYSTEMS[name].override, "bfloat16"), tmp_path / name)
+    products = load_products(yaml.safe_load(config.read_text())["applications"][0]["args"]["products_dir"])
+    for product in products.values():
+        roles = [product.prefill, product.decode] if product.disaggregated else [product.decode]
+        assert {product.engine_config(role).dtype for role in roles} == {"bfloat16"}
+        assert _engines_kv(product) == KV_BYTES  # the budget stays in bytes
 
 
 def _p(system: str, rate: float, met: int, sent: int = 100, chat_p99: float | None = 0.5) -> Point:
