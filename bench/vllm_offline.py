@@ -5,7 +5,8 @@ virtual environment (so this file imports only the standard library and vllm, ne
 
 SPEC: {"model": folder, "prompts": [[token ids]], "max_tokens": [n], "warmup": [[token ids]],
        "kv_blocks": vLLM blocks (of block_size tokens), "block_size": tokens, "max_num_seqs": n,
-       "max_num_batched_tokens": n, "prefix_caching": bool, "max_model_len": tokens, "echo": {...}}
+       "max_num_batched_tokens": n, "prefix_caching": bool, "max_model_len": tokens, "dtype": "float32" (the
+       default) or "bfloat16", "echo": {...}}
 RESULT: the fields offline_throughput's children report (seconds, tokens, MiB), plus every request's
 output token ids. Greedy, EOS ignored: each request makes exactly its max_tokens. The engine runs in
 this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by the caller), so ru_maxrss covers it.
@@ -25,7 +26,7 @@ def main(spec_path: str, result_path: str) -> None:
 
     spec = json.loads(open(spec_path).read())
     t0 = time.perf_counter()
-    llm = LLM(model=spec["model"], dtype="float32", enforce_eager=True, seed=0,
+    llm = LLM(model=spec["model"], dtype=spec.get("dtype", "float32"), enforce_eager=True, seed=0,
               max_model_len=spec["max_model_len"], block_size=spec["block_size"],
               num_gpu_blocks_override=spec["kv_blocks"], max_num_seqs=spec["max_num_seqs"],
               max_num_batched_tokens=spec["max_num_batched_tokens"],

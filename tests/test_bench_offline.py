@@ -98,3 +98,19 @@ def test_quick_benchmark_runs(tmp_path: Path) -> None:
     assert summary["hf-sorted"]["ratio_pdserve_over_this"] > 0
     assert report["agreement"]["deterministic_across_repeats"]["pdserve"]
     assert "| pdserve" in proc.stdout and "pdserve" in out_md.read_text()
+
+
+def test_a_dtype_sizes_the_budget_and_reaches_every_child() -> None:
+    from bench.offline_throughput import _child_argv, _kv_bytes, kv_bytes_per_token, parse_args
+
+    cfg = {"num_attention_heads": 16, "hidden_size": 2048, "num_hidden_layers": 16, "num_key_value_heads": 16,
+           "vocab_size": VOCAB}
+    reqs = offline_mix(16, seed=0, vocab_size=VOCAB)
+    f32, bf16 = parse_args(["--requests", "16"]), parse_args(["--requests", "16", "--dtype", "bfloat16"])
+    assert kv_bytes_per_token(cfg, 2) * 2 == kv_bytes_per_token(cfg, 4)
+    # the same tokens in half the bytes, each rounded up to 64 MiB
+    assert abs(2 * _kv_bytes(bf16, reqs, cfg) - _kv_bytes(f32, reqs, cfg)) <= 2 * 64 * 2**20
+    assert _kv_bytes(f32, reqs, cfg) > 1 << 30
+    argv = _child_argv(bf16, "pdserve", "/tmp/result.json")
+    assert argv[argv.index("--dtype") + 1] == "bfloat16"
+    assert parse_args(argv[3:]).dtype == "bfloat16"  # what the child parses back
