@@ -31,8 +31,9 @@ copies its blocks before the step runs, and when it is admitted again they are
 imported into fresh blocks like KV from a prefill worker.
 
 Two checks refuse a new request at once (OverloadedError, nothing added), each when its caller asks:
-its predicted time to first token is past a limit (check_ttft), or more requests would decode here than a
-share of the seats the ITL targets allow (check_decode_seats).
+its predicted time to first token is past a limit (check_ttft; a request that finds every seat taken waits
+for running ones to end first), or more requests would decode here than a share of the seats
+(max_num_seqs, or what the ITL targets allow when that is fewer: check_decode_seats).
 
 The same rules hold for both KV layouts (paged and contiguous). Counted for
 the incident's symptoms: each refusal of the head waiting request (and those
@@ -133,8 +134,9 @@ class Scheduler:
         computed before its own (the rest of the running prompts; the waiting requests ahead of it: all under
         "fcfs", those preempted or with an earlier TTFT deadline under "slo") and its own, each less what the
         prefix cache holds. They run in steps of at most the prompt budget, each step costing its fixed part
-        (the running decodes, else a prompt-only step's) plus the learned per-token cost. None until a step
-        with prompt tokens has been timed."""
+        (the running decodes, else a prompt-only step's) plus the learned per-token cost. When every seat
+        (max_num_seqs) would be taken, the wait for running requests to end comes first (_seconds_to_seats).
+        None until a step with prompt tokens has been timed."""
         per_token_s = self.cost.per_token_s
         if per_token_s is None:
             return None
@@ -145,7 +147,8 @@ class Scheduler:
         decodes = sum(1 for _ in self._decoding())
         per_step = self._prompt_budget() if self.policy == "slo" else self.max_num_batched_tokens - decodes
         fixed = self.cost.base_s if decodes and self.cost.base_s is not None else self.cost.prompt_fixed_s
-        return -(-tokens // max(per_step, 1)) * fixed + tokens * per_token_s
+        seat_wait_s = self._seconds_to_seats(len(self.running) + len(ahead) + 1 - self.max_num_seqs)
+        return seat_wait_s + -(-tokens // max(per_step, 1)) * fixed + tokens * per_token_s
 
     def check_ttft(self, request: Request, limit_s: float) -> None:
         """Raise OverloadedError when `request`'s predicted time to first token (predicted_ttft_s) is past
@@ -157,20 +160,28 @@ class Scheduler:
 
     def check_decode_seats(self, committed: Collection[Request], share: float) -> None:
         """Raise OverloadedError when the committed requests (every unfinished one on this engine and the new
-        one: all decode soon) are more than `share` of the seats the tightest ITL target among them allows
-        (StepCost.decode_seats, leaving the prompts queued lately the time they need). A share under 1 keeps
-        seats for others: under overload, requests with a smaller share are refused first. Nothing is checked
-        before a decoding step was timed or without an ITL target."""
+        one: all decode soon) are more than `share` of the seats: the engine's max_num_seqs, or fewer where
+        the tightest ITL target among them allows fewer (StepCost.decode_seats, leaving the prompts queued
+        lately the time they need; known once a decoding step was timed). A share under 1 keeps seats for
+        others: under overload, requests with a smaller share are refused first, and requests with the whole
+        engine find a seat free instead of waiting for one to end."""
         targets = [r.slo.itl_s for r in committed if r.slo is not None]
-        seats = self.cost.decode_seats(min(targets), self.prompt_rate.per_s()) if targets else None
-        if seats is not None and len(committed) > share * seats:
-            raise OverloadedError(f"{len(committed)} requests would decode where the ITL targets allow {seats} "
-                                  f"and this request may fill {share:.0%} of them", self._seconds_to_a_seat())
+        itl_seats = self.cost.decode_seats(min(targets), self.prompt_rate.per_s()) if targets else None
+        seats = self.max_num_seqs if itl_seats is None else min(itl_seats, self.max_num_seqs)
+        if len(committed) > share * seats:
+            raise OverloadedError(f"{len(committed)} requests would decode where the ITL targets and max_num_seqs "
+                                  f"allow {seats} and this request may fill {share:.0%} of them",
+                                  self._seconds_to_seats(1))
 
-    def _seconds_to_a_seat(self) -> float:
-        """Seconds until the running request with the fewest tokens left ends, at the recent step time."""
-        left = min((r.sampling_params.max_tokens - r.num_output_tokens for r in self.running), default=1)
-        return max(1, left) * (self.cost.decode_step_s or 0.0)
+    def _seconds_to_seats(self, needed: int) -> float:
+        """Seconds until `needed` running requests have ended (0 for none): the needed-th fewest tokens left
+        (each at most to its max_tokens, an upper bound: answers may stop sooner), at the recent decode step time."""
+        if needed <= 0:
+            return 0.0
+        if not self.running:  # the seats are held by waiting requests: at least a step
+            return self.cost.decode_step_s or 0.0
+        left = sorted(r.sampling_params.max_tokens - r.num_output_tokens for r in self.running)
+        return max(1, left[min(needed, len(left)) - 1]) * (self.cost.decode_step_s or 0.0)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()

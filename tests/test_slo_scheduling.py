@@ -129,19 +129,39 @@ def test_decode_seats_refuse_past_the_requests_share(share: float, running: int,
     if not refused:
         s.check_decode_seats([*s.running, chat], share)
         return
-    with pytest.raises(OverloadedError, match=f"{running + 1} requests would decode where the ITL targets allow 11") \
-            as info:
+    with pytest.raises(OverloadedError, match=f"{running + 1} requests would decode where the ITL targets and "
+                                              f"max_num_seqs allow 11") as info:
         s.check_decode_seats([*s.running, chat], share)
     steps_to_a_seat = 300 - running + 1 - 1  # the report with the fewest tokens left ends first
     assert info.value.retry_after_s == pytest.approx(steps_to_a_seat * s.cost.decode_step_s)
 
 
 def test_decode_seats_count_only_requests_with_an_itl_target_for_the_limit() -> None:
-    s = _scheduler("slo")
+    s = _scheduler("slo")  # max_num_seqs 16
     _learn_decode_line(s.cost, 0.02, 0.016)
-    s.check_decode_seats([_request(f"free{i}", 20, None) for i in range(50)], 0.1)  # no target: no limit
+    s.check_decode_seats([_request(f"free{i}", 20, None) for i in range(16)], 1.0)  # no target: max_num_seqs
+    with pytest.raises(OverloadedError, match="allow 16"):
+        s.check_decode_seats([_request(f"free{i}", 20, None) for i in range(17)], 1.0)
     with pytest.raises(OverloadedError, match="allow 14"):  # the report's 0.25 s target: 14 seats
         s.check_decode_seats([*(_request(f"free{i}", 20, None) for i in range(14)), _request("r", 20, REPORT)], 1.0)
+
+
+@pytest.mark.parametrize("share, committed, refused", [(1.0, 16, False), (1.0, 17, True), (0.75, 12, False),
+                                                       (0.75, 13, True)])
+def test_decode_seats_are_max_num_seqs_before_a_decode_step_is_timed_or_where_itl_allows_more(
+        share: float, committed: int, refused: bool) -> None:
+    """Long answers with a share under 1 leave free seats for the rest, even while the ITL line is unknown
+    (early in a run) or allows more than the engine seats."""
+    s = _scheduler("slo")  # max_num_seqs 16
+    requests = [_request(f"r{i}", 20, REPORT) for i in range(committed)]
+    for learned in (False, True):
+        if learned:
+            _learn_decode_line(s.cost, 0.02, 0.001)  # ITL seats: (0.25 - 0.02) / 0.001 = 230
+        if refused:
+            with pytest.raises(OverloadedError, match="allow 16"):
+                s.check_decode_seats(requests, share)
+        else:
+            s.check_decode_seats(requests, share)
 
 
 # ---- which waiting request runs first ----------------------------------------------------------
@@ -255,7 +275,20 @@ def test_predicted_ttft_counts_the_prompt_tokens_ahead_at_the_rate_steps_take_th
     assert s.predicted_ttft_s(_request("new", 300, REPORT, arrival=1.0)) == pytest.approx(300 / 150 * 0.25)
 
 
-def test_fcfs_predicts_every_waiting_prompt_ahead_and_each_step_pays_its_fixed_cost() -> None:
+@pytest.mark.parametrize("policy", ["fcfs", "slo"])
+def test_a_request_that_finds_every_seat_taken_waits_for_running_ones_to_end_first(policy: str) -> None:
+    s = Scheduler(KVCacheManager(256, BS, enable_caching=False), max_num_seqs=3, max_num_batched_tokens=2048,
+                  policy=policy)
+    _run_prompts(s, *(_request(f"r{i}", 20, REPORT, max_tokens=m) for i, m in enumerate((300, 101, 201))))
+    s.cost.per_token_s, s.cost.decode_step_s = 0.001, 0.1
+    new = _request("chat", 100, CHAT, arrival=1.0)
+    assert s.predicted_ttft_s(new) == pytest.approx(100 * 0.1 + 0.1)  # r1 ends in 100 steps; then 100 tokens
+    s.add(_request("queued", 100, CHAT, arrival=0.5))  # ahead of `new` in either order: two seats needed
+    assert s.predicted_ttft_s(new) == pytest.approx(200 * 0.1 + 0.2)
+    for report in s.running[1:]:
+        s.finish(report, RequestStatus.FINISHED_STOPPED)
+    assert s.predicted_ttft_s(new) == pytest.approx(0.2)  # two seats free: the queued chat's and its own
+
     s = _scheduler("fcfs", num_blocks=256, budget=256)
     for size in (16, 128, 512, 16, 128, 512):  # prompt-only steps: 40 ms + 2 ms per token
         s.cost.observe(0, size, 0.040 + 0.002 * size)
@@ -297,13 +330,14 @@ def test_an_engine_refuses_a_request_predicted_past_its_limit_and_adds_nothing()
 
 
 def test_an_engine_refuses_a_request_past_its_share_of_decode_seats_and_adds_nothing() -> None:
-    engine = Engine(EngineConfig(scheduling="slo"))
+    engine = Engine(EngineConfig(scheduling="slo", max_num_seqs=2))
     params = SamplingParams(temperature=0.0, max_tokens=8)
-    engine.add_request(list(range(3, 40)), params, "first", slo=CHAT, decode_seat_share=1e-6)  # nothing timed
+    engine.add_request(list(range(3, 40)), params, "first", slo=CHAT, decode_seat_share=0.5)  # 1 of 2 seats
     while engine.scheduler.cost.decode_step_s is None:
         engine.step()
     free = engine.kv.num_free_blocks
-    with pytest.raises(OverloadedError, match="requests would decode where the ITL targets allow"):
+    with pytest.raises(OverloadedError, match="requests would decode where the ITL targets and max_num_seqs "
+                                              "allow"):
         engine.add_request(list(range(3, 40)), params, "late", slo=CHAT, decode_seat_share=1e-6)
     assert "late" not in engine.requests and engine.kv.num_free_blocks == free
     engine.add_request(list(range(3, 40)), params, "roomy", slo=CHAT, decode_seat_share=1.0)

@@ -79,7 +79,7 @@ def test_a_death_before_the_first_output_resumes_from_nothing() -> None:
 
 def _refused_by(worker: str) -> Stream:
     """A replica whose engine refuses the sample for load before any output, as Ray delivers it."""
-    refusal = OverloadedError("17 requests would decode where the ITL targets allow 16", 2.0, worker)
+    refusal = OverloadedError("17 requests would decode where the ITL targets and max_num_seqs allow 16", 2.0, worker)
     return Stream([], fail=RayTaskError("generate", "", refusal).as_instanceof_cause())
 
 
