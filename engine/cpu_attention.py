@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from engine.device import cpu_flags
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "paged_decode_attention.c"
@@ -144,20 +146,9 @@ def _ptr(tensor: torch.Tensor, ctype: type) -> ctypes._Pointer:
 def _build_key(compiler: str) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), _cpu_flags().encode()):
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), cpu_flags().encode()):
         digest.update(part)
     return digest.hexdigest()[:16]
-
-
-def _cpu_flags() -> str:
-    """This CPU's feature flags (-march=native code must not run on another CPU sharing the cache)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _build(compiler: str, target: Path) -> None:

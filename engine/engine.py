@@ -9,6 +9,7 @@ returns all its blocks to the pool in the same call.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from engine.block_hash import extra_keys
 from engine.config import CPU_KV_CACHE_BYTES, SLO, EngineConfig, SamplingParams
 from engine.contiguous_kv_cache_manager import ContiguousKVCacheManager
 from engine.cuda_graphs import cuda_capture
-from engine.device import resolve_device, resolve_dtype
+from engine.device import cpu_computes_bfloat16, resolve_device, resolve_dtype
 from engine.kv_cache import DTYPES, KVLayout, PagedKVCache, blocks_in
 from engine.kv_cache_manager import KVCacheManager
 from engine.model import kv_layout, load_model, vocab_size
@@ -30,6 +31,8 @@ from engine.outputs import EngineInfo, EngineLoad, EngineStats, PrefillExport
 from engine.request import Request, RequestStatus
 from engine.sampler import Sampler, SamplingError
 from engine.scheduler import Scheduler, SchedulerOutput
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,6 +57,9 @@ class Engine:
             raise ValueError(f"device={config.device!r}, but torch sees no CUDA GPU here "
                              f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES={visible!r})")
         self.dtype = resolve_dtype(config.dtype, self.device)
+        if self.device.type == "cpu" and self.dtype == "bfloat16" and not cpu_computes_bfloat16():
+            log.warning("bfloat16 on a CPU without bfloat16 dot-product instructions (AVX512-BF16, AMX) is "
+                        "emulated, slower than float32")
         self.model = load_model(self.model_path, self.dtype, self.device)
         self.linear_backend = _resolve_linear_backend(config.linear_backend, self.dtype, self.device)
         if self.linear_backend == "onednn":  # the CPU fast path: packed GEMMs, one-call norms

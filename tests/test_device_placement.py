@@ -10,12 +10,16 @@ only if none of them creates a tensor on the CPU. Where a value is needed
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
 from cluster.products import ProductConfig, Role
+from engine import device as engine_device
+from engine import engine as engine_module
 from engine.config import EngineConfig, SamplingParams
-from engine.device import resolve_device, resolve_dtype
+from engine.device import cpu_computes_bfloat16, resolve_device, resolve_dtype
 from engine.engine import Engine, context_limit
 from engine.kv_cache import KVLayout, PagedKVCache
 from engine.memory_profile import kv_budget_bytes, profile_step
@@ -166,3 +170,20 @@ def test_a_role_with_a_gpu_runs_its_engine_on_cuda() -> None:
     assert product.engine_config(product.decode).device == "cpu"
     pinned = ProductConfig(name="q", model="tiny", engine={"device": "cpu"}, prefill=Role(num_gpus=1))
     assert pinned.engine_config(pinned.prefill).device == "cpu"
+
+
+@pytest.mark.parametrize("flags, native", [("flags : fpu avx512f avx512_bf16 avx512_vnni", True),
+                                           ("flags : fpu amx_tile amx_bf16", True),
+                                           ("flags : fpu avx2 avx512f avx512bw", False)])
+def test_a_cpu_computes_bfloat16_with_avx512_bf16_or_amx(monkeypatch, flags: str, native: bool) -> None:
+    monkeypatch.setattr(engine_device, "cpu_flags", lambda: flags)
+    assert cpu_computes_bfloat16() is native
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_bfloat16_engine_on_a_cpu_that_emulates_it_says_so(monkeypatch, caplog, native: bool) -> None:
+    monkeypatch.setattr(engine_module, "cpu_computes_bfloat16", lambda: native)
+    with caplog.at_level(logging.WARNING, logger="engine.engine"):
+        engine = Engine(EngineConfig(dtype="bfloat16", kv_cache_bytes=8 << 20))
+    assert engine.dtype == "bfloat16"
+    assert ("emulated, slower than float32" in caplog.text) is not native
