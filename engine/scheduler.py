@@ -12,15 +12,16 @@ what the whole pool holds, so the oldest request can always finish alone.
 
 The "slo" policy (EngineConfig.scheduling) changes three choices, from each
 request's SLO (time to first token, inter-token latency):
-- which waiting request is next: a preempted one, else the earliest TTFT
-  deadline (a chat prompt does not queue behind a long report prompt);
+- which prompt is next: a preempted one, else the earliest TTFT deadline,
+  whether it waits or is part way through its chunks (a chat prompt does not
+  queue behind a long report prompt, even one already started);
 - how many prompt tokens a step takes: running decodes go first, and prompt
   chunks fill the step only up to the time every decoding request allows
   (Request.step_time_allowed: what keeps its mean time per output token, the
   SLO's ITL as the benchmarks judge it, within target, using the slack its
   faster earlier steps left, but at most MAX_GAP_TARGETS targets for one gap;
   a StepCost learned from past steps converts time into tokens), but at least
-  one block's worth, so every prompt progresses;
+  one block's worth, so prompts always progress;
 - whom to preempt: the request with the most ITL slack (the largest target,
   then the newest) among those not yet scheduled this step.
 Either policy may keep a KV watermark: admission leaves free the blocks the
@@ -131,7 +132,7 @@ class Scheduler:
 
     def predicted_ttft_s(self, request: Request) -> float | None:
         """Seconds until `request` (not queued yet) would have its first token. Counted: the prompt tokens
-        computed before its own (the rest of the running prompts; the waiting requests ahead of it: all under
+        computed before its own (the running prompts' rest and the waiting requests ahead of it: all under
         "fcfs", those preempted or with an earlier TTFT deadline under "slo") and its own, each less what the
         prefix cache holds. They run in steps of at most the prompt budget, each step costing its fixed part
         (the running decodes, else a prompt-only step's) plus the learned per-token cost. When every seat
@@ -143,7 +144,8 @@ class Scheduler:
         request.expected_cached_tokens = self.kv.cached_prefix_tokens(request)
         key = self._waiting_key(request)
         ahead = [r for r in self.waiting if self.policy == "fcfs" or self._waiting_key(r) <= key]
-        tokens = sum(self._prompt_left(r) for r in (*self.running, *ahead)) + self._prompt_left(request)
+        started = [r for r in self.running if self.policy == "fcfs" or self._waiting_key(r) <= key]
+        tokens = sum(self._prompt_left(r) for r in (*started, *ahead)) + self._prompt_left(request)
         decodes = sum(1 for _ in self._decoding())
         per_step = self._prompt_budget() if self.policy == "slo" else self.max_num_batched_tokens - decodes
         fixed = self.cost.base_s if decodes and self.cost.base_s is not None else self.cost.prompt_fixed_s
@@ -187,43 +189,67 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         prompt_budget = self._prompt_budget()
-        for req in self._running_order():
+        running, chunks = self._running_order()
+        for req in running:
             if budget <= 0:
                 break
-            if req.status != RequestStatus.RUNNING:  # preempted this step to make room for another
-                continue
-            left = req.num_tokens - req.num_computed_tokens
-            n = min(left, budget) if left == 1 else min(left, budget, prompt_budget)
-            if n > 0 and (self.kv.allocate_slots(req, n) or self._preempt_for(req, n, out)):
-                out.scheduled.append((req, n))
-                budget -= n
-                prompt_budget -= n if left > 1 else 0
-        while (self.waiting and min(budget, prompt_budget) > 0 and len(self.running) < self.max_num_seqs
-               and not out.preempted):
-            req = self._next_waiting()
-            if req.block_table or req.pending_kv is not None:  # prefix already decided (Engine.add_request(defer))
-                computed_blocks, num_cached = [], req.num_computed_tokens
+            is_prompt = req.num_tokens - req.num_computed_tokens > 1
+            n = self._continue(req, budget, prompt_budget, out)
+            budget -= n
+            prompt_budget -= n if is_prompt else 0
+        admitting = True
+        while min(budget, prompt_budget) > 0:
+            admitting = (admitting and bool(self.waiting) and len(self.running) < self.max_num_seqs
+                         and not out.preempted)  # a step that preempted admits nobody
+            req = self._next_waiting() if admitting else None
+            if chunks and (req is None or self._waiting_key(chunks[0]) <= self._waiting_key(req)):
+                n = self._continue(chunks.pop(0), budget, prompt_budget, out)
+            elif req is not None:
+                n = self._admit(req, budget, prompt_budget, out)
+                admitting = n is not None
+                n = n or 0
             else:
-                computed_blocks, num_cached = self.kv.get_computed_blocks(req)
-            n_import = req.pending_kv_tokens if req.pending_kv is not None else 0
-            n = min(req.num_tokens - num_cached - n_import, budget, prompt_budget)
-            if not self.kv.allocate_slots(req, n_import + n, computed_blocks, reserve=self._watermark()):
-                self._count_refusal()
                 break
-            self.waiting.remove(req)
-            if n_import:
-                out.imports.append((req, num_cached // self.kv.block_size))
-                self._release_swap(req, keep_kv=True)  # written back by this step
-            req.num_computed_tokens = num_cached + n_import
-            if req.num_cached_tokens < 0:
-                req.num_cached_tokens = min(num_cached, req.num_prompt_tokens)
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            out.scheduled.append((req, n))
             budget -= n
             prompt_budget -= n
         out.scheduled.sort(key=lambda item: item[1] != 1)
         return out
+
+    def _continue(self, req: Request, budget: int, prompt_budget: int, out: SchedulerOutput) -> int:
+        """Schedule a running request's next tokens (a decode's one, a prompt's next chunk within the budgets),
+        preempting others for room when the pool is short; the tokens scheduled (0: none)."""
+        if req.status != RequestStatus.RUNNING:  # preempted this step to make room for another
+            return 0
+        left = req.num_tokens - req.num_computed_tokens
+        n = min(left, budget) if left == 1 else min(left, budget, prompt_budget)
+        if n > 0 and (self.kv.allocate_slots(req, n) or self._preempt_for(req, n, out)):
+            out.scheduled.append((req, n))
+            return n
+        return 0
+
+    def _admit(self, req: Request, budget: int, prompt_budget: int, out: SchedulerOutput) -> int | None:
+        """Admit a waiting request with its first prompt chunk; the tokens scheduled, or None when the pool
+        has no room for it (counted as a refusal)."""
+        if req.block_table or req.pending_kv is not None:  # prefix already decided (Engine.add_request(defer))
+            computed_blocks, num_cached = [], req.num_computed_tokens
+        else:
+            computed_blocks, num_cached = self.kv.get_computed_blocks(req)
+        n_import = req.pending_kv_tokens if req.pending_kv is not None else 0
+        n = min(req.num_tokens - num_cached - n_import, budget, prompt_budget)
+        if not self.kv.allocate_slots(req, n_import + n, computed_blocks, reserve=self._watermark()):
+            self._count_refusal()
+            return None
+        self.waiting.remove(req)
+        if n_import:
+            out.imports.append((req, num_cached // self.kv.block_size))
+            self._release_swap(req, keep_kv=True)  # written back by this step
+        req.num_computed_tokens = num_cached + n_import
+        if req.num_cached_tokens < 0:
+            req.num_cached_tokens = min(num_cached, req.num_prompt_tokens)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        out.scheduled.append((req, n))
+        return n
 
     def finish(self, request: Request, status: RequestStatus, free: bool = True) -> None:
         """End a request (stopped, length or aborted); free its blocks unless the caller keeps them."""
@@ -258,11 +284,16 @@ class Scheduler:
         scheduled = {id(r) for r, _ in out.scheduled}
         return max((r for r in self.running if id(r) not in scheduled), key=lambda r: (r.itl_target, r.arrival_time))
 
-    def _running_order(self) -> list[Request]:
-        """fcfs: oldest first. slo: decodes first (oldest first), then prompt chunks."""
+    def _running_order(self) -> tuple[list[Request], list[Request]]:
+        """The running requests scheduled before any waiting one, and the running prompts taken in turn with
+        the waiting requests. fcfs: every running request first, oldest first. slo: the decodes first (oldest
+        first); a running prompt's next chunk then competes with the waiting requests by TTFT deadline, so a
+        chat that arrives while a long report prompt is part done goes before the report's next chunk."""
         if self.policy == "fcfs":
-            return list(self.running)
-        return sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
+            return list(self.running), []
+        decoding = list(self._decoding())
+        chunks = sorted((r for r in self.running if r.num_tokens - r.num_computed_tokens > 1), key=self._waiting_key)
+        return decoding, chunks
 
     def _next_waiting(self) -> Request:
         if self.policy == "fcfs":
@@ -271,7 +302,7 @@ class Scheduler:
 
     @staticmethod
     def _waiting_key(request: Request) -> tuple[bool, float]:
-        """The "slo" order of waiting requests: preempted ones first, then by TTFT deadline."""
+        """The "slo" order of prompts, waiting or started: preempted ones first, then by TTFT deadline."""
         return request.status != RequestStatus.PREEMPTED, request.ttft_deadline
 
     @staticmethod

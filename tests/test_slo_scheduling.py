@@ -173,6 +173,24 @@ def test_a_chat_prompt_does_not_queue_behind_a_long_report_prompt(policy: str, f
     assert [r.request_id for r, _ in s.schedule().scheduled][0] == first
 
 
+
+@pytest.mark.parametrize("policy, order", [("fcfs", [("report", 64)]), ("slo", [("chat", 40), ("report", 24)])])
+def test_a_chat_prompt_goes_before_the_next_chunk_of_a_report_prompt_already_started(
+        policy: str, order: list[tuple[str, int]]) -> None:
+    s = _scheduler(policy, num_blocks=128, budget=64)
+    s.add(_request("report", 600, REPORT, arrival=0.0))  # deadline 3.0
+    assert [(r.request_id, n) for r, n in _step(s)] == [("report", 64)]  # its first chunk: running from here
+    chat = _request("chat", 40, CHAT, arrival=0.5)  # deadline 1.5
+    predicted_tokens = 40 if policy == "slo" else 600 - 64 + 40
+    s.cost.per_token_s = 0.001
+    assert s.predicted_ttft_s(chat) == pytest.approx(predicted_tokens * 0.001)  # what goes before it
+    s.add(chat)
+    assert [(r.request_id, n) for r, n in _step(s)] == order
+    for _ in range(10):  # the report's chunks go on around the chat's prompt
+        _step(s)
+    assert [(r.request_id, r.num_computed_tokens) for r in s.running] == [("report", 600), ("chat", 40)]
+
+
 def test_deadlines_order_waiting_requests_and_requests_without_slo_age_into_the_front() -> None:
     s = _scheduler("slo", budget=16)
     s.add(_request("none", 16, None, arrival=0.0))  # deadline DEFAULT_TTFT_S
