@@ -12,6 +12,7 @@ sleep for `--idle-ms` (bounded: they stop with the measurement).
     python -m bench.decode_step --threads 2 --co-runner-nice 19    # neighbours at low priority
     python -m bench.decode_step --threads 2 --co-runners 0 --step-on-other-thread
     python -m bench.decode_step --threads 2 --co-runners 0 --side-thread-copy
+    python -m bench.decode_step --threads 1,2 --seqs 16 --prompt-len 600 --co-runners 0 --dtypes float32,bfloat16
 """
 
 from __future__ import annotations
@@ -67,9 +68,9 @@ def _large_copy() -> None:
     torch.empty_like(src).copy_(src)
 
 
-def measure(threads: int, args: argparse.Namespace, co_runners: int) -> float:
+def measure(threads: int, args: argparse.Namespace, co_runners: int, dtype: str = "float32") -> float:
     llm = LLM(model_path(args.model), num_threads=threads, kv_cache_bytes=256 << 20,
-              linear_backend=args.linear_backend)
+              linear_backend=args.linear_backend, dtype=dtype)
     step_times_ms(llm, args.seqs, args.prompt_len, 5)  # warm-up
     stop = mp.Event()
     co_args = (args.busy_ms / 1000, args.idle_ms / 1000, args.co_runner_nice, args.co_runner_sched_idle, stop)
@@ -116,19 +117,21 @@ def main() -> None:
                    help="first run one large parallel torch copy on a second thread that stays alive")
     p.add_argument("--co-runner-sched-idle", action="store_true", help="co-runners under SCHED_IDLE")
     p.add_argument("--repeats", type=int, default=3, help="alone/crowded pairs; the table shows medians")
+    p.add_argument("--dtypes", default="float32", help="comma-separated engine dtypes (float32, bfloat16)")
     args = p.parse_args()
     print(f"linear_backend {args.linear_backend}; decode step of {args.seqs} sequences ({args.prompt_len}-token "
           f"prompts), median over {args.steps} steps and {args.repeats} repeats; "
           f"co-runners: {args.co_runners} x ({args.busy_ms} ms busy, {args.idle_ms} ms idle, "
           f"nice +{args.co_runner_nice}{', SCHED_IDLE' if args.co_runner_sched_idle else ''})")
-    print("| torch threads | alone ms | with co-runners ms | slowdown |\n|---:|---:|---:|---:|")
+    print("| dtype | torch threads | alone ms | with co-runners ms | slowdown |\n|---|---:|---:|---:|---:|")
     for threads in (int(t) for t in args.threads.split(",")):
-        alone, crowded = [], []
-        for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits both alike
-            alone.append(measure(threads, args, 0))
-            crowded.append(measure(threads, args, args.co_runners))
-        a, c = statistics.median(alone), statistics.median(crowded)
-        print(f"| {threads} | {a:.1f} | {c:.1f} | {c / a:.2f}x |", flush=True)
+        for dtype in args.dtypes.split(","):
+            alone, crowded = [], []
+            for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits both alike
+                alone.append(measure(threads, args, 0, dtype))
+                crowded.append(measure(threads, args, args.co_runners, dtype))
+            a, c = statistics.median(alone), statistics.median(crowded)
+            print(f"| {dtype} | {threads} | {a:.1f} | {c:.1f} | {c / a:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
