@@ -256,15 +256,23 @@ def _load(args: argparse.Namespace, base: str, out: Path | None, label: str, **o
     return summary, plan.limits.duration_s
 
 
+def load_seed(seed: int, rate: float | None) -> int:
+    """The request seed of one load: per rate (the same for every system), and another for the warm-up
+    (rate None). A request is a pure function of its seed and index, so loads sharing a seed would send
+    the same prompts again, and a later load would find them in the prefix cache."""
+    return seed + (1_000_000 if rate is None else round(rate * 1000))
+
+
 def sweep_system(name: str, base: str, args: argparse.Namespace, out: Path) -> list[Point]:
     """Warm `name` (8 requests, 2 at a time, not counted), then every rate in ascending order."""
     peer = SYSTEMS[name].override is None
     served = {"model": Path(args.serve_model).stem, "system_prompt": "client"} if peer else {}
-    _load(args, base, None, name, rate=None, concurrency=2, requests=8, duration=60.0, **served)
+    _load(args, base, None, name, rate=None, concurrency=2, requests=8, duration=60.0,
+          seed=load_seed(args.seed, None), **served)
     points = []
     for rate in sorted(args.rates):
         summary, duration_s = _load(args, base, out / name / f"rate-{rate:g}", f"{SYSTEMS[name].label}, {rate:g} req/s",
-                                    rate=rate, **served)
+                                    rate=rate, seed=load_seed(args.seed, rate), **served)
         points.append(point(name, rate, duration_s, summary))
         print(table(points), flush=True)
     return points

@@ -10,7 +10,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.goodput_sweep import KV_BYTES, REPORT_SEAT_SHARE, SYSTEMS, Point, in_dtype, point, table, verdict
+from bench.goodput_sweep import (
+    KV_BYTES,
+    REPORT_SEAT_SHARE,
+    SYSTEMS,
+    Point,
+    in_dtype,
+    load_seed,
+    point,
+    table,
+    verdict,
+)
 from bench.load_stats import OK, RATE_LIMITED, RequestRecord, summarize
 from bench.serving_compare import write_variant
 from cluster.products import SLO, load_products
@@ -110,3 +120,11 @@ def test_point_counts_a_429_as_sent_and_missed() -> None:
     assert math.isclose(p.attainment, 0.4)
     text = table([p])
     assert "2/5 (40%)" in text and "1 429" in text and SYSTEMS["colocated-slo"].label in text
+
+
+def test_every_load_of_a_sweep_sends_its_own_requests() -> None:
+    """The warm-up and each rate get distinct seeds (no prompt found cached from an earlier load), and a rate's
+    seed is the same for every system."""
+    seeds = [load_seed(0, None), *(load_seed(0, r) for r in (0.5, 1, 1.5, 2, 2.5, 3, 4))]
+    assert len(set(seeds)) == len(seeds)
+    assert load_seed(7, 2.5) == load_seed(7, 2.5) != load_seed(8, 2.5)
