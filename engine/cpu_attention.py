@@ -90,7 +90,7 @@ def available() -> bool:
 
 def supports(dtype: str, head_dim: int) -> bool:
     """Whether the kernel handles this cache: float32 or bfloat16 rows of whole 16-element vectors."""
-    return dtype in ("float32", "bfloat16") and head_dim % 16 == 0
+    return getattr(torch, dtype, None) in CACHE_DTYPES and head_dim % 16 == 0
 
 
 def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
