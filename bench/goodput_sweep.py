@@ -11,10 +11,12 @@ sent that did. A 429 (early rejection included) counts as sent and missed.
 Systems (SYSTEMS): pdserve's FCFS scheduler on three engine pools (two colocated engines of one core each;
 a prefill engine on core 0 and a decode engine on core 1; one colocated engine on both cores), which are the
 alternatives; the same pools with SLO scheduling and early rejection (`scheduling: slo`,
-`reject_past_ttft`), the candidates; and the vLLM CPU peer (bench/vllm_peer.sh, one engine on both cores
+`reject_past_ttft`; some with report-gen refused sooner, by a tighter margin or a share of the decode
+seats, or both), the candidates; and the vLLM CPU peer (bench/vllm_peer.sh, one engine on both cores
 with the same KV memory and seats), an alternative. All pdserve systems hold 512 MiB of KV in all, as does
 the peer. Each system is deployed once, warmed with a few requests, then driven at every rate in ascending
-order with the same seed (the same requests at each rate), and stopped. Targets 127.0.0.1 only; each rate
+order, each load with its own seed (load_seed: no load finds an earlier one's prompts cached, and a rate's
+requests are the same for every system), and stopped. Targets 127.0.0.1 only; each rate
 is bounded by --duration and --drain.
 
 The verdict (`verdict`): at the lowest rate where the best alternative meets fewer than 90% of its
@@ -64,6 +66,9 @@ _SEATS_POLICY = {**_SLO_POLICY, "per_product": [{"decode_seat_share": REPORT_SEA
 # is past this times its 3 s target (1 s, support-chat's target), so a report is refused before a chat.
 REPORT_REJECT_PAST_TTFT = 1 / 3
 _REPORT_MARGIN_POLICY = {**_SLO_POLICY, "per_product": [{"reject_past_ttft": REPORT_REJECT_PAST_TTFT}, {}]}
+# Both: reports refused at the 1 s margin and past their share of the seats, so chats always find a seat.
+_MARGIN_SEATS_POLICY = {**_SLO_POLICY, "per_product": [{"reject_past_ttft": REPORT_REJECT_PAST_TTFT,
+                                                        "decode_seat_share": REPORT_SEAT_SHARE}, {}]}
 _COLOCATED = merge(_COLOCATED_POOL, {"engine": {"kv_cache_bytes": KV_BYTES // 2}})  # two engines
 # One colocated engine on both cores with the pools' seats, shaped like the vLLM peer: a prompt's prefill gets
 # both cores (a 500-token prompt takes ~1 s on one), and decodes batch in one engine instead of two.
@@ -93,6 +98,8 @@ SYSTEMS: dict[str, System] = {
                                       merge(_COLOCATED, _REPORT_MARGIN_POLICY), True),
     "colocated-seats": System("pdserve colocated, SLO scheduling + early rejection + decode seats",
                               merge(_COLOCATED, _SEATS_POLICY), True),
+    "colocated-margin-seats": System("pdserve colocated, SLO scheduling + early rejection, reports at 1/3 margin "
+                                     "and 0.8 of the decode seats", merge(_COLOCATED, _MARGIN_SEATS_POLICY), True),
     "disaggregated-slo": System("pdserve disaggregated, SLO scheduling + early rejection",
                                 merge(_DISAGGREGATED, _SLO_POLICY), True),
     "disaggregated-seats": System("pdserve disaggregated, SLO scheduling + early rejection + decode seats",

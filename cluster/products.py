@@ -108,7 +108,8 @@ class ProductConfig(_Frozen):
     # times slo.ttft_s, instead of accepting a request that will miss; None: never (engine/scheduler.py).
     reject_past_ttft: float | None = Field(None, gt=0)
     # Answer 429 (Retry-After) at once when, with this request, more requests would decode on its decode engine
-    # than this share of the seats its ITL targets allow (engine/step_cost.py, decode_seats); None: never.
+    # than this share of its seats: max_num_seqs, or fewer where its ITL targets allow fewer
+    # (engine/scheduler.py, check_decode_seats); None: never.
     # Seats a share under 1 leaves free go to other products' requests: a long-answer product given a smaller
     # share is refused first under overload, and the seats it frees serve many short answers instead.
     decode_seat_share: float | None = Field(None, gt=0, le=1)
