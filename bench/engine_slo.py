@@ -26,16 +26,26 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.workload import REPORT_GEN, SUPPORT_CHAT, ChatMix, ChatRequest, Poisson, chat_requests, default_mix
+from bench.workload import (
+    PRODUCTS_DIR,
+    REPORT_GEN,
+    SUPPORT_CHAT,
+    ChatMix,
+    ChatRequest,
+    Poisson,
+    chat_requests,
+    default_mix,
+)
+from cluster.products import load_products
 from engine import LLM, Engine, SamplingParams
 from engine.config import SLO
 from engine.scheduler import OverloadedError
 
-# The products' targets (deploy/products/*.yaml) and their early rejection, as the goodput sweep's
-# "report margin" system sets them: a request is refused once its predicted first token is past 1 s.
-SLOS = {SUPPORT_CHAT: SLO(ttft_s=1.0, itl_s=0.2), REPORT_GEN: SLO(ttft_s=3.0, itl_s=0.25)}
+# The products' targets, from their files (deploy/products/*.yaml: support-chat 1 s and 0.2 s, report-gen 3 s
+# and 0.25 s), and early rejection as the goodput sweep's "report margin" system sets it: a request is refused
+# once its predicted first token is past 1 s.
+SLOS = {name: SLO(ttft_s=p.slo.ttft_s, itl_s=p.slo.itl_s) for name, p in load_products(PRODUCTS_DIR).items()}
 REJECT_PAST_S = {SUPPORT_CHAT: 1.0, REPORT_GEN: 1.0}
-# --report-seat-share: report-gen may fill at most this share of the decode seats (trunk reservation).
 SYSTEM_PROMPT_TOKENS = 220
 WARMUP_REQUESTS = 6
 
@@ -103,16 +113,16 @@ def run_policy(args: argparse.Namespace, policy: str, requests: Sequence[Arrival
     engine = llm.engine
     _warm_up(engine, requests)
     pending = list(requests)
-    live: dict[str, ChatRequest] = {}
+    live: dict[str, Arrival] = {}
     outcomes: list[Outcome] = []
     steps: list[Step] = []
     start = time.monotonic()
     while pending or live:
         now = time.monotonic() - start
         if now > args.duration + args.drain:  # bounded: what is still running is aborted and counted as missed
-            for req in live.values():
+            for req, ids in live.values():
                 engine.abort_request(req.request_id)
-                outcomes.append(Outcome(req.request_id, req.product, req.arrival_s, 0, req.max_tokens, False))
+                outcomes.append(Outcome(req.request_id, req.product, req.arrival_s, len(ids), req.max_tokens, False))
             break
         while pending and pending[0][0].arrival_s <= now:
             req, ids = pending.pop(0)
@@ -121,7 +131,7 @@ def run_policy(args: argparse.Namespace, policy: str, requests: Sequence[Arrival
                 share = args.report_seat_share if req.product == REPORT_GEN else None
                 engine.add_request(ids, params, request_id=req.request_id, slo=SLOS[req.product],
                                    reject_past_s=REJECT_PAST_S[req.product], decode_seat_share=share)
-                live[req.request_id] = req
+                live[req.request_id] = (req, ids)
             except OverloadedError:
                 outcomes.append(Outcome(req.request_id, req.product, req.arrival_s, len(ids), req.max_tokens, True))
         if not engine.has_unfinished_requests():
@@ -135,7 +145,7 @@ def run_policy(args: argparse.Namespace, policy: str, requests: Sequence[Arrival
         steps.append(Step(after - start, decodes, engine.stats().prompt_tokens_computed - computed, after - before))
         for r in touched:
             if r.is_finished:
-                req = live.pop(r.request_id)
+                req, _ = live.pop(r.request_id)
                 outcomes.append(Outcome(req.request_id, req.product, req.arrival_s, r.num_prompt_tokens, req.max_tokens,
                                         False, r.first_token_time - start, after - start, max(r.num_cached_tokens, 0)))
     return outcomes, steps
@@ -191,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="report-gen may fill at most this share of the decode seats (default: no limit)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.report_seat_share is not None and not 0 < args.report_seat_share <= 1:
+        ap.error(f"--report-seat-share must be in (0, 1], got {args.report_seat_share}")
     probe = LLM(args.model, dtype=args.dtype, num_threads=1, kv_cache_bytes=16 << 20)
     requests = workload(default_mix(scale=args.scale), args.rate, args.duration, args.seed, probe.engine.vocab_size)
     del probe

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from bench.engine_slo import SYSTEM_PROMPT_TOKENS, Outcome, main, workload
 from bench.workload import default_mix
 
@@ -44,3 +46,10 @@ def test_a_run_stops_by_itself_at_the_drain_bound(tmp_path: Path) -> None:
     aborted = [o for o in outcomes if o.finish_s is None and not o.refused]
     assert any(o.product == "report-gen" for o in aborted)
     assert not any(o.met() for o in aborted)
+
+
+@pytest.mark.parametrize("share", ["0", "1.5"])
+def test_a_seat_share_outside_its_range_is_refused_before_anything_runs(share: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", "tiny", "--report-seat-share", share])
+    assert exc.value.code == 2
