@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
+from bench.load_report import markdown
+from bench.load_stats import CANCELLED, OK, RATE_LIMITED, RequestRecord, meets_slo, summarize
 from bench.workload import (
     PRODUCTS_DIR,
     REPORT_GEN,
@@ -44,7 +44,7 @@ from engine.scheduler import OverloadedError
 # The products' targets, from their files (deploy/products/*.yaml: support-chat 1 s and 0.2 s, report-gen 3 s
 # and 0.25 s), and early rejection as the goodput sweep's "report margin" system sets it: a request is refused
 # once its predicted first token is past 1 s.
-SLOS = {name: SLO(ttft_s=p.slo.ttft_s, itl_s=p.slo.itl_s) for name, p in load_products(PRODUCTS_DIR).items()}
+PRODUCT_SLOS = {name: p.slo for name, p in load_products(PRODUCTS_DIR).items()}
 REJECT_PAST_S = {SUPPORT_CHAT: 1.0, REPORT_GEN: 1.0}
 SYSTEM_PROMPT_TOKENS = 220
 WARMUP_REQUESTS = 6
@@ -70,16 +70,19 @@ class Outcome:
     def ttft_s(self) -> float | None:
         return None if self.first_token_s is None else self.first_token_s - self.arrival_s
 
-    @property
-    def tpot_s(self) -> float | None:
-        if self.finish_s is None or self.first_token_s is None:
-            return None
-        return (self.finish_s - self.first_token_s) / max(1, self.max_tokens - 1)
+    def record(self) -> RequestRecord:
+        """As the HTTP benches record a request (bench/load_stats.py): a 429, finished, or cancelled at the
+        drain bound; every answer runs to max_tokens (ignore_eos)."""
+        if self.refused:
+            return RequestRecord(self.request_id, self.product, self.arrival_s, RATE_LIMITED)
+        if self.finish_s is None:
+            return RequestRecord(self.request_id, self.product, self.arrival_s, CANCELLED, ttft_s=self.ttft_s)
+        return RequestRecord(self.request_id, self.product, self.arrival_s, OK, ttft_s=self.ttft_s,
+                             e2e_s=self.finish_s - self.arrival_s, output_tokens=self.max_tokens,
+                             prompt_tokens=self.prompt_tokens, cached_tokens=self.cached_tokens)
 
     def met(self) -> bool:
-        slo = SLOS[self.product]
-        return (not self.refused and self.ttft_s is not None and self.tpot_s is not None
-                and self.ttft_s <= slo.ttft_s and self.tpot_s <= slo.itl_s)
+        return meets_slo(self.record(), PRODUCT_SLOS[self.product])
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,8 @@ def run_policy(args: argparse.Namespace, policy: str, requests: Sequence[Arrival
             params = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True)
             try:
                 share = args.report_seat_share if req.product == REPORT_GEN else None
-                engine.add_request(ids, params, request_id=req.request_id, slo=SLOS[req.product],
+                slo = SLO(ttft_s=PRODUCT_SLOS[req.product].ttft_s, itl_s=PRODUCT_SLOS[req.product].itl_s)
+                engine.add_request(ids, params, request_id=req.request_id, slo=slo,
                                    reject_past_s=REJECT_PAST_S[req.product], decode_seat_share=share)
                 live[req.request_id] = (req, ids)
             except OverloadedError:
@@ -161,28 +165,6 @@ def _warm_up(engine: Engine, requests: Sequence[Arrival]) -> None:
         engine.step()
 
 
-def summarize(policy: str, outcomes: Sequence[Outcome], duration_s: float) -> dict[str, Any]:
-    """Per product: sent, refused, met, TTFT P50/P99 and TPOT P50 of the served (seconds)."""
-    result: dict[str, Any] = {"policy": policy, "met": sum(o.met() for o in outcomes),
-                              "sent": len(outcomes), "goodput": sum(o.met() for o in outcomes) / duration_s}
-    for product in SLOS:
-        mine = [o for o in outcomes if o.product == product]
-        served = [o for o in mine if o.tpot_s is not None]  # neither refused nor aborted at the drain bound
-        ttfts = sorted(o.ttft_s for o in served)
-        result[product] = {
-            "sent": len(mine), "refused": sum(o.refused for o in mine), "met": sum(o.met() for o in mine),
-            "ttft_p50": _pct(ttfts, 50), "ttft_p99": _pct(ttfts, 99),
-            "tpot_p50": statistics.median(o.tpot_s for o in served) if served else None,
-        }
-    return result
-
-
-def _pct(values: Sequence[float], p: float) -> float | None:
-    if not values:
-        return None
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="small")
@@ -206,11 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     probe = LLM(args.model, dtype=args.dtype, num_threads=1, kv_cache_bytes=16 << 20)
     requests = workload(default_mix(scale=args.scale), args.rate, args.duration, args.seed, probe.engine.vocab_size)
     del probe
-    results = []
     for policy in args.policies.split(","):
         outcomes, steps = run_policy(args, policy, requests)
-        results.append(summarize(policy, outcomes, args.duration))
-        print(json.dumps(results[-1]), flush=True)
+        summary = summarize((o.record() for o in outcomes), PRODUCT_SLOS, args.duration)
+        print(markdown(summary, {"policy": policy, "rate": args.rate, "seat share": args.report_seat_share}),
+              flush=True)
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / f"{policy}.jsonl").write_text("".join(json.dumps(asdict(o)) + "\n" for o in outcomes))
