@@ -106,6 +106,7 @@ class ProductConfig(_Frozen):
     slo: SLO = SLO()
     # Answer 429 (Retry-After) at once when a request's predicted time to first token is past this many
     # times slo.ttft_s, instead of accepting a request that will miss; None: never (engine/scheduler.py).
+    # A request whose own prompt takes longer than that on an idle engine is served, late: no retry would help.
     reject_past_ttft: float | None = Field(None, gt=0)
     # Answer 429 (Retry-After) at once when, with this request, more requests would decode on its decode engine
     # than this share of its seats: max_num_seqs, or fewer where its ITL targets allow fewer

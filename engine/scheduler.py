@@ -33,7 +33,8 @@ imported into fresh blocks like KV from a prefill worker.
 
 Two checks refuse a new request at once (OverloadedError, nothing added), each when its caller asks:
 its predicted time to first token is past a limit (check_ttft; a request that finds every seat taken waits
-for running ones to end first), or more requests would decode here than a share of the seats
+for running ones to end first; one whose own prompt takes longer than the limit on an idle engine is never
+refused for it, as no retry would help), or more requests would decode here than a share of the seats
 (max_num_seqs, or what the ITL targets allow when that is fewer: check_decode_seats).
 
 The same rules hold for both KV layouts (paged and contiguous). Counted for
@@ -152,13 +153,30 @@ class Scheduler:
         seat_wait_s = self._seconds_to_seats(len(self.running) + len(ahead) + 1 - self.max_num_seqs)
         return seat_wait_s + -(-tokens // max(per_step, 1)) * fixed + tokens * per_token_s
 
+    def alone_ttft_s(self, request: Request) -> float | None:
+        """Seconds until `request` (not queued yet) would have its first token on this engine idle: its own
+        uncached prompt tokens in prompt-only steps of max_num_batched_tokens. None until a step with prompt
+        tokens has been timed."""
+        per_token_s = self.cost.per_token_s
+        if per_token_s is None:
+            return None
+        request.expected_cached_tokens = self.kv.cached_prefix_tokens(request)
+        tokens = self._prompt_left(request)
+        return -(-tokens // self.max_num_batched_tokens) * self.cost.prompt_fixed_s + tokens * per_token_s
+
     def check_ttft(self, request: Request, limit_s: float) -> None:
         """Raise OverloadedError when `request`'s predicted time to first token (predicted_ttft_s) is past
-        limit_s seconds; nothing is checked before a step with prompt tokens was timed."""
+        limit_s seconds because of the load ahead of it. A request that would pass the limit even on this
+        engine idle (alone_ttft_s) is not refused for it: no retry would bring it within, so it is served,
+        late. Nothing is checked before a step with prompt tokens was timed."""
         predicted = self.predicted_ttft_s(request)
-        if predicted is not None and predicted > limit_s:
-            raise OverloadedError(f"predicted time to first token {predicted:.2f} s is past this request's limit "
-                                  f"of {limit_s:.2f} s", predicted - limit_s)
+        if predicted is None or predicted <= limit_s:
+            return
+        alone = self.alone_ttft_s(request)
+        if alone is not None and alone > limit_s:
+            return
+        raise OverloadedError(f"predicted time to first token {predicted:.2f} s is past this request's limit "
+                              f"of {limit_s:.2f} s", predicted - limit_s)
 
     def check_decode_seats(self, committed: Collection[Request], share: float) -> None:
         """Raise OverloadedError when the committed requests (every unfinished one on this engine and the new

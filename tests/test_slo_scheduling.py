@@ -317,6 +317,24 @@ def test_a_request_that_finds_every_seat_taken_waits_for_running_ones_to_end_fir
     assert predicted == pytest.approx(3 * 0.040 + 600 * s.cost.per_token_s)
 
 
+@pytest.mark.parametrize("policy", ["fcfs", "slo"])
+def test_a_request_is_refused_for_the_load_ahead_never_for_its_own_length(policy: str) -> None:
+    s = _scheduler(policy, num_blocks=256, budget=2048)
+    s.cost.per_token_s = 0.001
+    s.add(_request("queued", 500, REPORT, arrival=0.0))  # ahead of both below in either order
+    short = _request("short", 100, REPORT, arrival=1.0)
+    assert (s.alone_ttft_s(short), s.predicted_ttft_s(short)) == (pytest.approx(0.1), pytest.approx(0.6))
+    with pytest.raises(OverloadedError, match=r"predicted time to first token 0.60 s is past this request's "
+                                              r"limit of 0.30 s"):
+        s.check_ttft(short, 0.3)
+    # 400 tokens take 0.4 s on this engine idle: past the 0.3 s limit whatever the load, so a retry would not
+    # help, and it is not refused (it is served, late)
+    long = _request("long", 400, REPORT, arrival=1.0)
+    assert s.predicted_ttft_s(long) == pytest.approx(0.9)
+    s.check_ttft(long, 0.3)
+    s.check_ttft(short, 0.6)  # within the limit: nothing to refuse
+
+
 def test_prediction_leaves_out_what_the_prefix_cache_holds() -> None:
     kv = KVCacheManager(64, BS, enable_caching=True)
     s = Scheduler(kv, max_num_seqs=16, max_num_batched_tokens=2048, policy="slo")
@@ -337,9 +355,11 @@ def test_an_engine_refuses_a_request_predicted_past_its_limit_and_adds_nothing()
     params = SamplingParams(temperature=0.0, max_tokens=4)
     engine.add_request(list(range(3, 400)), params, "first", reject_past_s=1e-9)  # nothing timed: accepted
     engine.step()  # a 64-token chunk of it: the engine now knows what a prompt token costs
+    cost = engine.scheduler.cost
+    limit_s = cost.prompt_fixed_s + 100 * cost.per_token_s  # 37 tokens alone fit; the 333 left of "first" do not
     free = engine.kv.num_free_blocks
     with pytest.raises(OverloadedError, match="past this request's limit"):
-        engine.add_request(list(range(3, 40)), params, "late", reject_past_s=1e-9)
+        engine.add_request(list(range(3, 40)), params, "late", reject_past_s=limit_s)
     assert "late" not in engine.requests and engine.kv.num_free_blocks == free
     engine.add_request(list(range(3, 40)), params, "patient", reject_past_s=3600.0)
     while engine.has_unfinished_requests():
