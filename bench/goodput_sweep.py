@@ -292,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, from: " + ", ".join(SYSTEMS))
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of each local Ray")
+    parser.add_argument("--direct-ingress", action="store_true",
+                        help="pdserve's ingress answers HTTP itself, without Serve's proxy hop (`pdserve up "
+                             "--direct-ingress`), as the vLLM peer's server does")
     parser.add_argument("--serve-model", default="small",
                         help="the model every system serves, as `model:` names it (engine/models.py)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -316,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 config = write_variant(Path(args.products_dir), in_dtype(system.override, args.dtype),
                                        Path(tmp) / name, model_path(args.serve_model))
-                server = deployed(system.label, config, args.port, args.num_cpus)
+                server = deployed(system.label, config, args.port, args.num_cpus, args.direct_ingress)
             with server as base:
                 points.extend(sweep_system(name, base, args, out))
             (out / "points.json").write_text(json.dumps([asdict(p) for p in points], indent=2))

@@ -189,11 +189,12 @@ def _pdserve(*argv: str) -> None:
 
 
 @contextlib.contextmanager
-def deployed(label: str, config: Path, port: int, num_cpus: int) -> Iterator[str]:
+def deployed(label: str, config: Path, port: int, num_cpus: int, direct_ingress: bool = False) -> Iterator[str]:
     """`config` deployed detached on a fresh local Ray for the block's duration (stopped always); yields
-    its base URL."""
+    its base URL. direct_ingress: the ingress replica answers HTTP itself, without Serve's proxy hop."""
     print(f"\n=== {label}: deploying", flush=True)
-    _pdserve("up", "--detach", "--config", str(config), "--port", str(port), "--num-cpus", str(num_cpus))
+    _pdserve("up", "--detach", "--config", str(config), "--port", str(port), "--num-cpus", str(num_cpus),
+             *(["--direct-ingress"] if direct_ingress else []))
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
