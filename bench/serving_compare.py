@@ -96,13 +96,14 @@ COMPARISONS: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
         ("disaggregated pool, prefill core 0 (64 MiB KV), decode core 1 (192 MiB)", _DISAGGREGATED_POOL),
     ),
     # The engines' scheduling policy on those pools: first come first served, or by each product's SLO
-    # (prompts by TTFT deadline, prompt chunks sized to keep decodes within their ITL target).
+    # (prompts by TTFT deadline, prompt chunks sized to keep decodes within their ITL target; the shipped
+    # products' policy, so both are named here).
     "scheduling": (
-        ("disaggregated pool, FCFS", _DISAGGREGATED_POOL),
+        ("disaggregated pool, FCFS", {**_DISAGGREGATED_POOL, "engine": {"scheduling": "fcfs"}}),
         ("disaggregated pool, SLO scheduling", {**_DISAGGREGATED_POOL, "engine": {"scheduling": "slo"}}),
     ),
     "scheduling-colocated": (
-        ("colocated pool, FCFS", _COLOCATED_POOL),
+        ("colocated pool, FCFS", {**_COLOCATED_POOL, "engine": {"scheduling": "fcfs"}}),
         ("colocated pool, SLO scheduling", {**_COLOCATED_POOL, "engine": {"scheduling": "slo"}}),
     ),
 }

@@ -85,6 +85,17 @@ def test_serve_yaml_validates_and_loads_both_products(monkeypatch, tmp_path):
     IngressConfig(**args["ingress"]).check_products(products)  # the ingress block is valid for these products
 
 
+def test_shipped_products_schedule_by_slo_and_refuse_only_past_their_queue_length():
+    """Both product sets (local and GPU), both roles: engines order and size work by the product's SLO, and no
+    request is refused early (a 429 only past max_queue_len)."""
+    service, _ = _manifest()
+    for products in (load_products(cluster.app.DEFAULT_PRODUCTS_DIR), _gpu_products(service)):
+        for name, product in products.items():
+            for role in (None, product.prefill, product.decode):
+                assert product.engine_config(role).scheduling == "slo", (name, role)
+            assert (product.reject_past_ttft, product.decode_seat_share) == (None, None), name
+
+
 # ---- deploy/kuberay/rayservice.yaml -----------------------------------------------------------------
 
 def _manifest() -> tuple[dict, dict]:
