@@ -4,7 +4,9 @@ a worker that is gone or full becomes 503 / 429 in OpenAI's error shape, a worke
 from __future__ import annotations
 
 import asyncio
+import itertools
 import pickle
+import time
 
 import pytest
 from ray.exceptions import ActorDiedError
@@ -76,19 +78,25 @@ def test_an_overloaded_engine_is_a_429_with_the_expected_wait_as_retry_after() -
                                             ("decode_seat_share", "requests would decode")])
 def test_a_decode_worker_refuses_a_request_past_its_limit_names_itself_and_keeps_nothing(limit: str,
                                                                                           refusal: str) -> None:
-    """An absurdly small limit. The predicted TTFT is checked once the engine has timed a step, so the first
-    request passes; a share of seats is checked from the first (the engine's max_num_seqs bound them)."""
+    """A share of seats is absurdly small, checked from the first request (the engine's max_num_seqs bound
+    them). The predicted TTFT is checked once the engine has timed a step, so the first request passes; a
+    request is then refused for the load ahead of it (never for its own length): a short prompt sent while a
+    long one is computed in 16-token steps, with a limit far above the short prompt's own time."""
     async def scenario() -> None:
-        server = DecodeServer(None, {"transport": "local"}, None)
+        server = DecodeServer({"max_num_batched_tokens": 16}, {"transport": "local"}, None)
         try:
             request = {"prompt_token_ids": list(range(5, 45)), "sampling_params": SamplingParams(max_tokens=2),
-                       "slo": {"ttft_s": 1.0, "itl_s": 0.2}, limit: 1e-6}
+                       "slo": {"ttft_s": 1.0, "itl_s": 0.2}, limit: 1e-6 if limit == "decode_seat_share" else 0.1}
             if limit == "reject_past_s":
                 assert len([o async for o in server.generate(request)]) >= 1  # nothing timed yet: no limit
-            with pytest.raises(OverloadedError, match=refusal) as info:
-                async for _ in server.generate(request):
-                    pass
-            assert info.value.worker_id == server.worker_id  # the ingress may try another replica
+                info = await _refusal_behind_a_long_prompt(server, request)
+            else:
+                with pytest.raises(OverloadedError) as caught:
+                    async for _ in server.generate(request):
+                        pass
+                info = caught.value
+            assert refusal in str(info)
+            assert info.worker_id == server.worker_id  # the ingress may try another replica
             engine = (await server.stats()).engine
             assert engine.num_blocks_free == engine.num_blocks_total and engine.num_requests_waiting == 0
             assert len([o async for o in server.generate({**request, limit: None})]) >= 1
@@ -96,6 +104,31 @@ def test_a_decode_worker_refuses_a_request_past_its_limit_names_itself_and_keeps
             server.shutdown()
 
     asyncio.run(scenario())
+
+
+async def _refusal_behind_a_long_prompt(server: DecodeServer, request: dict) -> OverloadedError:
+    """The first refusal of `request` sent while a long prompt (3,900 tokens, a new one each round: none is
+    in the prefix cache) is computed; returns once that prompt has been served."""
+    deadline = time.monotonic() + 120
+    for round_ in itertools.count():
+        long = {"prompt_token_ids": [6 + round_] + [5 + i % 200 for i in range(3900)],
+                "sampling_params": SamplingParams(max_tokens=1)}
+        served = asyncio.create_task(_outputs(server.generate(long)))
+        refused = None
+        while refused is None and not served.done():
+            assert time.monotonic() < deadline, "no request was refused"
+            try:
+                await _outputs(server.generate(request))
+            except OverloadedError as exc:
+                refused = exc
+        assert len(await served) >= 1
+        if refused is not None:
+            return refused
+    raise AssertionError("unreachable")
+
+
+async def _outputs(stream) -> list:
+    return [o async for o in stream]
 
 
 def test_a_worker_that_stops_sending_ends_the_request() -> None:
