@@ -32,6 +32,7 @@ import copy
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -255,6 +256,22 @@ def _wait_ready(url: str, proc: subprocess.Popen, deadline_s: float) -> None:
     raise RuntimeError(f"the vLLM peer did not answer {url} within {deadline_s:.0f} s")
 
 
+def _wait_port_free(port: int, deadline_s: float) -> None:
+    """Wait until 127.0.0.1:port can be bound: a stopped server's last process may hold it a while, and the
+    next system (pdserve's direct ingress binds the port itself) would find it taken."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a live listener blocks
+            try:
+                sock.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"port {port} still taken {deadline_s:.0f} s after its server stopped") from None
+        time.sleep(0.5)
+
+
 def _load(args: argparse.Namespace, base: str, out: Path | None, label: str, **overrides: Any) -> tuple[Any, float]:
     """One load run against `base` with `overrides` on the options; its RunSummary (written to `out`) and
     its sending window, seconds."""
@@ -324,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                 server = deployed(system.label, config, args.port, args.num_cpus, args.direct_ingress)
             with server as base:
                 points.extend(sweep_system(name, base, args, out))
+            _wait_port_free(args.port, deadline_s=60.0)
             (out / "points.json").write_text(json.dumps([asdict(p) for p in points], indent=2))
     command = "python -m bench.goodput_sweep " + " ".join(argv if argv is not None else sys.argv[1:])
     text = "\n\n".join([f"`{command}`", table(points), describe(verdict(points))]) + "\n"

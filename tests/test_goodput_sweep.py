@@ -5,6 +5,7 @@ itself needs a cluster per system and the vLLM peer; BENCHMARKS.md has it."""
 from __future__ import annotations
 
 import math
+import socket
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from bench.goodput_sweep import (
     REPORT_SEAT_SHARE,
     SYSTEMS,
     Point,
+    _wait_port_free,
     in_dtype,
     load_seed,
     point,
@@ -128,3 +130,16 @@ def test_every_load_of_a_sweep_sends_its_own_requests() -> None:
     seeds = [load_seed(0, None), *(load_seed(0, r) for r in (0.5, 1, 1.5, 2, 2.5, 3, 4))]
     assert len(set(seeds)) == len(seeds)
     assert load_seed(7, 2.5) == load_seed(7, 2.5) != load_seed(8, 2.5)
+
+
+def test_the_next_system_waits_for_the_port_the_last_one_held() -> None:
+    """A server still listening holds the sweep's port (the next system would find it taken): the wait gives
+    up with a clear error; once it is closed the port is free at once."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"port {port} still taken"):
+            _wait_port_free(port, deadline_s=0.5)
+    _wait_port_free(port, deadline_s=5.0)
