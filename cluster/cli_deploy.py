@@ -105,8 +105,10 @@ def deploy(args: argparse.Namespace, blocking_ray_init: dict[str, Any], one_node
     return url
 
 
-class StopRequested(Exception):
-    """SIGINT or SIGTERM arrived before `up` had finished deploying."""
+class StopRequested(BaseException):
+    """SIGINT or SIGTERM arrived before `up` had finished deploying. A BaseException, as KeyboardInterrupt is:
+    the signal may land inside library code that catches Exception (Serve's controller lookup does, and
+    logged "The cached controller has died or is unreachable: SIGTERM" before deploying on as if unasked)."""
 
 
 def _raise_stop(signum: int, _frame: object) -> None:
