@@ -72,12 +72,12 @@ _MARGIN_SEATS_POLICY = {**_SLO_POLICY, "per_product": [{"reject_past_ttft": REPO
                                                         "decode_seat_share": REPORT_SEAT_SHARE}, {}]}
 # The pools as the alternatives run them: first come first served (the shipped products schedule by SLO).
 _FCFS = {"engine": {"scheduling": "fcfs"}}
-_COLOCATED = merge(_COLOCATED_POOL, merge(_FCFS, {"engine": {"kv_cache_bytes": KV_BYTES // 2}}))  # two engines
+_COLOCATED = merge(_COLOCATED_POOL, {"engine": {**_FCFS["engine"], "kv_cache_bytes": KV_BYTES // 2}})  # two engines
 # One colocated engine on both cores with the pools' seats, shaped like the vLLM peer: a prompt's prefill gets
 # both cores (a 500-token prompt takes ~1 s on one), and decodes batch in one engine instead of two.
 _SINGLE = {"pool": "shared", "disaggregated": False, "prefill": {"autoscaling": {"min_replicas": 1, "max_replicas": 1}},
            "decode": {"num_cpus": 1, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
-           "engine": {"kv_cache_bytes": KV_BYTES, "num_threads": 2, "max_num_seqs": 64, **_FCFS["engine"]}}
+           "engine": {**_FCFS["engine"], "kv_cache_bytes": KV_BYTES, "num_threads": 2, "max_num_seqs": 64}}
 _DISAGGREGATED = merge(_DISAGGREGATED_POOL, {**_FCFS, "prefill": {"engine": {"kv_cache_bytes": KV_BYTES // 4}},
                                              "decode": {"engine": {"kv_cache_bytes": KV_BYTES * 3 // 4}}})
 
